@@ -1,0 +1,105 @@
+"""Small typed clients for the three services, for the coordinator and for other apps.
+
+    from haoping.client import GeneratorClient
+    with GeneratorClient("127.0.0.1:50051") as gen:
+        for sample in gen.generate(["刚收到货，感觉"], n=4, seed=1).samples:
+            print(sample.full_text)
+"""
+from __future__ import annotations
+
+import time
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from haoping.v1 import haoping_pb2 as pb
+from haoping.v1 import haoping_pb2_grpc as pb_grpc
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+class _Client:
+    stub_class = None
+
+    def __init__(self, address: str, timeout: float = 600.0):
+        self.address = address
+        self.timeout = timeout
+        self.channel = grpc.insecure_channel(address, options=[
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
+        self.stub = self.stub_class(self.channel)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def health_status(self, service: str = "") -> str:
+        """SERVING / NOT_SERVING / UNKNOWN, or UNAVAILABLE when nothing answers."""
+        try:
+            status = self.health.Check(health_pb2.HealthCheckRequest(service=service), timeout=2).status
+            return health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+        except grpc.RpcError:
+            return "UNAVAILABLE"
+
+    def wait_serving(self, timeout: float = 300.0, alive=lambda: True) -> None:
+        deadline = time.monotonic() + timeout
+        while self.health_status() != "SERVING":
+            if not alive():
+                raise RuntimeError(f"service at {self.address} exited before it was serving")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"service at {self.address} not serving after {timeout:.0f}s")
+            time.sleep(0.2)
+
+    def info(self) -> pb.ServiceInfo:
+        return self.stub.GetInfo(pb.GetInfoRequest(), timeout=self.timeout)
+
+
+class GeneratorClient(_Client):
+    stub_class = pb_grpc.GeneratorStub
+
+    @staticmethod
+    def request(prompts: list[str], n: int = 1, max_new_tokens: int | None = None, temperature: float | None = None,
+                top_k: int = 0, top_p: float | None = None, seed: int | None = None) -> pb.GenerateRequest:
+        request = pb.GenerateRequest(prompts=prompts, samples_per_prompt=n, top_k=top_k)
+        if max_new_tokens is not None:
+            request.max_new_tokens = max_new_tokens
+        if temperature is not None:
+            request.temperature = temperature
+        if top_p is not None:
+            request.top_p = top_p
+        if seed is not None:
+            request.seed = seed
+        return request
+
+    def generate(self, prompts: list[str], n: int = 1, **kwargs) -> pb.GenerateResponse:
+        return self.stub.Generate(self.request(prompts, n, **kwargs), timeout=self.timeout)
+
+    def generate_stream(self, prompts: list[str], n: int = 1, **kwargs):
+        return self.stub.GenerateStream(self.request(prompts, n, **kwargs), timeout=self.timeout)
+
+    def load_weights(self, trainer_address: str = "", version: int = 0) -> pb.LoadWeightsResponse:
+        return self.stub.LoadWeights(pb.LoadWeightsRequest(trainer_address=trainer_address, version=version),
+                                     timeout=self.timeout)
+
+
+class ScorerClient(_Client):
+    stub_class = pb_grpc.ScorerStub
+
+    def score(self, texts: list[str]) -> pb.ScoreResponse:
+        return self.stub.Score(pb.ScoreRequest(texts=texts), timeout=self.timeout)
+
+
+class TrainerClient(_Client):
+    stub_class = pb_grpc.TrainerStub
+
+    def step(self, rollouts: list[pb.Rollout]) -> pb.StepResponse:
+        return self.stub.Step(pb.StepRequest(rollouts=rollouts), timeout=self.timeout)
+
+    def save_checkpoint(self, directory: str = "") -> pb.SaveCheckpointResponse:
+        return self.stub.SaveCheckpoint(pb.SaveCheckpointRequest(directory=directory), timeout=self.timeout)

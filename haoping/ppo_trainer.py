@@ -1,0 +1,421 @@
+"""The PPO trainer: a causal LM with a value head, a frozen reference model, and the
+update step. Pure of gRPC; ``services/trainer`` is a thin adapter over :class:`PPOTrainer`.
+
+One :meth:`PPOTrainer.step` takes a batch of scored rollouts (query ids, response ids,
+score), recomputes old log-probs and values, builds KL-penalized per-token rewards, runs
+GAE, then ``ppo_epochs`` passes of shuffled minibatches with clipped losses.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save, save_file
+
+from haoping import ppo
+from haoping.log import get_logger
+from haoping.models import TokenFormat, load_causal_lm, load_tokenizer, resolve_model
+
+log = get_logger(__name__)
+
+
+@dataclass
+class PPOConfig:
+    learning_rate: float = 5e-4
+    value_learning_rate: float | None = None  # None: same as learning_rate
+    value_warmup_steps: int = 0      # first N steps train only the value head
+    lr_schedule: str = "constant"    # constant | linear | cosine (over total_steps)
+    lr_warmup_steps: int = 0
+    total_steps: int = 1000
+    ppo_epochs: int = 4
+    minibatch_size: int = 16
+    gradient_accumulation_steps: int = 1
+    forward_batch_size: int = 64     # chunking of the no-grad forward passes
+    gamma: float = 1.0
+    lam: float = 0.95
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.1
+    max_grad_norm: float = 1.0
+    adaptive_kl: bool = True
+    init_kl_coef: float = 0.2
+    kl_target: float = 6.0
+    kl_horizon: int = 10000
+    kl_estimator: str = "k1"         # k1 | k3
+    reward_normalization: bool = False  # running mean/std of scores
+    reward_clip: float | None = None
+    whiten_advantages: bool = True
+    seed: int = 0
+
+    def __post_init__(self):
+        problems = []
+        if self.kl_estimator not in ("k1", "k3"):
+            problems.append(f"kl_estimator must be k1 or k3, not {self.kl_estimator!r}")
+        if self.lr_schedule not in ("constant", "linear", "cosine"):
+            problems.append(f"lr_schedule must be constant, linear or cosine, not {self.lr_schedule!r}")
+        for name in ("ppo_epochs", "minibatch_size", "gradient_accumulation_steps", "forward_batch_size"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1")
+        if self.minibatch_size % self.gradient_accumulation_steps:
+            problems.append("minibatch_size must be a multiple of gradient_accumulation_steps")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "PPOConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown PPO options: {', '.join(sorted(unknown))}")
+        return cls(**values)
+
+
+class PolicyWithValueHead(nn.Module):
+    """A causal LM plus a scalar value head on its last hidden state."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+        hidden = lm.config.hidden_size
+        self.value_head = nn.Linear(hidden, 1)
+        nn.init.normal_(self.value_head.weight, std=1.0 / math.sqrt(hidden + 1))
+        nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, input_ids, attention_mask, position_ids, with_values: bool = True):
+        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      output_hidden_states=with_values, use_cache=False)
+        values = self.value_head(out.hidden_states[-1].to(self.value_head.weight.dtype)).squeeze(-1) if with_values else None
+        return out.logits, values
+
+
+@dataclass
+class RolloutBatch:
+    """Queries left-padded, responses right-padded, joined: [pad q q q | r r pad]."""
+
+    input_ids: torch.Tensor       # [B, Q+R]
+    attention_mask: torch.Tensor  # [B, Q+R]
+    position_ids: torch.Tensor    # [B, Q+R], 0 at each row's first real token
+    response_ids: torch.Tensor    # [B, R]
+    response_mask: torch.Tensor   # [B, R]
+    query_width: int              # Q
+
+    def to(self, device: torch.device) -> "RolloutBatch":
+        return RolloutBatch(self.input_ids.to(device), self.attention_mask.to(device), self.position_ids.to(device),
+                            self.response_ids.to(device), self.response_mask.to(device), self.query_width)
+
+    def rows(self, index: torch.Tensor) -> "RolloutBatch":
+        return RolloutBatch(self.input_ids[index], self.attention_mask[index], self.position_ids[index],
+                            self.response_ids[index], self.response_mask[index], self.query_width)
+
+
+def build_rollout_batch(queries: list[list[int]], responses: list[list[int]], pad_id: int) -> RolloutBatch:
+    q_width = max(len(q) for q in queries)
+    r_width = max(len(r) for r in responses)
+    batch = len(queries)
+    input_ids = torch.full((batch, q_width + r_width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for i, (q, r) in enumerate(zip(queries, responses)):
+        input_ids[i, q_width - len(q):q_width] = torch.tensor(q)
+        input_ids[i, q_width:q_width + len(r)] = torch.tensor(r, dtype=torch.long)
+        attention_mask[i, q_width - len(q):q_width + len(r)] = 1
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    response_mask = attention_mask[:, q_width:].float()
+    return RolloutBatch(input_ids, attention_mask, position_ids, input_ids[:, q_width:], response_mask, q_width)
+
+
+def response_logits(logits: torch.Tensor, query_width: int) -> torch.Tensor:
+    """Logits [B, Q+R, V] -> the ones that predict response tokens [B, R, V]."""
+    return logits[:, query_width - 1:-1]
+
+
+def lr_factor(step: int, schedule: str, warmup: int, total: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "linear":
+        return 1.0 - progress
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0
+
+
+class PPOTrainer:
+    def __init__(self, policy_ref: str, config: PPOConfig = PPOConfig(), device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32, ref_model_ref: str | None = None):
+        self.config = config
+        self.device = torch.device(device)
+        self.dtype = dtype  # autocast dtype for forward passes; master weights stay float32
+        self.policy_ref = policy_ref
+        self.ref_model_ref = ref_model_ref or policy_ref
+        torch.manual_seed(config.seed)
+        self.tokenizer = load_tokenizer(policy_ref)
+        self.pad_id = TokenFormat.of(self.tokenizer).pad_id
+        self.model = PolicyWithValueHead(load_causal_lm(policy_ref, self.device, torch.float32)).to(self.device)
+        self.model.eval()  # no dropout: old and new log-probs must come from the same function
+        self.ref_model = load_causal_lm(self.ref_model_ref, self.device, dtype).eval()
+        for p in self.ref_model.parameters():
+            p.requires_grad_(False)
+        self.optimizer = self._make_optimizer()
+        self.kl_ctl = (ppo.AdaptiveKLController(config.init_kl_coef, config.kl_target, config.kl_horizon)
+                       if config.adaptive_kl else ppo.FixedKLController(config.init_kl_coef))
+        self.score_moments = ppo.RunningMoments() if config.reward_normalization else None
+        self.version = 0
+        self.steps_done = 0
+        self._weights_cache: tuple[int, bytes, str] | None = None
+
+    # ------------------------------------------------------------ setup
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        c = self.config
+        return torch.optim.AdamW([
+            {"params": list(self.model.lm.parameters()), "lr": c.learning_rate, "name": "policy"},
+            {"params": list(self.model.value_head.parameters()),
+             "lr": c.value_learning_rate or c.learning_rate, "name": "value_head"},
+        ], eps=1e-5, weight_decay=0.0)  # decay would pull toward zero, not toward the reference
+
+    def _set_learning_rates(self) -> float:
+        c = self.config
+        factor = lr_factor(self.steps_done, c.lr_schedule, c.lr_warmup_steps, c.total_steps)
+        policy_frozen = self.steps_done < c.value_warmup_steps
+        for group in self.optimizer.param_groups:
+            if group["name"] == "policy":
+                group["lr"] = 0.0 if policy_frozen else c.learning_rate * factor
+            else:
+                group["lr"] = (c.value_learning_rate or c.learning_rate) * factor
+        return self.optimizer.param_groups[0]["lr"]
+
+    def _autocast(self):
+        enabled = self.dtype != torch.float32
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=enabled)
+
+    # ------------------------------------------------------------ forward passes
+
+    @torch.no_grad()
+    def _rollout_forward(self, batch: RolloutBatch):
+        """Old log-probs, values, entropies and reference log-probs, in chunks. Each [B, R]."""
+        chunks = {"logp": [], "values": [], "entropy": [], "ref_logp": []}
+        n = batch.input_ids.shape[0]
+        for start in range(0, n, self.config.forward_batch_size):
+            part = batch.rows(torch.arange(start, min(n, start + self.config.forward_batch_size)))
+            with self._autocast():
+                logits, values = self.model(part.input_ids, part.attention_mask, part.position_ids)
+                ref_logits = self.ref_model(input_ids=part.input_ids, attention_mask=part.attention_mask,
+                                            position_ids=part.position_ids, use_cache=False).logits
+            logits = response_logits(logits, part.query_width)
+            chunks["logp"].append(ppo.logprobs_from_logits(logits, part.response_ids))
+            chunks["entropy"].append(ppo.entropy_from_logits(logits))
+            chunks["values"].append(response_logits(values.unsqueeze(-1), part.query_width).squeeze(-1).float())
+            chunks["ref_logp"].append(ppo.logprobs_from_logits(response_logits(ref_logits, part.query_width),
+                                                               part.response_ids))
+        return {k: torch.cat(v) for k, v in chunks.items()}
+
+    # ------------------------------------------------------------ the update
+
+    def step(self, queries: list[list[int]], responses: list[list[int]], scores: list[float]) -> dict[str, float]:
+        """One PPO update on B scored rollouts. Returns TRL-style statistics."""
+        validate_rollouts(queries, responses, scores)
+        c = self.config
+        t_start = time.perf_counter()
+        batch = build_rollout_batch(queries, responses, self.pad_id).to(self.device)
+        mask = batch.response_mask
+        raw_scores = torch.tensor(scores, dtype=torch.float32, device=self.device)
+        scores_t = ppo.normalize_scores(raw_scores.clone(), self.score_moments, c.reward_clip)
+
+        old = self._rollout_forward(batch)
+        t_forward = time.perf_counter()
+        kl_coef = self.kl_ctl.value
+        rewards, kl, non_score = ppo.compute_rewards(scores_t, old["logp"], old["ref_logp"], mask, kl_coef,
+                                                     c.kl_estimator)
+        advantages, returns = ppo.gae(rewards, old["values"], mask, c.gamma, c.lam)
+        if c.whiten_advantages:
+            advantages = ppo.whiten(advantages, mask)
+
+        learning_rate = self._set_learning_rates()
+        mb_stats: list[dict[str, float]] = []
+        n = len(queries)
+        micro = max(1, c.minibatch_size // c.gradient_accumulation_steps)
+        for _ in range(c.ppo_epochs):
+            order = torch.randperm(n, device=self.device)
+            for mb_start in range(0, n, c.minibatch_size):
+                mb_index = order[mb_start:mb_start + c.minibatch_size]
+                self.optimizer.zero_grad(set_to_none=True)
+                mb_tokens = mask[mb_index].sum().clamp(min=1)
+                parts = []
+                for micro_start in range(0, len(mb_index), micro):
+                    index = mb_index[micro_start:micro_start + micro]
+                    # weight each micro-batch by its share of real tokens: accumulation == one big batch
+                    weight = mask[index].sum() / mb_tokens
+                    parts.append(self._loss(batch.rows(index), old, advantages, returns, index, weight))
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.max_grad_norm)
+                self.optimizer.step()
+                mb_stats.append({k: sum(p[k] * p["weight"] for p in parts) for k in parts[0] if k != "weight"})
+        t_optimize = time.perf_counter()
+
+        seq_kl = kl.sum(1)  # [B] nats per sequence
+        mean_kl = seq_kl.mean().item()
+        self.kl_ctl.update(mean_kl, n)
+        self.steps_done += 1
+        self.version += 1
+        self._weights_cache = None
+
+        values, ret = old["values"], returns
+        var_explained = 1.0 - (ppo.masked_var(ret - values, mask) / ppo.masked_var(ret, mask).clamp(min=1e-8)).item()
+        stats = {
+            "objective/kl": mean_kl,
+            "objective/kl_coef": kl_coef,
+            "objective/entropy": ppo.masked_sum(old["entropy"], mask, dim=1).mean().item(),
+            "objective/non_score_reward": non_score.sum(1).mean().item(),
+            "objective/scores": scores_t.mean().item(),
+            "env/reward_mean": raw_scores.mean().item(),
+            "env/reward_std": raw_scores.std().item() if n > 1 else 0.0,
+            "ppo/returns/mean": ppo.masked_mean(ret, mask).item(),
+            "ppo/returns/var": ppo.masked_var(ret, mask).item(),
+            "ppo/val/vpred": ppo.masked_mean(values, mask).item(),
+            "ppo/val/var_explained": var_explained,
+            "ppo/learning_rate": learning_rate,
+            "tokens/responses_len_mean": mask.sum(1).mean().item(),
+            "time/ppo/forward_passes": t_forward - t_start,
+            "time/ppo/optimize_step": t_optimize - t_forward,
+            "time/ppo/total": time.perf_counter() - t_start,
+        }
+        for key in mb_stats[0]:
+            stats[key] = float(np.mean([s[key] for s in mb_stats]))
+        return stats
+
+    def _loss(self, part: RolloutBatch, old: dict, advantages, returns, index, weight) -> dict[str, float]:
+        c = self.config
+        mask = part.response_mask
+        with self._autocast():
+            logits, values = self.model(part.input_ids, part.attention_mask, part.position_ids)
+        logits = response_logits(logits, part.query_width)
+        values = response_logits(values.unsqueeze(-1), part.query_width).squeeze(-1).float()
+        logp = ppo.logprobs_from_logits(logits, part.response_ids)
+        pg = ppo.policy_loss(logp, old["logp"][index], advantages[index], mask, c.cliprange)
+        vf = ppo.value_loss(values, old["values"][index], returns[index], mask, c.cliprange_value)
+        loss = pg.loss + c.vf_coef * vf.loss
+        (loss * weight).backward()
+        with torch.no_grad():
+            entropy = ppo.masked_mean(ppo.entropy_from_logits(logits), mask)
+        return {
+            "weight": float(weight),
+            "ppo/loss/policy": pg.loss.item(),
+            "ppo/loss/value": vf.loss.item(),
+            "ppo/loss/total": loss.item(),
+            "ppo/policy/clipfrac": pg.clipfrac.item(),
+            "ppo/policy/approxkl": pg.approxkl.item(),
+            "ppo/policy/entropy": entropy.item(),
+            "ppo/val/clipfrac": vf.clipfrac.item(),
+            "ppo/val/error": ppo.masked_mean((values - returns[index]) ** 2, mask).item(),
+        }
+
+    # ------------------------------------------------------------ weights and checkpoints
+
+    def policy_state(self) -> dict[str, torch.Tensor]:
+        """The LM weights only (no value head), tied weights once: what a generator loads."""
+        return {name: p.detach().to("cpu").contiguous() for name, p in self.model.lm.named_parameters()}
+
+    def policy_weights(self) -> tuple[int, bytes, str]:
+        """(version, safetensors bytes, sha256), cached per version."""
+        if self._weights_cache is None or self._weights_cache[0] != self.version:
+            data = save(self.policy_state(), metadata={"policy_version": str(self.version)})
+            self._weights_cache = (self.version, data, hashlib.sha256(data).hexdigest())
+        return self._weights_cache
+
+    def save_checkpoint(self, directory: str | Path) -> Path:
+        """Policy (save_pretrained), value head, optimizer and trainer state; all safetensors + JSON.
+
+        Written to a temp dir and renamed, so an interrupted save never clobbers the last good one.
+        """
+        directory = Path(directory)
+        tmp = directory.with_name(directory.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        self.model.lm.save_pretrained(tmp / "policy")
+        self.tokenizer.save_pretrained(tmp / "policy")
+        save_file(self.model.value_head.state_dict(), tmp / "value_head.safetensors")
+        tensors, meta = optimizer_to_flat(self.optimizer)
+        save_file(tensors, tmp / "optimizer.safetensors")
+        save_file({"torch_rng": torch.get_rng_state()}, tmp / "rng.safetensors")
+        state = {
+            "version": self.version, "steps_done": self.steps_done, "kl_coef": self.kl_ctl.value,
+            "score_moments": self.score_moments.state_dict() if self.score_moments else None,
+            "policy_ref": self.policy_ref, "ref_model_ref": self.ref_model_ref,
+            "config": asdict(self.config), "optimizer": meta,
+        }
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        if directory.exists():
+            old = directory.with_name(directory.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            directory.rename(old)
+            tmp.rename(directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(directory)
+        return directory
+
+    @classmethod
+    def from_checkpoint(cls, directory: str | Path, device: str | torch.device = "cpu",
+                        dtype: torch.dtype = torch.float32, config: PPOConfig | None = None) -> "PPOTrainer":
+        """Resume: the policy, value head, optimizer, KL coefficient, version and RNG come back;
+        the reference model is the original one, not the checkpoint."""
+        directory = Path(directory)
+        state = json.loads((directory / "trainer_state.json").read_text())
+        config = config or PPOConfig.from_dict(state["config"])
+        trainer = cls(str(directory / "policy"), config, device, dtype, ref_model_ref=state["ref_model_ref"])
+        trainer.policy_ref = state["policy_ref"]
+        trainer.model.value_head.load_state_dict(load_file(directory / "value_head.safetensors"))
+        optimizer_from_flat(trainer.optimizer, load_file(directory / "optimizer.safetensors"), state["optimizer"])
+        torch.set_rng_state(load_file(directory / "rng.safetensors")["torch_rng"])
+        trainer.version, trainer.steps_done = state["version"], state["steps_done"]
+        trainer.kl_ctl.value = state["kl_coef"]
+        if trainer.score_moments and state["score_moments"]:
+            trainer.score_moments.load_state_dict(state["score_moments"])
+        return trainer
+
+
+def validate_rollouts(queries: list[list[int]], responses: list[list[int]], scores: list[float]) -> None:
+    """Reject a batch the update cannot use, with a message naming the rollout."""
+    if not queries:
+        raise ValueError("no rollouts")
+    if not (len(queries) == len(responses) == len(scores)):
+        raise ValueError("queries, responses and scores differ in length")
+    for i, (q, r, s) in enumerate(zip(queries, responses, scores)):
+        if not q:
+            raise ValueError(f"rollout {i}: empty query")
+        if not r:
+            raise ValueError(f"rollout {i}: empty response")
+        if not math.isfinite(s):
+            raise ValueError(f"rollout {i}: reward {s} is not finite")
+
+
+def optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Optimizer state as flat tensors for safetensors, plus JSON-able metadata."""
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for param_id, param_state in state["state"].items():
+        for key, value in param_state.items():
+            if torch.is_tensor(value):
+                tensors[f"{param_id}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{param_id}.{key}"] = value
+    if not tensors:  # safetensors refuses an empty file
+        tensors["_empty"] = torch.zeros(0)
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_flat(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    per_param: dict[int, dict] = {}
+    for name, value in list(tensors.items()) + list(meta["scalars"].items()):
+        if name == "_empty":
+            continue
+        param_id, key = name.split(".", 1)
+        per_param.setdefault(int(param_id), {})[key] = value
+    optimizer.load_state_dict({"state": per_param, "param_groups": meta["param_groups"]})

@@ -1,0 +1,62 @@
+"""Texts in, rewards out. Pure of gRPC: the Scorer service is a thin adapter over these."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from haoping.models import load_sequence_classifier, load_tokenizer, positive_label_index
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    score: float      # the reward: positive probability, or a (normalized) reward-model scalar
+    label: str        # classifier: the argmax label; reward model: "reward"
+    raw_score: float  # classifier: positive-class logit; reward model: the unnormalized scalar
+
+
+class ClassifierScorer:
+    """Any HF sequence classifier; the reward is the positive label's probability.
+
+    The positive label is read from ``config.id2label``, so hub models such as
+    ``uer/roberta-base-finetuned-jd-binary-chinese`` work as well as the starter one.
+    """
+
+    backend = "classifier"
+
+    def __init__(self, model_ref: str, device="cpu", dtype=torch.float32, max_length: int = 128,
+                 batch_size: int = 64):
+        self.model_id = model_ref
+        self.tokenizer = load_tokenizer(model_ref)
+        self.model = load_sequence_classifier(model_ref, device, dtype)
+        self.device = torch.device(device)
+        self.positive_index = positive_label_index(self.model.config.id2label)
+        self.max_length = min(max_length, int(getattr(self.model.config, "max_position_embeddings", max_length)))
+        self.batch_size = batch_size
+
+    @torch.inference_mode()
+    def score(self, texts: list[str]) -> list[ScoreResult]:
+        results: list[ScoreResult] = []
+        id2label = self.model.config.id2label
+        for start in range(0, len(texts), self.batch_size):
+            chunk = texts[start:start + self.batch_size]
+            enc = self.tokenizer(chunk, padding=True, truncation=True, max_length=self.max_length,
+                                 return_tensors="pt").to(self.device)
+            logits = self.model(**enc).logits.float()
+            probs = torch.softmax(logits, -1)
+            for row_logits, row_probs in zip(logits, probs):
+                label = id2label[int(row_probs.argmax())]
+                results.append(ScoreResult(float(row_probs[self.positive_index]), str(label),
+                                           float(row_logits[self.positive_index])))
+        return results
+
+
+def build_scorer(backend: str, model_ref: str, device="cpu", dtype=torch.float32, normalize: str = "none"):
+    """The one place a scorer backend is chosen: ``classifier`` or ``reward-model``."""
+    if backend == "classifier":
+        return ClassifierScorer(model_ref, device, dtype)
+    if backend == "reward-model":
+        from haoping.reward_model import RewardModelScorer
+
+        return RewardModelScorer(model_ref, device=device, dtype=dtype, normalize=normalize)
+    raise ValueError(f"unknown scorer backend {backend!r}; use classifier or reward-model")

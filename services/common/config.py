@@ -1,0 +1,36 @@
+"""The one config style: command-line flags, each with an environment-variable fallback
+(``HAOPING_<FLAG>``), so docker compose can configure a service without a command line."""
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def env_name(flag: str) -> str:
+    return "HAOPING_" + flag.lstrip("-").replace("-", "_").upper()
+
+
+def add_flag(parser: argparse.ArgumentParser, flag: str, default=None, type=str, help: str = "", **kwargs):
+    """``--flag`` whose default comes from $HAOPING_FLAG when set."""
+    env = env_name(flag)
+    if env in os.environ:
+        raw = os.environ[env]
+        default = (raw.lower() in ("1", "true", "yes", "on")) if type is bool else type(raw)
+    if type is bool:
+        parser.add_argument(flag, default=bool(default), action=argparse.BooleanOptionalAction,
+                            help=f"{help} (env {env})", **kwargs)
+    else:
+        parser.add_argument(flag, default=default, type=type, help=f"{help} (env {env}; default %(default)s)",
+                            **kwargs)
+
+
+def add_common_server_flags(parser: argparse.ArgumentParser, port: int, metrics_port: int) -> None:
+    add_flag(parser, "--host", "127.0.0.1", help="address to listen on")
+    add_flag(parser, "--port", port, int, "gRPC port (0 picks a free one)")
+    add_flag(parser, "--metrics-port", metrics_port, int, "Prometheus /metrics port (0 picks a free one)")
+    add_flag(parser, "--device", "auto", help="torch device: auto, cpu, cuda, cuda:1")
+    add_flag(parser, "--dtype", "float32", help="float32, bfloat16 or float16")
+    add_flag(parser, "--grace-seconds", 10.0, float, "how long SIGTERM waits for in-flight requests")
+    add_flag(parser, "--max-message-mb", 64, int, "largest gRPC message, send and receive")
+    add_flag(parser, "--threads", 0, int, "torch threads (0: torch's default)")
+    add_flag(parser, "--ready-file", "", help="write 'host:port metrics_port' here once serving")

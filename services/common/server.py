@@ -1,0 +1,91 @@
+"""Shared gRPC server plumbing: health, reflection, metrics, message limits, SIGTERM drain.
+
+A service module builds its servicer(s) and calls :func:`serve`. The health status turns
+SERVING only after the service's warm-up succeeded, and NOT_SERVING as soon as draining starts.
+"""
+from __future__ import annotations
+
+import signal
+import threading
+from concurrent import futures
+from pathlib import Path
+from typing import Callable
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from haoping.log import get_logger
+from haoping.v1 import haoping_pb2
+from services.common.metrics import MetricsInterceptor, start_metrics_server
+
+log = get_logger(__name__)
+
+
+def full_service_name(short: str) -> str:
+    return haoping_pb2.DESCRIPTOR.services_by_name[short].full_name
+
+
+class Draining:
+    """Set once SIGTERM arrived; servicers answer UNAVAILABLE to new work after that."""
+
+    def __init__(self):
+        self.event = threading.Event()
+
+    def __bool__(self) -> bool:
+        return self.event.is_set()
+
+
+def serve(short_name: str, args, register: Callable[[grpc.Server], None],
+          warm_up: Callable[[], None] | None = None, draining: Draining | None = None,
+          max_workers: int = 16) -> int:
+    """Run a service until SIGTERM/SIGINT; returns the process exit code."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    draining = draining or Draining()
+    limit = args.max_message_mb * 1024 * 1024
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=short_name.lower()),
+        interceptors=[MetricsInterceptor(short_name.lower())],
+        options=[("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit),
+                 ("grpc.so_reuseport", 0)],
+    )
+    register(server)
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    name = full_service_name(short_name)
+    for service in ("", name):
+        health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+    reflection.enable_server_reflection((name, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(f"{args.host}:{args.port}")
+    if port == 0:
+        raise SystemExit(f"cannot listen on {args.host}:{args.port}")
+    metrics_port = start_metrics_server(args.host, args.metrics_port)
+    server.start()
+    log.info("%s listening on %s:%d, metrics on :%d", short_name, args.host, port, metrics_port)
+
+    stop = threading.Event()
+
+    def on_signal(signum, _frame):
+        log.info("%s: signal %d, draining for up to %.0fs", short_name, signum, args.grace_seconds)
+        draining.event.set()
+        for service in ("", name):
+            health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    if warm_up is not None:
+        warm_up()  # a real request through the model; SERVING means it answered
+    for service in ("", name):
+        health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    log.info("%s serving", short_name)
+    if args.ready_file:
+        Path(args.ready_file).write_text(f"{args.host}:{port} {metrics_port}\n")
+
+    stop.wait()
+    server.stop(args.grace_seconds).wait()
+    log.info("%s stopped", short_name)
+    return 0

@@ -1,0 +1,282 @@
+"""The coordinator: starts the three services, runs rollout -> score -> update -> sync cycles,
+and writes the run directory (cycles.jsonl, samples, curves, final policy)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from haoping import text_metrics
+from haoping.client import GeneratorClient, ScorerClient, TrainerClient
+from haoping.log import get_logger
+from haoping.plots import plot_reward_kl
+from haoping.v1 import haoping_pb2 as pb
+from services.common.config import add_flag
+
+log = get_logger(__name__)
+
+DEFAULT_PROMPTS = ["刚收到货，感觉", "这部电影很", "说实话，真的很", "这次购物总的来说体验很"]
+SAMPLES_SEED = 20240601  # before/after samples: same prompts, same seed
+
+
+@dataclass
+class ServiceProcess:
+    name: str
+    process: subprocess.Popen
+    address: str
+    metrics_port: int
+    log_path: Path
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def start_service(name: str, extra_args: list[str], run_dir: Path, timeout: float = 900.0) -> ServiceProcess:
+    """Start `python -m services.<name>` on a free loopback port and wait until it is SERVING."""
+    ready = run_dir / "logs" / f"{name}.ready"
+    ready.unlink(missing_ok=True)
+    log_path = run_dir / "logs" / f"{name}.log"
+    command = [sys.executable, "-m", f"services.{name}", "--host", "127.0.0.1", "--port", "0",
+               "--metrics-port", "0", "--ready-file", str(ready), *extra_args]
+    with open(log_path, "ab") as log_file:
+        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=os.environ.copy())
+    deadline = time.monotonic() + timeout
+    while not ready.exists():
+        if process.poll() is not None:
+            raise RuntimeError(f"{name} exited with code {process.returncode}; log {log_path}:\n"
+                               + ServiceProcess(name, process, "", 0, log_path).log_tail())
+        if time.monotonic() > deadline:
+            process.kill()
+            raise TimeoutError(f"{name} not ready after {timeout:.0f}s; see {log_path}")
+        time.sleep(0.2)
+    address, metrics_port = ready.read_text().split()
+    return ServiceProcess(name, process, address, int(metrics_port), log_path)
+
+
+def stop_services(services: list[ServiceProcess], timeout: float = 30.0) -> None:
+    for service in services:
+        if service.process.poll() is None:
+            service.process.send_signal(signal.SIGTERM)
+    for service in services:
+        try:
+            code = service.process.wait(timeout)
+            if code != 0:
+                log.warning("%s exited with code %d (log %s)", service.name, code, service.log_path)
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop in %.0fs; killing it", service.name, timeout)
+            service.process.kill()
+
+
+def sample_records(response: pb.GenerateResponse, scores: pb.ScoreResponse, prompts: list[str]) -> list[dict]:
+    return [{"prompt": prompts[s.prompt_index], "text": s.full_text, "response": s.text,
+             "reward": round(score.score, 4), "finish_reason": pb.FinishReason.Name(s.finish_reason),
+             "policy_version": s.policy_version}
+            for s, score in zip(response.samples, scores.scores)]
+
+
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def guard_figures(texts: list[str]) -> dict[str, float]:
+    return {"distinct2": text_metrics.distinct_n(texts, 2),
+            "repetition_rate": text_metrics.repetition_rate(texts),
+            "empty_rate": text_metrics.empty_rate(texts)}
+
+
+class Coordinator:
+    def __init__(self, args, generator: GeneratorClient, scorer: ScorerClient, trainer: TrainerClient,
+                 trainer_address: str, run_dir: Path):
+        self.args = args
+        self.generator, self.scorer, self.trainer = generator, scorer, trainer
+        self.trainer_address = trainer_address
+        self.run_dir = run_dir
+        self.prompts = args.prompts
+
+    def _sample(self, seed: int, n: int) -> tuple[pb.GenerateResponse, pb.ScoreResponse]:
+        response = self.generator.generate(self.prompts, n=n, max_new_tokens=self.args.max_new_tokens,
+                                           temperature=1.0, top_k=0, top_p=1.0, seed=seed)
+        scores = self.scorer.score([s.full_text for s in response.samples])
+        return response, scores
+
+    def write_samples(self, name: str) -> list[dict]:
+        n = max(1, -(-self.args.eval_samples // len(self.prompts)))
+        response, scores = self._sample(SAMPLES_SEED, n)
+        records = sample_records(response, scores, self.prompts)
+        write_jsonl(self.run_dir / name, records)
+        return records
+
+    def cycle(self, index: int) -> dict:
+        a = self.args
+        t0 = time.perf_counter()
+        response, scores = None, None
+        response = self.generator.generate(self.prompts, n=a.samples_per_prompt, max_new_tokens=a.max_new_tokens,
+                                           temperature=1.0, top_k=0, top_p=1.0, seed=a.seed * 100003 + index)
+        t1 = time.perf_counter()
+        scores = self.scorer.score([s.full_text for s in response.samples])
+        t2 = time.perf_counter()
+        rollouts = [pb.Rollout(query_token_ids=s.prompt_token_ids, response_token_ids=s.response_token_ids,
+                               reward=score.score, policy_version=s.policy_version)
+                    for s, score in zip(response.samples, scores.scores)]
+        step = self.trainer.step(rollouts)
+        t3 = time.perf_counter()
+        self.generator.load_weights(self.trainer_address, step.policy_version)
+        t4 = time.perf_counter()
+        stats = dict(step.stats)
+        texts = [s.text for s in response.samples]
+        record = {
+            "cycle": index,
+            "reward_mean": stats["env/reward_mean"],
+            "kl": stats["objective/kl"],
+            "policy_version": step.policy_version,
+            "rollout_policy_version": response.policy_version,
+            "seconds": t4 - t0,
+            "samples": len(rollouts),
+            "time/rollout": t1 - t0, "time/score": t2 - t1, "time/update": t3 - t2, "time/weight_sync": t4 - t3,
+            **guard_figures(texts),
+            **stats,
+        }
+        record["examples"] = [response.samples[i].full_text for i in (0, len(response.samples) // 2)]
+        return record
+
+    def check_guards(self, record: dict) -> list[str]:
+        a = self.args
+        warnings = []
+        if record["kl"] > a.max_kl:
+            warnings.append(f"KL {record['kl']:.2f} nats/seq above --max-kl {a.max_kl}")
+        if self.start_distinct2 and record["distinct2"] < a.min_distinct2_ratio * self.start_distinct2:
+            warnings.append(f"distinct-2 {record['distinct2']:.3f} below {a.min_distinct2_ratio:.2f}x "
+                            f"the start ({self.start_distinct2:.3f})")
+        if record["repetition_rate"] > a.max_repetition_rate:
+            warnings.append(f"repetition rate {record['repetition_rate']:.2f} above --max-repetition-rate "
+                            f"{a.max_repetition_rate}")
+        return warnings
+
+    def run(self, start_cycle: int = 0) -> list[dict]:
+        a = self.args
+        before = self.write_samples("samples_before.jsonl")
+        self.start_distinct2 = text_metrics.distinct_n([r["response"] for r in before], 2)
+        log.info("before training: mean reward %.3f over %d samples", _mean(r["reward"] for r in before), len(before))
+        records: list[dict] = []
+        started = time.perf_counter()
+        with open(self.run_dir / "cycles.jsonl", "a", encoding="utf-8") as out:
+            for index in range(start_cycle, start_cycle + a.cycles):
+                record = self.cycle(index)
+                record["elapsed"] = time.perf_counter() - started
+                records.append(record)
+                out.write(json.dumps(record, ensure_ascii=False) + "\n")
+                out.flush()
+                print(f"cycle {index:3d}  reward {record['reward_mean']:.3f}  kl {record['kl']:6.2f}  "
+                      f"kl_coef {record['objective/kl_coef']:.3f}  distinct2 {record['distinct2']:.2f}  "
+                      f"v{record['policy_version']}  {record['seconds']:.1f}s", flush=True)
+                for example in record["examples"]:
+                    print(f"    {example}", flush=True)
+                for warning in self.check_guards(record):
+                    log.warning("guard: %s", warning)
+        after = self.write_samples("samples_after.jsonl")
+        log.info("after training: mean reward %.3f over %d samples", _mean(r["reward"] for r in after), len(after))
+        plot_reward_kl(records, self.run_dir / "reward_kl.png", title=f"haoping run {self.run_dir.name}")
+        saved = self.trainer.save_checkpoint(str(self.run_dir / "checkpoint"))
+        log.info("final policy (version %d) saved to %s/policy", saved.policy_version, saved.directory)
+        return records
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else float("nan")
+
+
+def add_run_flags(parser: argparse.ArgumentParser) -> None:
+    add_flag(parser, "--name", "", help="run name (default: a timestamp); output goes to <runs-dir>/<name>")
+    add_flag(parser, "--runs-dir", "runs", help="where run directories go")
+    add_flag(parser, "--cycles", 30, int, "rollout -> score -> update cycles")
+    add_flag(parser, "--samples-per-prompt", 16, int, "rollouts per prompt per cycle")
+    add_flag(parser, "--max-new-tokens", 16, int, "response length (the reference design's gen_len)")
+    add_flag(parser, "--eval-samples", 64, int, "samples in samples_before/after.jsonl")
+    add_flag(parser, "--seed", 0, int, "seed for rollouts and PPO")
+    add_flag(parser, "--policy", "starter:policy", help="initial policy: starter:policy, a dir or a hub ID")
+    add_flag(parser, "--scorer-backend", "classifier", help="classifier or reward-model")
+    add_flag(parser, "--scorer-model", "starter:classifier", help="scorer model: starter:classifier, a dir or a hub ID")
+    add_flag(parser, "--scorer-normalize", "none", help="reward-model backend: none, sigmoid or running")
+    add_flag(parser, "--ppo-config", "", help="JSON object of PPO options passed to the trainer")
+    add_flag(parser, "--resume", "", help="trainer checkpoint dir to resume from (e.g. runs/latest/checkpoint)")
+    add_flag(parser, "--device", "auto", help="torch device for all services")
+    add_flag(parser, "--dtype", "float32", help="float32, bfloat16 or float16")
+    add_flag(parser, "--max-kl", 6.0, float, "guard: warn when KL (nats/seq) goes above")
+    add_flag(parser, "--min-distinct2-ratio", 0.5, float, "guard: warn when distinct-2 falls below this x start")
+    add_flag(parser, "--max-repetition-rate", 0.1, float, "guard: warn when this share of responses repeats a char 4x")
+    parser.add_argument("--prompts", nargs="+", default=DEFAULT_PROMPTS, help="rollout prompts")
+
+
+def run(args) -> int:
+    name = args.name or datetime.now().strftime("%Y%m%d-%H%M%S")
+    runs_dir = Path(args.runs_dir)
+    run_dir = runs_dir / name
+    if (run_dir / "cycles.jsonl").exists() and not args.resume:
+        print(f"error: {run_dir} already holds a run; pick another --name or pass --resume", file=sys.stderr)
+        return 2
+    if args.resume and not (Path(args.resume) / "trainer_state.json").exists():
+        print(f"error: --resume {args.resume} is not a trainer checkpoint (no trainer_state.json)", file=sys.stderr)
+        return 2
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    latest = runs_dir / "latest"
+    if latest.is_symlink() or not latest.exists():
+        latest.unlink(missing_ok=True)
+        latest.symlink_to(name)
+    (run_dir / "config.json").write_text(json.dumps(vars(args), indent=2, ensure_ascii=False))
+
+    from haoping.bootstrap import ensure_starter_models
+
+    if any(ref.startswith("starter:") for ref in (args.policy, args.scorer_model)):
+        ensure_starter_models()  # once, here, with progress bars, before three services race for it
+    common = ["--device", args.device, "--dtype", args.dtype]
+    ppo_config = json.loads(args.ppo_config) if args.ppo_config else {}
+    ppo_config.setdefault("seed", args.seed)
+    trainer_args = ["--model", args.policy, "--ppo-config", json.dumps(ppo_config),
+                    "--checkpoint-dir", str(run_dir / "checkpoint"), *common]
+    if args.resume:
+        trainer_args += ["--resume", args.resume]
+    services: list[ServiceProcess] = []
+    try:
+        log.info("starting services (logs in %s)", run_dir / "logs")
+        services.append(start_service("trainer", trainer_args, run_dir))
+        services.append(start_service("generator", ["--model", args.policy, *common,
+                                                    "--trainer-address", services[0].address], run_dir))
+        services.append(start_service("scorer", ["--backend", args.scorer_backend, "--model", args.scorer_model,
+                                                 "--normalize", args.scorer_normalize, *common], run_dir))
+        for s in services:
+            log.info("%s serving at %s (metrics http://%s:%d/metrics)", s.name, s.address,
+                     s.address.split(":")[0], s.metrics_port)
+        trainer_address = services[0].address
+        with GeneratorClient(services[1].address) as generator, ScorerClient(services[2].address) as scorer, \
+                TrainerClient(trainer_address) as trainer:
+            synced = generator.load_weights(trainer_address)  # a resumed trainer's policy, or the same start
+            start_cycle = _cycles_done(run_dir) if args.resume else 0
+            log.info("generator at policy version %d; running %d cycles", synced.policy_version, args.cycles)
+            records = Coordinator(args, generator, scorer, trainer, trainer_address, run_dir).run(start_cycle)
+        first, last = records[:5], records[-5:]
+        print(f"mean reward, first {len(first)} cycles {_mean(r['reward_mean'] for r in first):.3f} -> "
+              f"last {len(last)} cycles {_mean(r['reward_mean'] for r in last):.3f}; run dir {run_dir}")
+        return 0
+    finally:
+        stop_services(services)
+
+
+def _cycles_done(run_dir: Path) -> int:
+    path = run_dir / "cycles.jsonl"
+    if not path.exists():
+        return 0
+    lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return (lines[-1]["cycle"] + 1) if lines else 0

@@ -1,0 +1,5 @@
+import sys
+
+from services.generator.server import main
+
+sys.exit(main())

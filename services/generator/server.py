@@ -1,0 +1,224 @@
+"""Generator service: a thin gRPC adapter over :class:`haoping.generation.PolicyGenerator`."""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import math
+import os
+import queue
+import threading
+import time
+
+import grpc
+
+from haoping.generation import LENGTH, Cancelled, PolicyGenerator, SampleSpec, SamplingParams, sample_seed
+from haoping.log import get_logger, setup_logging
+from haoping.models import parse_dtype, pick_device
+from haoping.v1 import haoping_pb2 as pb
+from haoping.v1 import haoping_pb2_grpc as pb_grpc
+from services.common import metrics
+from services.common.config import add_common_server_flags, add_flag
+from services.common.server import Draining, serve
+
+log = get_logger(__name__)
+FINISH = {"eos": pb.FINISH_REASON_EOS, LENGTH: pb.FINISH_REASON_LENGTH}
+
+
+class GeneratorService(pb_grpc.GeneratorServicer):
+    def __init__(self, generator: PolicyGenerator, args, draining: Draining):
+        self.generator = generator
+        self.draining = draining
+        self.default_max_new_tokens = args.default_max_new_tokens
+        self.max_new_tokens_limit = min(args.max_new_tokens_limit, generator.max_context - 1)
+        self.max_samples_per_prompt = args.max_samples_per_prompt
+        self.max_prompts = args.max_prompts
+        self.trainer_address = args.trainer_address
+        self.max_message_bytes = args.max_message_mb * 1024 * 1024
+        metrics.POLICY_VERSION.labels("generator").set(0)
+
+    # ------------------------------------------------------------ validation
+
+    def _specs(self, request: pb.GenerateRequest, context) -> list[tuple[int, int, SampleSpec]]:
+        """Check a request like TGI's validation does; abort with INVALID_ARGUMENT naming the field."""
+        def bad(message: str):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+        if self.draining:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "generator is draining")
+        if not request.prompts:
+            bad("prompts must not be empty")
+        if len(request.prompts) > self.max_prompts:
+            bad(f"at most {self.max_prompts} prompts per request, got {len(request.prompts)}")
+        n = request.samples_per_prompt if request.HasField("samples_per_prompt") else 1
+        if not 1 <= n <= self.max_samples_per_prompt:
+            bad(f"samples_per_prompt must be in [1, {self.max_samples_per_prompt}], got {n}")
+        max_new = request.max_new_tokens if request.HasField("max_new_tokens") else self.default_max_new_tokens
+        if not 1 <= max_new <= self.max_new_tokens_limit:
+            bad(f"max_new_tokens must be in [1, {self.max_new_tokens_limit}], got {max_new}")
+        temperature = request.temperature if request.HasField("temperature") else 1.0
+        if math.isnan(temperature) or temperature < 0 or math.isinf(temperature):
+            bad(f"temperature must be a finite number >= 0, got {temperature}")
+        if request.top_k < 0:
+            bad(f"top_k must be >= 0, got {request.top_k}")
+        top_p = request.top_p if request.HasField("top_p") else 1.0
+        if not 0 < top_p <= 1:  # also rejects NaN
+            bad(f"top_p must be in (0, 1], got {top_p}")
+        seed = request.seed if request.HasField("seed") else int.from_bytes(os.urandom(8), "little") >> 1
+        params = SamplingParams(max_new, temperature, request.top_k, top_p)
+        specs = []
+        for p_index, prompt in enumerate(request.prompts):
+            if not prompt.strip():
+                bad(f"prompt {p_index} is empty")
+            ids = self.generator.encode(prompt)
+            if len(ids) + max_new > self.generator.max_context:
+                bad(f"prompt {p_index} has {len(ids)} tokens; with max_new_tokens={max_new} that exceeds "
+                    f"the model context of {self.generator.max_context}")
+            for s_index in range(n):
+                specs.append((p_index, s_index, SampleSpec(tuple(ids), params, sample_seed(seed, p_index, s_index))))
+        return specs
+
+    # ------------------------------------------------------------ RPCs
+
+    def _sample_message(self, p_index, s_index, sample, version) -> pb.Sample:
+        text = self.generator.decode(sample.response_ids)
+        prompt_text = self.generator.decode(sample.prompt_ids)
+        return pb.Sample(prompt_index=p_index, sample_index=s_index, prompt_token_ids=sample.prompt_ids,
+                         response_token_ids=sample.response_ids, text=text, full_text=prompt_text + text,
+                         finish_reason=FINISH[sample.finish_reason], policy_version=version)
+
+    def _run(self, specs, context, on_step=None):
+        started = time.perf_counter()
+        try:
+            samples, version = self.generator.generate([s for _, _, s in specs], on_step=on_step,
+                                                       should_stop=lambda: not context.is_active())
+        except Cancelled:
+            context.abort(grpc.StatusCode.CANCELLED, "request cancelled by the client")
+        metrics.GENERATE_BATCH_SIZE.labels("generator").observe(len(specs))
+        for sample in samples:
+            metrics.GENERATED_TOKENS.inc(len(sample.response_ids))
+            metrics.GENERATED_SAMPLES.labels(sample.finish_reason).inc()
+        return samples, version, time.perf_counter() - started
+
+    def Generate(self, request, context):
+        specs = self._specs(request, context)
+        samples, version, seconds = self._run(specs, context)
+        return pb.GenerateResponse(
+            samples=[self._sample_message(p, s, sample, version) for (p, s, _), sample in zip(specs, samples)],
+            policy_version=version, seconds=seconds)
+
+    def GenerateStream(self, request, context):
+        specs = self._specs(request, context)
+        # the model loop runs in a worker thread; each decode step queues the new text pieces
+        pieces: queue.Queue = queue.Queue()
+        sent_text = [""] * len(specs)
+        sent_done = [False] * len(specs)
+
+        def on_step(responses, finished):
+            for i, ids in enumerate(responses):
+                if sent_done[i]:
+                    continue
+                text = self.generator.decode(ids)
+                if text != sent_text[i] and text.startswith(sent_text[i]):
+                    pieces.put(pb.GenerateStreamResponse(prompt_index=specs[i][0], sample_index=specs[i][1],
+                                                         text_delta=text[len(sent_text[i]):]))
+                    sent_text[i] = text
+
+        result: dict = {}
+
+        def work():
+            try:
+                result["value"] = self._run(specs, context, on_step)
+            except BaseException as err:  # surfaced to the caller below
+                result["error"] = err
+            finally:
+                pieces.put(None)
+
+        threading.Thread(target=work, daemon=True).start()
+        while (piece := pieces.get()) is not None:
+            yield piece
+        if "error" in result:
+            raise result["error"]
+        samples, version, _ = result["value"]
+        for i, ((p, s, _), sample) in enumerate(zip(specs, samples)):
+            message = self._sample_message(p, s, sample, version)
+            yield pb.GenerateStreamResponse(prompt_index=p, sample_index=s,
+                                            text_delta=message.text[len(sent_text[i]):]
+                                            if message.text.startswith(sent_text[i]) else "",
+                                            finished=True, sample=message)
+
+    def LoadWeights(self, request, context):
+        if self.draining:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "generator is draining")
+        address = request.trainer_address or self.trainer_address
+        if not address:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no trainer_address given and none configured")
+        started = time.perf_counter()
+        limit = self.max_message_bytes
+        with grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", limit)]) as channel:
+            try:
+                chunks = list(pb_grpc.TrainerStub(channel).GetWeights(
+                    pb.GetWeightsRequest(version=request.version), timeout=300))
+            except grpc.RpcError as err:
+                context.abort(grpc.StatusCode.UNAVAILABLE if err.code() == grpc.StatusCode.UNAVAILABLE else err.code(),
+                              f"fetching weights from {address}: {err.details()}")
+        data = assemble_weights(chunks, context)
+        try:
+            self.generator.load_weights(data, chunks[0].policy_version)
+        except ValueError as err:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
+        seconds = time.perf_counter() - started
+        metrics.WEIGHT_LOAD_DURATION.observe(seconds)
+        metrics.WEIGHT_BYTES.labels("received").inc(len(data))
+        metrics.POLICY_VERSION.labels("generator").set(self.generator.version)
+        log.info("loaded policy version %d (%.1f MB in %.2fs)", self.generator.version, len(data) / 1e6, seconds)
+        return pb.LoadWeightsResponse(policy_version=self.generator.version, bytes=len(data), seconds=seconds)
+
+    def GetInfo(self, request, context):
+        g = self.generator
+        return pb.ServiceInfo(
+            service="generator", model_id=g.model_ref, policy_version=g.version, dtype=str(g.dtype).split(".")[-1],
+            device=str(g.device), max_context=g.max_context,
+            limits={"max_new_tokens": self.max_new_tokens_limit, "default_max_new_tokens": self.default_max_new_tokens,
+                    "max_samples_per_prompt": self.max_samples_per_prompt, "max_prompts": self.max_prompts,
+                    "max_message_bytes": self.max_message_bytes})
+
+
+def assemble_weights(chunks: list, context) -> bytes:
+    """Join streamed chunks; check order, size and sha256 before anything is loaded."""
+    if not chunks:
+        context.abort(grpc.StatusCode.DATA_LOSS, "trainer sent no weight chunks")
+    data = bytearray()
+    for chunk in chunks:
+        if chunk.offset != len(data) or chunk.policy_version != chunks[0].policy_version:
+            context.abort(grpc.StatusCode.DATA_LOSS, "weight chunks out of order or of mixed versions")
+        data.extend(chunk.data)
+    if len(data) != chunks[0].total_bytes or hashlib.sha256(data).hexdigest() != chunks[0].sha256:
+        context.abort(grpc.StatusCode.DATA_LOSS, "weights arrived incomplete or corrupted (size/sha256 mismatch)")
+    return bytes(data)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="haoping serve generator", description=__doc__)
+    add_common_server_flags(parser, port=50051, metrics_port=9101)
+    add_flag(parser, "--model", "starter:policy", help="policy: starter:policy, a local dir or a hub ID")
+    add_flag(parser, "--trainer-address", "", help="trainer host:port that LoadWeights pulls from")
+    add_flag(parser, "--default-max-new-tokens", 16, int, "max_new_tokens when a request leaves it unset")
+    add_flag(parser, "--max-new-tokens-limit", 256, int, "largest max_new_tokens a request may ask for")
+    add_flag(parser, "--max-samples-per-prompt", 64, int, "largest samples_per_prompt")
+    add_flag(parser, "--max-prompts", 256, int, "most prompts in one request")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    args = build_parser().parse_args(argv)
+    generator = PolicyGenerator(args.model, pick_device(args.device), parse_dtype(args.dtype))
+    draining = Draining()
+    service = GeneratorService(generator, args, draining)
+
+    def warm_up():
+        spec = SampleSpec(tuple(generator.encode("好")), SamplingParams(max_new_tokens=2), seed=0)
+        generator.generate([spec])
+
+    return serve("Generator", args, lambda server: pb_grpc.add_GeneratorServicer_to_server(service, server),
+                 warm_up, draining)

@@ -1,0 +1,5 @@
+import sys
+
+from services.scorer.server import main
+
+sys.exit(main())

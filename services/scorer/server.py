@@ -1,0 +1,71 @@
+"""Scorer service: a thin gRPC adapter over the scorer backends in :mod:`haoping.scoring`."""
+from __future__ import annotations
+
+import argparse
+import threading
+
+import grpc
+
+from haoping.log import get_logger, setup_logging
+from haoping.models import parse_dtype, pick_device
+from haoping.scoring import build_scorer
+from haoping.v1 import haoping_pb2 as pb
+from haoping.v1 import haoping_pb2_grpc as pb_grpc
+from services.common import metrics
+from services.common.config import add_common_server_flags, add_flag
+from services.common.server import Draining, serve
+
+log = get_logger(__name__)
+
+
+class ScorerService(pb_grpc.ScorerServicer):
+    def __init__(self, scorer, args, draining: Draining):
+        self.scorer = scorer
+        self.draining = draining
+        self.max_texts = args.max_texts
+        self.device, self.dtype = args.device, args.dtype
+        self._lock = threading.Lock()
+
+    def Score(self, request, context):
+        if self.draining:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "scorer is draining")
+        if not request.texts:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "texts must not be empty")
+        if len(request.texts) > self.max_texts:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"at most {self.max_texts} texts per request, got {len(request.texts)}")
+        with self._lock:
+            results = self.scorer.score(list(request.texts))
+        metrics.SCORED_TEXTS.inc(len(results))
+        for r in results:
+            metrics.SCORE_VALUE.observe(r.score)
+        return pb.ScoreResponse(
+            scores=[pb.TextScore(score=r.score, label=r.label, raw_score=r.raw_score) for r in results],
+            model_id=self.scorer.model_id, backend=self.scorer.backend)
+
+    def GetInfo(self, request, context):
+        return pb.ServiceInfo(service="scorer", model_id=self.scorer.model_id, backend=self.scorer.backend,
+                              dtype=self.dtype, device=self.device,
+                              max_context=int(getattr(self.scorer, "max_length", 0)),
+                              limits={"max_texts": self.max_texts})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="haoping serve scorer", description=__doc__)
+    add_common_server_flags(parser, port=50052, metrics_port=9102)
+    add_flag(parser, "--backend", "classifier", help="classifier (positive probability) or reward-model")
+    add_flag(parser, "--model", "starter:classifier",
+             help="starter:classifier, a local dir, or a hub ID such as uer/roberta-base-finetuned-jd-binary-chinese")
+    add_flag(parser, "--normalize", "none", help="reward-model scores: none, sigmoid or running (mean/std)")
+    add_flag(parser, "--max-texts", 1024, int, "most texts in one Score request")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    args = build_parser().parse_args(argv)
+    scorer = build_scorer(args.backend, args.model, pick_device(args.device), parse_dtype(args.dtype), args.normalize)
+    draining = Draining()
+    service = ScorerService(scorer, args, draining)
+    return serve("Scorer", args, lambda server: pb_grpc.add_ScorerServicer_to_server(service, server),
+                 lambda: scorer.score(["质量很好"]), draining)

@@ -1,0 +1,5 @@
+import sys
+
+from services.trainer.server import main
+
+sys.exit(main())

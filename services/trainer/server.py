@@ -1,0 +1,130 @@
+"""Trainer service: a thin gRPC adapter over :class:`haoping.ppo_trainer.PPOTrainer`."""
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+from pathlib import Path
+
+import grpc
+
+from haoping.log import get_logger, setup_logging
+from haoping.models import parse_dtype, pick_device
+from haoping.ppo_trainer import PPOConfig, PPOTrainer
+from haoping.v1 import haoping_pb2 as pb
+from haoping.v1 import haoping_pb2_grpc as pb_grpc
+from services.common import metrics
+from services.common.config import add_common_server_flags, add_flag
+from services.common.server import Draining, serve
+
+log = get_logger(__name__)
+CHUNK_BYTES = 1 << 20  # well under any sane gRPC message limit
+
+
+class TrainerService(pb_grpc.TrainerServicer):
+    def __init__(self, trainer: PPOTrainer, args, draining: Draining):
+        self.trainer = trainer
+        self.draining = draining
+        self.checkpoint_dir = args.checkpoint_dir
+        self.checkpoint_every = args.checkpoint_every
+        self.device, self.dtype = args.device, args.dtype
+        self._lock = threading.Lock()  # one update at a time; weights are read between updates
+        metrics.POLICY_VERSION.labels("trainer").set(trainer.version)
+
+    def Step(self, request, context):
+        if self.draining:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "trainer is draining")
+        rollouts = request.rollouts
+        queries = [list(r.query_token_ids) for r in rollouts]
+        responses = [list(r.response_token_ids) for r in rollouts]
+        rewards = [r.reward for r in rollouts]
+        vocab = self.trainer.model.lm.config.vocab_size
+        for i, ids in enumerate(queries + responses):
+            if any(not 0 <= t < vocab for t in ids):
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"rollout {i % max(1, len(rollouts))}: token id outside the vocabulary [0, {vocab})")
+        with self._lock:
+            try:
+                stats = self.trainer.step(queries, responses, rewards)
+            except ValueError as err:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+            version = self.trainer.version
+            if self.checkpoint_dir and self.checkpoint_every and version % self.checkpoint_every == 0:
+                self.trainer.save_checkpoint(self.checkpoint_dir)
+        record_step_metrics(stats, version)
+        return pb.StepResponse(policy_version=version, stats=stats)
+
+    def GetWeights(self, request, context):
+        with self._lock:
+            version, data, sha = self.trainer.policy_weights()
+        if request.version and request.version != version:
+            context.abort(grpc.StatusCode.NOT_FOUND,
+                          f"policy version {request.version} is not available; the trainer holds {version}")
+        metrics.WEIGHT_BYTES.labels("sent").inc(len(data))
+        for offset in range(0, max(1, len(data)), CHUNK_BYTES):
+            yield pb.WeightsChunk(policy_version=version, offset=offset, total_bytes=len(data),
+                                  data=data[offset:offset + CHUNK_BYTES], sha256=sha)
+
+    def SaveCheckpoint(self, request, context):
+        directory = request.directory or self.checkpoint_dir
+        if not directory:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no directory given and no --checkpoint-dir configured")
+        with self._lock:
+            try:
+                path = self.trainer.save_checkpoint(directory)
+            except OSError as err:
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"cannot write checkpoint: {err}")
+            return pb.SaveCheckpointResponse(directory=str(path), policy_version=self.trainer.version)
+
+    def GetInfo(self, request, context):
+        t = self.trainer
+        return pb.ServiceInfo(service="trainer", model_id=t.policy_ref, policy_version=t.version,
+                              dtype=self.dtype, device=self.device,
+                              max_context=int(t.model.lm.config.n_positions
+                                              if hasattr(t.model.lm.config, "n_positions") else 0),
+                              limits={"minibatch_size": t.config.minibatch_size, "ppo_epochs": t.config.ppo_epochs})
+
+
+def record_step_metrics(stats: dict[str, float], version: int) -> None:
+    for name, value in stats.items():
+        metrics.TRAINER_STAT.labels(name).set(value)
+    metrics.TRAINER_REWARD_MEAN.set(stats["env/reward_mean"])
+    metrics.TRAINER_KL.set(stats["objective/kl"])
+    metrics.TRAINER_KL_COEF.set(stats["objective/kl_coef"])
+    metrics.TRAINER_POLICY_LOSS.set(stats["ppo/loss/policy"])
+    metrics.TRAINER_VALUE_LOSS.set(stats["ppo/loss/value"])
+    metrics.TRAINER_STEPS.inc()
+    metrics.TRAINER_STEP_DURATION.observe(stats["time/ppo/total"])
+    metrics.POLICY_VERSION.labels("trainer").set(version)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="haoping serve trainer", description=__doc__)
+    add_common_server_flags(parser, port=50053, metrics_port=9103)
+    add_flag(parser, "--model", "starter:policy", help="initial policy and reference model")
+    add_flag(parser, "--resume", "", help="checkpoint directory to resume from")
+    add_flag(parser, "--checkpoint-dir", "", help="where SaveCheckpoint and periodic checkpoints go")
+    add_flag(parser, "--checkpoint-every", 0, int, "checkpoint every N steps (0: only on request)")
+    add_flag(parser, "--ppo-config", "", help="JSON object of PPO options (see PPOConfig), e.g. '{\"minibatch_size\": 16}'")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    args = build_parser().parse_args(argv)
+    try:
+        config = PPOConfig.from_dict(json.loads(args.ppo_config)) if args.ppo_config else PPOConfig()
+    except (ValueError, TypeError) as err:
+        raise SystemExit(f"--ppo-config: {err}")
+    device, dtype = pick_device(args.device), parse_dtype(args.dtype)
+    if args.resume:
+        if not (Path(args.resume) / "trainer_state.json").exists():
+            raise SystemExit(f"--resume {args.resume}: not a trainer checkpoint (no trainer_state.json)")
+        trainer = PPOTrainer.from_checkpoint(args.resume, device, dtype, config if args.ppo_config else None)
+        log.info("resumed from %s at policy version %d", args.resume, trainer.version)
+    else:
+        trainer = PPOTrainer(args.model, config, device, dtype)
+    draining = Draining()
+    service = TrainerService(trainer, args, draining)
+    return serve("Trainer", args, lambda server: pb_grpc.add_TrainerServicer_to_server(service, server),
+                 lambda: trainer.policy_weights(), draining)

@@ -1,0 +1,89 @@
+"""Batched sampling: per-sample seeds, left padding, EOS, filters."""
+import pytest
+import torch
+
+from haoping.generation import (EOS, LENGTH, PolicyGenerator, SampleSpec, SamplingParams, filter_logits,
+                                generate_batch, sample_seed)
+
+
+def _specs(gen, prompts, params=SamplingParams(max_new_tokens=8), seed=7):
+    return [SampleSpec(tuple(gen.encode(p)), params, sample_seed(seed, i, 0)) for i, p in enumerate(prompts)]
+
+
+def test_sample_is_independent_of_batch_composition(tiny_policy):
+    gen = PolicyGenerator(str(tiny_policy))
+    prompts = ["刚收到货，感觉", "这部电影很", "说实话，真的很", "这次购物总的来说体验很"]
+    together, _ = gen.generate(_specs(gen, prompts))
+    for i, prompt in enumerate(prompts):
+        alone, _ = gen.generate([SampleSpec(tuple(gen.encode(prompt)), SamplingParams(max_new_tokens=8),
+                                            sample_seed(7, i, 0))])
+        assert alone[0].response_ids == together[i].response_ids, prompt
+
+
+def test_same_seed_same_samples_other_seed_differs(tiny_policy):
+    gen = PolicyGenerator(str(tiny_policy))
+    a, _ = gen.generate(_specs(gen, ["刚收到货，感觉"] * 4, seed=1))
+    b, _ = gen.generate(_specs(gen, ["刚收到货，感觉"] * 4, seed=1))
+    c, _ = gen.generate(_specs(gen, ["刚收到货，感觉"] * 4, seed=2))
+    assert [s.response_ids for s in a] == [s.response_ids for s in b]
+    assert [s.response_ids for s in a] != [s.response_ids for s in c]
+
+
+def test_each_row_stops_on_its_own_eos(tiny_policy):
+    gen = PolicyGenerator(str(tiny_policy))
+    eos = gen.format.eos_id
+    bias = torch.zeros(len(gen.tokenizer))  # makes EOS certain at every step
+    bias[eos] = 1e4
+
+    class EosModel(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, **kw):
+            out = self.inner(**kw)
+            out.logits = out.logits + bias
+            return out
+
+    specs = _specs(gen, ["好", "刚收到货，感觉"], SamplingParams(max_new_tokens=5))
+    samples = generate_batch(EosModel(gen.model), specs, eos, gen.format.pad_id)
+    assert all(s.response_ids == [eos] and s.finish_reason == EOS for s in samples)
+    samples = generate_batch(gen.model, _specs(gen, ["好"], SamplingParams(max_new_tokens=3)), None, gen.format.pad_id)
+    assert len(samples[0].response_ids) == 3 and samples[0].finish_reason == LENGTH
+
+
+def test_filters_top_k_top_p_and_greedy():
+    logits = torch.log(torch.tensor([[0.1, 0.5, 0.15, 0.25]] * 3))
+    probs, index = filter_logits(logits, torch.tensor([1.0, 1.0, 1.0]), torch.tensor([2, 0, 0]),
+                                 torch.tensor([1.0, 0.7, 1.0]))
+    assert index[0, :2].tolist() == [1, 3]
+    assert probs[0].tolist()[:2] == pytest.approx([0.5 / 0.75, 0.25 / 0.75]) and probs[0, 2:].sum() == 0  # top-2
+    assert probs[1, 2:].sum() == 0 and probs[1, :2].sum().item() == pytest.approx(1.0)  # top-p 0.7 keeps 0.5 + 0.25
+    assert (probs[2] > 0).all()  # unfiltered
+
+
+def test_greedy_matches_argmax(tiny_policy):
+    gen = PolicyGenerator(str(tiny_policy))
+    greedy = SamplingParams(max_new_tokens=4, temperature=0.0)
+    a, _ = gen.generate(_specs(gen, ["好"], greedy, seed=1))
+    b, _ = gen.generate(_specs(gen, ["好"], greedy, seed=2))
+    assert a[0].response_ids == b[0].response_ids
+    ids = torch.tensor([gen.encode("好")])
+    with torch.no_grad():
+        first = gen.model(ids).logits[0, -1].argmax().item()
+    assert a[0].response_ids[0] == first
+
+
+def test_load_weights_rejects_wrong_shapes_and_keeps_old(tiny_policy):
+    from safetensors.torch import save
+
+    gen = PolicyGenerator(str(tiny_policy))
+    before = {k: v.clone() for k, v in gen.model.state_dict().items()}
+    bad = {name: torch.zeros(1) for name, _ in gen.model.named_parameters()}
+    try:
+        gen.load_weights(save(bad), 5)
+        raise AssertionError("accepted wrong shapes")
+    except ValueError as err:
+        assert "shape" in str(err)
+    assert gen.version == 0
+    assert all(torch.equal(before[k], v) for k, v in gen.model.state_dict().items())

@@ -1,0 +1,46 @@
+"""The one loading path: hub-format directories, clean text, label discovery, offline errors."""
+import pytest
+import torch
+
+from haoping.models import (ModelLoadError, TokenFormat, decode_clean, encode_prompt, load_causal_lm,
+                            load_sequence_classifier, load_tokenizer, parse_dtype, positive_label_index)
+
+
+def test_hub_format_policy_loads_offline_with_cls_framing(tiny_policy):
+    tokenizer = load_tokenizer(str(tiny_policy))
+    fmt = TokenFormat.of(tokenizer)
+    assert fmt.wordpiece and fmt.bos_id == tokenizer.cls_token_id and fmt.eos_id == tokenizer.sep_token_id
+    ids = encode_prompt(tokenizer, "刚收到货，感觉")
+    assert ids[0] == tokenizer.cls_token_id and tokenizer.sep_token_id not in ids
+    model = load_causal_lm(str(tiny_policy))
+    assert model(torch.tensor([ids])).logits.shape[-1] == len(tokenizer)
+
+
+def test_decode_clean_has_no_spaces_or_special_tokens(tiny_policy):
+    tokenizer = load_tokenizer(str(tiny_policy))
+    ids = encode_prompt(tokenizer, "刚收到货，感觉很好 ipad mini 256g") + [tokenizer.sep_token_id, tokenizer.pad_token_id]
+    text = decode_clean(tokenizer, ids)
+    assert text == "刚收到货，感觉很好ipad mini 256g"
+    for special in ("[CLS]", "[SEP]", "[PAD]", "[UNK]"):
+        assert special not in text
+
+
+def test_positive_label_is_read_from_config(tiny_classifier):
+    model = load_sequence_classifier(str(tiny_classifier))
+    assert positive_label_index(model.config.id2label) == 1
+    assert positive_label_index({0: "positive (stars 4 and 5)", 1: "negative (stars 1, 2 and 3)"}) == 0
+    assert positive_label_index({"0": "NEGATIVE", "1": "POSITIVE"}) == 1
+    with pytest.raises(ModelLoadError):
+        positive_label_index({0: "spam", 1: "ham"})
+
+
+def test_unreachable_hub_id_gives_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match="HF_HUB_OFFLINE"):
+        load_tokenizer("uer/this-model-is-not-cached-anywhere")
+
+
+def test_unknown_dtype_is_rejected():
+    assert parse_dtype("bfloat16") is torch.bfloat16
+    with pytest.raises(ModelLoadError):
+        parse_dtype("float8")

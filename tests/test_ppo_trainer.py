@@ -1,0 +1,113 @@
+"""The PPO trainer on a tiny policy: batching, options, checkpoint round trip."""
+import math
+
+import pytest
+import torch
+
+from haoping.ppo_trainer import PPOConfig, PPOTrainer, build_rollout_batch, lr_factor
+
+QUERIES = [[2, 10, 11], [2, 12], [2, 13, 14, 15]]
+RESPONSES = [[20, 21, 3], [22, 23, 24, 25], [26]]
+SCORES = [0.9, 0.1, 0.5]
+EXPECTED_STATS = ["objective/kl", "objective/kl_coef", "objective/entropy", "ppo/policy/clipfrac",
+                  "ppo/policy/approxkl", "ppo/val/vpred", "ppo/val/var_explained", "ppo/returns/mean",
+                  "env/reward_mean", "env/reward_std", "ppo/loss/policy", "ppo/loss/value", "time/ppo/total"]
+
+
+def test_mixed_length_batch_is_left_padded_with_positions_from_first_real_token():
+    batch = build_rollout_batch(QUERIES, RESPONSES, pad_id=0)
+    assert batch.query_width == 4
+    assert batch.input_ids[1].tolist() == [0, 0, 2, 12, 22, 23, 24, 25]
+    assert batch.attention_mask[2].tolist() == [1, 1, 1, 1, 1, 0, 0, 0]
+    assert batch.position_ids[1].tolist()[2:] == [0, 1, 2, 3, 4, 5]
+    assert batch.response_mask.tolist() == [[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+
+
+def test_step_reports_trl_statistics_and_advances_version(tiny_policy):
+    trainer = PPOTrainer(str(tiny_policy), PPOConfig(minibatch_size=2, ppo_epochs=2))
+    stats = trainer.step(QUERIES, RESPONSES, SCORES)
+    assert trainer.version == 1
+    for key in EXPECTED_STATS:
+        assert key in stats and math.isfinite(stats[key]), key
+    assert stats["env/reward_mean"] == pytest.approx(0.5)
+    assert stats["objective/kl"] == pytest.approx(0.0, abs=1e-5)  # first step: policy == reference
+
+
+def test_padding_does_not_change_a_rollouts_logprobs(tiny_policy):
+    trainer = PPOTrainer(str(tiny_policy))
+    alone = trainer._rollout_forward(build_rollout_batch(QUERIES[:1], RESPONSES[:1], trainer.pad_id))
+    mixed = trainer._rollout_forward(build_rollout_batch(QUERIES, RESPONSES, trainer.pad_id))
+    assert torch.allclose(alone["logp"][0, :3], mixed["logp"][0, :3], atol=1e-5)
+    assert torch.allclose(alone["values"][0, :3], mixed["values"][0, :3], atol=1e-5)
+
+
+def test_gradient_accumulation_equals_one_big_minibatch(tiny_policy):
+    results = []
+    for accumulation in (1, 3):
+        trainer = PPOTrainer(str(tiny_policy), PPOConfig(minibatch_size=3, gradient_accumulation_steps=accumulation,
+                                                         ppo_epochs=1, seed=0))
+        trainer.step(QUERIES, RESPONSES, SCORES)
+        results.append(torch.cat([p.detach().flatten() for p in trainer.model.parameters()]))
+    assert torch.allclose(results[0], results[1], atol=1e-5)
+
+
+def test_value_warmup_freezes_policy_and_trains_value_head(tiny_policy):
+    trainer = PPOTrainer(str(tiny_policy), PPOConfig(value_warmup_steps=1, value_learning_rate=1e-2))
+    lm_before = [p.detach().clone() for p in trainer.model.lm.parameters()]
+    head_before = trainer.model.value_head.weight.detach().clone()
+    trainer.step(QUERIES, RESPONSES, SCORES)
+    assert all(torch.equal(a, b) for a, b in zip(lm_before, trainer.model.lm.parameters()))
+    assert not torch.equal(head_before, trainer.model.value_head.weight)
+    trainer.step(QUERIES, RESPONSES, SCORES)  # warm-up over: the policy moves
+    assert not all(torch.equal(a, b) for a, b in zip(lm_before, trainer.model.lm.parameters()))
+
+
+def test_lr_schedules():
+    assert lr_factor(0, "constant", 0, 10) == 1.0
+    assert lr_factor(0, "linear", 2, 10) == 0.5  # warm-up
+    assert lr_factor(6, "linear", 2, 10) == pytest.approx(0.5)
+    assert lr_factor(6, "cosine", 2, 10) == pytest.approx(0.5)
+    assert lr_factor(10, "cosine", 2, 10) == pytest.approx(0.0)
+
+
+def test_config_rejects_bad_options():
+    with pytest.raises(ValueError, match="kl_estimator"):
+        PPOConfig(kl_estimator="k9")
+    with pytest.raises(ValueError, match="multiple"):
+        PPOConfig(minibatch_size=5, gradient_accumulation_steps=2)
+    with pytest.raises(ValueError, match="unknown PPO options"):
+        PPOConfig.from_dict({"learning_rat": 1.0})
+
+
+def test_bad_rollouts_are_rejected(tiny_policy):
+    trainer = PPOTrainer(str(tiny_policy))
+    with pytest.raises(ValueError, match="empty response"):
+        trainer.step([[2, 10]], [[]], [1.0])
+    with pytest.raises(ValueError, match="not finite"):
+        trainer.step([[2, 10]], [[11]], [float("nan")])
+    assert trainer.version == 0
+
+
+def test_checkpoint_resume_round_trip(tiny_policy, tmp_path):
+    config = PPOConfig(minibatch_size=3, reward_normalization=True, learning_rate=1e-2)
+    trainer = PPOTrainer(str(tiny_policy), config)
+    trainer.step(QUERIES, RESPONSES, SCORES)
+    trainer.step(QUERIES, RESPONSES, SCORES)
+    trainer.save_checkpoint(tmp_path / "ckpt")
+    resumed = PPOTrainer.from_checkpoint(tmp_path / "ckpt")
+    assert resumed.version == 2 and resumed.steps_done == 2
+    assert resumed.kl_ctl.value == pytest.approx(trainer.kl_ctl.value)
+    assert resumed.score_moments.mean == pytest.approx(trainer.score_moments.mean)
+    for a, b in zip(trainer.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b)
+    # the reference stays the original policy, not the checkpoint
+    for a, b in zip(trainer.ref_model.parameters(), resumed.ref_model.parameters()):
+        assert torch.equal(a, b)
+    # resumed and original take the identical next step
+    torch.manual_seed(5)
+    s1 = trainer.step(QUERIES, RESPONSES, SCORES)
+    torch.manual_seed(5)
+    s2 = resumed.step(QUERIES, RESPONSES, SCORES)
+    assert s1["ppo/loss/total"] == pytest.approx(s2["ppo/loss/total"], rel=1e-4)
+    # weights the generator would load are the same bytes
+    assert trainer.policy_weights()[2] == resumed.policy_weights()[2]
