@@ -235,7 +235,8 @@ def run(args) -> int:
     if latest.is_symlink() or not latest.exists():
         latest.unlink(missing_ok=True)
         latest.symlink_to(name)
-    (run_dir / "config.json").write_text(json.dumps(vars(args), indent=2, ensure_ascii=False))
+    settings = {k: v for k, v in vars(args).items() if k != "func"}
+    (run_dir / "config.json").write_text(json.dumps(settings, indent=2, ensure_ascii=False))
 
     from haoping.bootstrap import ensure_starter_models
 

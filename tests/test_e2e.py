@@ -1,0 +1,100 @@
+"""End to end: the real services as processes, PPO cycles through gRPC, metrics, the run dir."""
+import json
+import re
+import subprocess
+import sys
+import urllib.request
+from types import SimpleNamespace
+
+import pytest
+
+from haoping.client import GeneratorClient, ScorerClient, TrainerClient
+from services.coordinator.run import DEFAULT_PROMPTS, Coordinator, start_service, stop_services
+
+pytestmark = pytest.mark.slow
+SPACE_NEXT_TO_CJK = re.compile(r"[^\x00-\x7f] | [^\x00-\x7f]")
+
+
+def assert_clean_text(text: str) -> None:
+    """No special tokens, no spaces between Chinese characters (Latin words keep theirs)."""
+    assert not SPACE_NEXT_TO_CJK.search(text), text
+    for special in ("[CLS]", "[SEP]", "[PAD]", "[UNK]", "[MASK]"):
+        assert special not in text, text
+FAST_PPO = json.dumps({"learning_rate": 0.01, "minibatch_size": 8})
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_policy, tiny_classifier, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("stack")
+    (run_dir / "logs").mkdir()
+    services = []
+    try:
+        services.append(start_service("trainer", ["--model", str(tiny_policy), "--ppo-config", FAST_PPO,
+                                                  "--device", "cpu"], run_dir, timeout=120))
+        services.append(start_service("generator", ["--model", str(tiny_policy), "--device", "cpu",
+                                                    "--trainer-address", services[0].address], run_dir, timeout=120))
+        services.append(start_service("scorer", ["--model", str(tiny_classifier), "--device", "cpu"], run_dir,
+                                      timeout=120))
+        yield SimpleNamespace(trainer=services[0], generator=services[1], scorer=services[2], run_dir=run_dir)
+    finally:
+        stop_services(services)
+        for s in services:
+            assert s.process.returncode == 0, f"{s.name} did not exit cleanly:\n{s.log_tail()}"
+
+
+def test_cycles_advance_policy_and_change_seeded_outputs(stack):
+    args = SimpleNamespace(prompts=DEFAULT_PROMPTS, samples_per_prompt=4, max_new_tokens=8, eval_samples=8, seed=0,
+                           cycles=2, max_kl=6.0, min_distinct2_ratio=0.5, max_repetition_rate=0.1)
+    with GeneratorClient(stack.generator.address) as gen, ScorerClient(stack.scorer.address) as scorer, \
+            TrainerClient(stack.trainer.address) as trainer:
+        before = gen.generate(DEFAULT_PROMPTS, n=4, max_new_tokens=8, seed=123)
+        assert {s.policy_version for s in before.samples} == {0}
+        coordinator = Coordinator(args, gen, scorer, trainer, stack.trainer.address, stack.run_dir)
+        records = coordinator.run()
+        assert [r["policy_version"] for r in records] == [1, 2]
+        assert gen.info().policy_version == 2
+        after = gen.generate(DEFAULT_PROMPTS, n=4, max_new_tokens=8, seed=123)
+        assert {s.policy_version for s in after.samples} == {2}
+        assert [s.response_token_ids for s in before.samples] != [s.response_token_ids for s in after.samples]
+        for sample in [*before.samples, *after.samples]:
+            assert_clean_text(sample.full_text)
+    for name in ("cycles.jsonl", "samples_before.jsonl", "samples_after.jsonl", "reward_kl.png"):
+        assert (stack.run_dir / name).exists(), name
+    assert (stack.run_dir / "checkpoint" / "policy" / "model.safetensors").exists()
+
+
+def test_every_metrics_endpoint_answers(stack):
+    expected = {"trainer": ["haoping_trainer_reward_mean", "haoping_trainer_kl_nats", "haoping_policy_version"],
+                "generator": ["haoping_generated_tokens_total", "haoping_requests_total"],
+                "scorer": ["haoping_scored_texts_total", "haoping_request_duration_seconds_bucket"]}
+    for service in (stack.trainer, stack.generator, stack.scorer):
+        with urllib.request.urlopen(f"http://127.0.0.1:{service.metrics_port}/metrics", timeout=10) as response:
+            body = response.read().decode()
+        for metric in expected[service.name]:
+            assert metric in body, f"{service.name} lacks {metric}"
+
+
+def test_haoping_run_writes_the_run_directory(tiny_policy, tiny_classifier, tmp_path):
+    command = [sys.executable, "-m", "haoping.cli", "run", "--policy", str(tiny_policy),
+               "--scorer-model", str(tiny_classifier), "--cycles", "2", "--samples-per-prompt", "2",
+               "--max-new-tokens", "6", "--eval-samples", "8", "--runs-dir", str(tmp_path), "--name", "e2e",
+               "--ppo-config", FAST_PPO, "--device", "cpu"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    run_dir = tmp_path / "latest"
+    assert run_dir.resolve() == (tmp_path / "e2e").resolve()
+    cycles = [json.loads(line) for line in (run_dir / "cycles.jsonl").read_text().splitlines()]
+    assert [c["cycle"] for c in cycles] == [0, 1]
+    for key in ("reward_mean", "kl", "policy_version", "seconds"):
+        assert all(key in c for c in cycles), key
+    for name in ("samples_before.jsonl", "samples_after.jsonl"):
+        rows = [json.loads(line) for line in (run_dir / name).read_text().splitlines()]
+        assert len(rows) >= 8 and {"prompt", "text", "reward"} <= set(rows[0])
+        for row in rows:
+            assert_clean_text(row["text"])
+    assert (run_dir / "reward_kl.png").stat().st_size > 1000
+    assert (run_dir / "checkpoint" / "policy" / "config.json").exists()
+    assert "cycle   1" in result.stdout
+    # a second run with the same name refuses instead of overwriting
+    again = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "already holds a run" in again.stderr
