@@ -120,7 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=60.0)
     p.set_defaults(func=cmd_score)
 
-    try:
+    from haoping.evaluate import add_cli as add_evaluate_cli
+
+    add_evaluate_cli(sub)
+    try:  # the reward-model module is optional until it lands
         from haoping.reward_model import add_cli as add_reward_model_cli
     except ImportError:
         add_reward_model_cli = None

@@ -12,6 +12,10 @@ def setup_logging(level: str | None = None) -> None:
     logging.basicConfig(level=level, format=FORMAT, datefmt="%H:%M:%S", force=True)
     # transformers is chatty about things we do on purpose (e.g. re-initialized heads)
     logging.getLogger("transformers").setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # "Loading weights" bars on every service start
 
 
 def get_logger(name: str) -> logging.Logger:

@@ -51,12 +51,34 @@ class ClassifierScorer:
         return results
 
 
+class SnowNLPScorer:
+    """snownlp's own naive-Bayes sentiment model: another model family, no neural network.
+
+    Used as an independent judge of trained policies, so a gain is not only in the eyes of
+    the classifier PPO optimized against.
+    """
+
+    backend = "snownlp"
+    model_id = "snownlp-bayes"
+
+    def score(self, texts: list[str]) -> list[ScoreResult]:
+        from snownlp import SnowNLP
+
+        results = []
+        for text in texts:
+            p = float(SnowNLP(text).sentiments) if text.strip() else 0.5
+            results.append(ScoreResult(p, "positive" if p >= 0.5 else "negative", p))
+        return results
+
+
 def build_scorer(backend: str, model_ref: str, device="cpu", dtype=torch.float32, normalize: str = "none"):
-    """The one place a scorer backend is chosen: ``classifier`` or ``reward-model``."""
+    """The one place a scorer backend is chosen: ``classifier``, ``reward-model`` or ``snownlp``."""
+    if backend == "snownlp":
+        return SnowNLPScorer()
     if backend == "classifier":
         return ClassifierScorer(model_ref, device, dtype)
     if backend == "reward-model":
         from haoping.reward_model import RewardModelScorer
 
         return RewardModelScorer(model_ref, device=device, dtype=dtype, normalize=normalize)
-    raise ValueError(f"unknown scorer backend {backend!r}; use classifier or reward-model")
+    raise ValueError(f"unknown scorer backend {backend!r}; use classifier, reward-model or snownlp")
