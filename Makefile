@@ -3,10 +3,11 @@ PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 RUN_ARGS ?=
+REWARD_DEV ?= $(if $(wildcard ../shared/data/ranklists_sample.tsv),../shared/data/ranklists_sample.tsv,starter)
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv run test proto bootstrap bench bench-learning clean
+.PHONY: venv run test proto bootstrap bench bench-learning reward-model clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,3 +32,9 @@ test: venv
 
 clean:
 	rm -rf $(VENV) runs
+
+reward-model: venv
+	$(VENV)/bin/haoping train-reward-model --train starter --dev $(REWARD_DEV) --out runs/reward-model --threads 1
+
+bench-learning: venv
+	$(PY) -m bench.learning $(RUN_ARGS)

@@ -5,9 +5,11 @@
 * ``tokenizer``  a character-level BERT-style vocab, saved as an HF tokenizer;
 * ``policy``     a small GPT-2 trained on all reviews, both sentiments, so it starts neutral;
                  it follows the uer convention: ``[CLS]`` review ``[SEP]``;
-* ``classifier`` a small BERT sentiment classifier (negative/positive), the training reward;
-* ``evaluator``  a second classifier of another shape, trained on the other half of the
-                 corpus, for independent evaluation of a trained policy.
+* ``classifier`` a small BERT sentiment classifier (negative/positive), the training reward,
+                 evaluated on a held-out split.
+
+An independent judge for trained policies needs no training: ``haoping evaluate`` uses
+snownlp's own naive-Bayes model (see :class:`haoping.scoring.SnowNLPScorer`).
 
 Each is saved with ``save_pretrained`` into the cache and reused; a lock file keeps
 concurrent services from training the same model twice.
@@ -29,13 +31,13 @@ import torch
 from tqdm import tqdm
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast, GPT2Config, GPT2LMHeadModel
 
-from haoping.corpus import Review, build_char_vocab, halves, load_reviews, split_reviews
+from haoping.corpus import Review, build_char_vocab, load_reviews, split_reviews
 from haoping.log import get_logger
 
 log = get_logger(__name__)
 
 RECIPE_VERSION = "v1"  # bump when a recipe below changes, so caches are rebuilt
-STARTER_KINDS = ("tokenizer", "policy", "classifier", "evaluator")
+STARTER_KINDS = ("tokenizer", "policy", "classifier")
 
 
 def cache_root() -> Path:
@@ -261,7 +263,6 @@ def ensure_starter_models(force: bool = False) -> dict[str, Path]:
     with _locked(root / ".lock"):
         reviews = load_reviews()
         train, heldout = split_reviews(reviews, seed=0, heldout_fraction=0.1)
-        half_a, half_b = halves(train, seed=1)
 
         def needed(kind: str) -> bool:
             return force or not (paths[kind] / "haoping_starter.json").exists()
@@ -276,12 +277,7 @@ def ensure_starter_models(force: bool = False) -> dict[str, Path]:
                  len(reviews), len(train), len(heldout), len(tokenizer), root)
         jobs = {
             "policy": lambda d: train_policy(tokenizer, train, heldout, d),
-            "classifier": lambda d: train_classifier(tokenizer, half_a, heldout, d, policy_dir=paths["policy"]),
-            # another shape, the other half of the data and no shared init: an independent judge
-            "evaluator": lambda d: train_classifier(
-                tokenizer, half_b, heldout, d,
-                ClassifierRecipe(num_hidden_layers=3, intermediate_size=384, steps=800, seed=1,
-                                 init_embeddings_from_policy=False), desc="evaluator"),
+            "classifier": lambda d: train_classifier(tokenizer, train, heldout, d, policy_dir=paths["policy"]),
         }
         for kind, job in jobs.items():
             if force_rest or needed(kind):

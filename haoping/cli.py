@@ -21,10 +21,9 @@ def cmd_bootstrap(args) -> int:
     print(f"  policy      held-out loss {report['policy']['heldout_loss']:.3f} nats/token "
           f"(perplexity {report['policy']['heldout_perplexity']:.1f}), {report['policy']['parameters']:,} params, "
           f"{report['policy']['seconds']}s")
-    for kind in ("classifier", "evaluator"):
-        r = report[kind]
-        print(f"  {kind:<11} held-out accuracy {r['heldout_accuracy']:.3f} on {r['heldout_reviews']} reviews, "
-              f"{r['parameters']:,} params, {r['seconds']}s")
+    r = report["classifier"]
+    print(f"  classifier  held-out accuracy {r['heldout_accuracy']:.3f} on {r['heldout_reviews']} reviews, "
+          f"{r['parameters']:,} params, {r['seconds']}s")
     return 0
 
 
@@ -121,14 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_score)
 
     from haoping.evaluate import add_cli as add_evaluate_cli
+    from haoping.reward_model import add_cli as add_reward_model_cli
 
     add_evaluate_cli(sub)
-    try:  # the reward-model module is optional until it lands
-        from haoping.reward_model import add_cli as add_reward_model_cli
-    except ImportError:
-        add_reward_model_cli = None
-    if add_reward_model_cli is not None:
-        add_reward_model_cli(sub)
+    add_reward_model_cli(sub)
     return parser
 
 

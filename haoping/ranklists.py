@@ -1,0 +1,185 @@
+"""Human rank lists: reading and writing the TSV format, and starter lists from the corpus.
+
+Format: one rank list per line, UTF-8, its texts separated by tabs, best first, at least 2
+texts. A bad line (fewer than 2 texts, an empty field, the same text twice, bytes that are
+not UTF-8) is reported with its 1-based line number and skipped, or, with ``strict=True``,
+rejected: :class:`RankListError` lists every bad line.
+"""
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from haoping.corpus import Review
+
+
+@dataclass(frozen=True)
+class RankList:
+    texts: tuple[str, ...]  # best first
+    line: int = 0           # 1-based line in the source file; 0 when built in memory
+
+
+@dataclass(frozen=True)
+class LineProblem:
+    line: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"line {self.line}: {self.reason}"
+
+
+class RankListError(ValueError):
+    """Rank-list input that cannot be used; ``problems`` holds the bad lines, if any."""
+
+    def __init__(self, message: str, problems: Sequence[LineProblem] = ()):
+        super().__init__(message)
+        self.problems = list(problems)
+
+
+def _parse_line(raw: bytes, line_no: int) -> RankList | LineProblem:
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return LineProblem(line_no, f"not valid UTF-8 (byte {err.start}: {raw[err.start:err.start + 1]!r})")
+    line = line.rstrip("\r")  # files written on Windows
+    if line.startswith("\ufeff"):
+        line = line[1:]  # a byte-order mark some editors put before line 1
+    if not line.strip():
+        return LineProblem(line_no, "empty line")
+    fields = [field.strip() for field in line.split("\t")]
+    if len(fields) < 2:
+        return LineProblem(line_no, "only 1 text; a rank list needs at least 2, separated by tabs")
+    empty = [str(i + 1) for i, field in enumerate(fields) if not field]
+    if empty:
+        return LineProblem(line_no, f"empty text in field {', '.join(empty)} of {len(fields)}")
+    first_seen: dict[str, int] = {}
+    for i, field in enumerate(fields):
+        if field in first_seen:
+            # The same text above and below itself is a contradiction, not a ranking.
+            return LineProblem(line_no, f"fields {first_seen[field] + 1} and {i + 1} hold the same text")
+        first_seen[field] = i
+    return RankList(tuple(fields), line_no)
+
+
+def parse_ranklists(data: bytes, source: str = "<bytes>", strict: bool = False) -> tuple[list[RankList], list[LineProblem]]:
+    """Parse the bytes of a rank-list file. See :func:`read_ranklists`."""
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise RankListError(f"{source} is UTF-16; save it as UTF-8")
+    lists: list[RankList] = []
+    problems: list[LineProblem] = []
+    raw_lines = data.split(b"\n")
+    if raw_lines and raw_lines[-1] == b"":
+        raw_lines.pop()  # the newline that ends the last line does not start another
+    for line_no, raw in enumerate(raw_lines, start=1):
+        parsed = _parse_line(raw, line_no)
+        (problems if isinstance(parsed, LineProblem) else lists).append(parsed)
+    if strict and problems:
+        shown = "\n  ".join(str(p) for p in problems[:20])
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise RankListError(f"{source}: {len(problems)} bad line(s):\n  {shown}{more}", problems)
+    if not lists:
+        detail = f" ({len(problems)} bad line(s), first: {problems[0]})" if problems else ""
+        raise RankListError(f"{source} holds no usable rank lists{detail}", problems)
+    return lists, problems
+
+
+def read_ranklists(path: str | Path, strict: bool = False) -> tuple[list[RankList], list[LineProblem]]:
+    """(rank lists, problems) from a TSV file.
+
+    Bad lines land in ``problems`` (line number and reason) and are left out of ``lists``;
+    with ``strict=True`` any bad line raises :class:`RankListError` instead. A missing or
+    unreadable file, a UTF-16 file, or a file without a single good line also raises it.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise RankListError(f"rank-list file not found: {path}") from None
+    except OSError as err:
+        raise RankListError(f"cannot read rank-list file {path}: {err.strerror or err}") from None
+    return parse_ranklists(data, str(path), strict=strict)
+
+
+def _one_line(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip()  # tabs and newlines would break the format
+
+
+def write_ranklists(path: str | Path, lists: Iterable[RankList | Sequence[str]]) -> int:
+    """Write rank lists as TSV; returns how many were written."""
+    lines = []
+    for ranklist in lists:
+        texts = ranklist.texts if isinstance(ranklist, RankList) else ranklist
+        lines.append("\t".join(_one_line(text) for text in texts) + "\n")
+    Path(path).write_text("".join(lines), encoding="utf-8")
+    return len(lines)
+
+
+# --- Starter rank lists -------------------------------------------------------------------
+#
+# The corpus only says positive or negative, but real rank lists grade quality: very
+# positive > mildly positive > negative > very negative. The starter lists teach a graded,
+# additive notion of sentiment by composing reviews into five grades:
+#
+#   4  two positive reviews about different things   ("praises several aspects")
+#   3  one positive review
+#   2  a positive review with a complaint attached   ("good, but ...": mildly positive)
+#   1  one negative review
+#   0  two negative reviews                          ("complains about everything")
+#
+# Each list takes 2–4 distinct grades, best first, with fresh reviews for every text, so
+# most lists mix positives and negatives with positives first, and the within-sentiment
+# pairs (4 > 3, 1 > 0) teach that more praise is better and more complaints are worse.
+
+GRADE_NAMES = {4: "two positives", 3: "positive", 2: "positive, but a complaint", 1: "negative", 0: "two negatives"}
+_JOINERS = ("", "。", "，", "！", " ")
+_CONTRASTS = ("，但是", "，不过", "，就是", "。但是", "。不过", "，可是", "。")
+_MAX_PART_CHARS = 60  # composed texts stay within a 128-token window
+
+
+def _join(first: str, second: str, joiners: Sequence[str], rng: random.Random) -> str:
+    first = first.rstrip()
+    joiner = rng.choice(joiners)
+    if joiner and first and first[-1] in "。！!？?.~；;，," and joiner[0] in "。，！ ":
+        joiner = joiner[1:]  # no doubled punctuation
+    return first + joiner + second.lstrip()
+
+
+def build_starter_ranklists(reviews: Sequence[Review], count: int, seed: int = 0,
+                            min_length: int = 2, max_length: int = 4) -> list[RankList]:
+    """``count`` rank lists of ``min_length``–``max_length`` graded texts composed from
+    ``reviews`` (see the grade table above). Same reviews and seed, same lists."""
+    rng = random.Random(seed)
+    positives = sorted(r.text for r in reviews if r.label == 1)
+    negatives = sorted(r.text for r in reviews if r.label == 0)
+    short_pos = [t for t in positives if len(t) <= _MAX_PART_CHARS]
+    short_neg = [t for t in negatives if len(t) <= _MAX_PART_CHARS]
+    if min(len(short_pos), len(short_neg)) < 2 * max_length:
+        raise ValueError(f"too few short reviews to build starter lists "
+                         f"({len(short_pos)} positive, {len(short_neg)} negative)")
+    if not 2 <= min_length <= max_length <= len(GRADE_NAMES):
+        raise ValueError(f"list lengths must satisfy 2 <= min <= max <= {len(GRADE_NAMES)}")
+
+    def text_of(grade: int) -> str:
+        if grade == 4:
+            first, second = rng.sample(short_pos, 2)
+            return _join(first, second, _JOINERS, rng)
+        if grade == 3:
+            return rng.choice(positives)
+        if grade == 2:
+            return _join(rng.choice(short_pos), rng.choice(short_neg), _CONTRASTS, rng)
+        if grade == 1:
+            return rng.choice(negatives)
+        first, second = rng.sample(short_neg, 2)
+        return _join(first, second, _JOINERS, rng)
+
+    lists = []
+    while len(lists) < count:
+        size = rng.randint(min_length, max_length)
+        grades = sorted(rng.sample(sorted(GRADE_NAMES), size), reverse=True)
+        texts = tuple(text_of(g) for g in grades)
+        if len(set(texts)) == len(texts):  # a repeated text cannot be ranked against itself
+            lists.append(RankList(texts))
+    return lists
