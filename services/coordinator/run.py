@@ -127,14 +127,16 @@ class Coordinator:
         t1 = time.perf_counter()
         scores = self.scorer.score([s.full_text for s in response.samples])
         t2 = time.perf_counter()
+        rewards = [self.reward_of(s, score) for s, score in zip(response.samples, scores.scores)]
         rollouts = [pb.Rollout(query_token_ids=s.prompt_token_ids, response_token_ids=s.response_token_ids,
-                               reward=score.score, policy_version=s.policy_version)
-                    for s, score in zip(response.samples, scores.scores)]
+                               reward=reward, policy_version=s.policy_version)
+                    for s, reward in zip(response.samples, rewards)]
         step = self.trainer.step(rollouts)
         t3 = time.perf_counter()
         self.generator.load_weights(self.trainer_address, step.policy_version)
         t4 = time.perf_counter()
         stats = dict(step.stats)
+        stats["env/score_mean"] = sum(s.score for s in scores.scores) / len(scores.scores)
         texts = [s.text for s in response.samples]
         record = {
             "cycle": index,
@@ -150,6 +152,11 @@ class Coordinator:
         }
         record["examples"] = [response.samples[i].full_text for i in (0, len(response.samples) // 2)]
         return record
+
+    def reward_of(self, sample: pb.Sample, score: pb.TextScore) -> float:
+        """The scorer's reward, except that an empty response earns --empty-response-reward:
+        the prompt alone (e.g. "刚收到货，感觉") already scores high, so saying nothing would pay."""
+        return self.args.empty_response_reward if not sample.text.strip() else score.score
 
     def check_guards(self, record: dict) -> list[str]:
         a = self.args
@@ -214,6 +221,7 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--resume", "", help="trainer checkpoint dir to resume from (e.g. runs/latest/checkpoint)")
     add_flag(parser, "--device", "auto", help="torch device for all services")
     add_flag(parser, "--dtype", "float32", help="float32, bfloat16 or float16")
+    add_flag(parser, "--empty-response-reward", 0.0, float, "reward for a response with no visible text")
     add_flag(parser, "--max-kl", 6.0, float, "guard: warn when KL (nats/seq) goes above")
     add_flag(parser, "--min-distinct2-ratio", 0.5, float, "guard: warn when distinct-2 falls below this x start")
     add_flag(parser, "--max-repetition-rate", 0.1, float, "guard: warn when this share of responses repeats a char 4x")
