@@ -38,3 +38,6 @@ reward-model: venv
 
 bench-learning: venv
 	$(PY) -m bench.learning $(RUN_ARGS)
+
+bench: venv
+	$(PY) -m bench.serving

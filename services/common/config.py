@@ -31,6 +31,7 @@ def add_common_server_flags(parser: argparse.ArgumentParser, port: int, metrics_
     add_flag(parser, "--device", "auto", help="torch device: auto, cpu, cuda, cuda:1")
     add_flag(parser, "--dtype", "float32", help="float32, bfloat16 or float16")
     add_flag(parser, "--grace-seconds", 10.0, float, "how long SIGTERM waits for in-flight requests")
+    add_flag(parser, "--drain-announce-seconds", 1.0, float, "after SIGTERM, report NOT_SERVING this long before closing")
     add_flag(parser, "--max-message-mb", 64, int, "largest gRPC message, send and receive")
     add_flag(parser, "--threads", 0, int, "torch threads (0: torch's default)")
     add_flag(parser, "--ready-file", "", help="write 'host:port metrics_port' here once serving")

@@ -16,6 +16,7 @@ REQUEST_ERRORS = Counter("haoping_request_errors", "gRPC requests that ended in 
 REQUEST_DURATION = Histogram("haoping_request_duration_seconds", "gRPC request latency",
                              ["service", "method"], buckets=LATENCY_BUCKETS)
 IN_FLIGHT = Gauge("haoping_requests_in_flight", "gRPC requests being handled", ["service"])
+QUEUE_DEPTH = Gauge("haoping_queue_depth", "Requests waiting for a model batch", ["service"])
 POLICY_VERSION = Gauge("haoping_policy_version", "Policy version this service holds", ["service"])
 
 # generator

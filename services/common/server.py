@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from concurrent import futures
 from pathlib import Path
 from typing import Callable
@@ -43,7 +44,7 @@ def serve(short_name: str, args, register: Callable[[grpc.Server], None],
     """Run a service until SIGTERM/SIGINT; returns the process exit code."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    draining = draining or Draining()
+    draining = Draining() if draining is None else draining
     limit = args.max_message_mb * 1024 * 1024
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=short_name.lower()),
@@ -86,6 +87,8 @@ def serve(short_name: str, args, register: Callable[[grpc.Server], None],
         Path(args.ready_file).write_text(f"{args.host}:{port} {metrics_port}\n")
 
     stop.wait()
+    # stay reachable briefly so health checkers see NOT_SERVING; new work already gets UNAVAILABLE
+    time.sleep(min(args.drain_announce_seconds, args.grace_seconds))
     server.stop(args.grace_seconds).wait()
     log.info("%s stopped", short_name)
     return 0

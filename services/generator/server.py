@@ -17,6 +17,7 @@ from haoping.models import parse_dtype, pick_device
 from haoping.v1 import haoping_pb2 as pb
 from haoping.v1 import haoping_pb2_grpc as pb_grpc
 from services.common import metrics
+from services.common.batching import DynamicBatcher, QueueFull
 from services.common.config import add_common_server_flags, add_flag
 from services.common.server import Draining, serve
 
@@ -34,6 +35,8 @@ class GeneratorService(pb_grpc.GeneratorServicer):
         self.max_prompts = args.max_prompts
         self.trainer_address = args.trainer_address
         self.max_message_bytes = args.max_message_mb * 1024 * 1024
+        self.batcher = DynamicBatcher("generator", self._run_batch, args.max_batch_size,
+                                      args.max_wait_ms / 1000, args.max_queue)
         metrics.POLICY_VERSION.labels("generator").set(0)
 
     # ------------------------------------------------------------ validation
@@ -86,17 +89,24 @@ class GeneratorService(pb_grpc.GeneratorServicer):
                          response_token_ids=sample.response_ids, text=text, full_text=prompt_text + text,
                          finish_reason=FINISH[sample.finish_reason], policy_version=version)
 
-    def _run(self, specs, context, on_step=None):
-        started = time.perf_counter()
-        try:
-            samples, version = self.generator.generate([s for _, _, s in specs], on_step=on_step,
-                                                       should_stop=lambda: not context.is_active())
-        except Cancelled:
-            context.abort(grpc.StatusCode.CANCELLED, "request cancelled by the client")
-        metrics.GENERATE_BATCH_SIZE.labels("generator").observe(len(specs))
+    def _run_batch(self, specs: list[SampleSpec], should_stop):
+        return self.generator.generate(specs, should_stop=should_stop)
+
+    def _record(self, samples) -> None:
         for sample in samples:
             metrics.GENERATED_TOKENS.inc(len(sample.response_ids))
             metrics.GENERATED_SAMPLES.labels(sample.finish_reason).inc()
+
+    def _run(self, specs, context):
+        """Through the dynamic batcher: merged with other callers' samples into one batch."""
+        started = time.perf_counter()
+        try:
+            samples, version = self.batcher.submit([s for _, _, s in specs], lambda: not context.is_active())
+        except QueueFull as err:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
+        except Cancelled:
+            context.abort(grpc.StatusCode.CANCELLED, "request cancelled by the client")
+        self._record(samples)
         return samples, version, time.perf_counter() - started
 
     def Generate(self, request, context):
@@ -126,8 +136,12 @@ class GeneratorService(pb_grpc.GeneratorServicer):
         result: dict = {}
 
         def work():
-            try:
-                result["value"] = self._run(specs, context, on_step)
+            try:  # a stream has its own batch: its pieces follow its own decode steps
+                samples, version = self.generator.generate([s for _, _, s in specs], on_step=on_step,
+                                                           should_stop=lambda: not context.is_active())
+                metrics.GENERATE_BATCH_SIZE.labels("generator").observe(len(specs))
+                self._record(samples)
+                result["value"] = (samples, version, 0.0)
             except BaseException as err:  # surfaced to the caller below
                 result["error"] = err
             finally:
@@ -206,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(parser, "--max-new-tokens-limit", 256, int, "largest max_new_tokens a request may ask for")
     add_flag(parser, "--max-samples-per-prompt", 64, int, "largest samples_per_prompt")
     add_flag(parser, "--max-prompts", 256, int, "most prompts in one request")
+    add_flag(parser, "--max-batch-size", 256, int, "most samples merged into one model batch")
+    add_flag(parser, "--max-wait-ms", 5.0, float, "how long a request waits for others to batch with")
+    add_flag(parser, "--max-queue", 256, int, "requests waiting beyond this get RESOURCE_EXHAUSTED")
     return parser
 
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import threading
 
 import grpc
 
@@ -12,6 +11,7 @@ from haoping.scoring import build_scorer
 from haoping.v1 import haoping_pb2 as pb
 from haoping.v1 import haoping_pb2_grpc as pb_grpc
 from services.common import metrics
+from services.common.batching import DynamicBatcher, QueueFull
 from services.common.config import add_common_server_flags, add_flag
 from services.common.server import Draining, serve
 
@@ -24,7 +24,8 @@ class ScorerService(pb_grpc.ScorerServicer):
         self.draining = draining
         self.max_texts = args.max_texts
         self.device, self.dtype = args.device, args.dtype
-        self._lock = threading.Lock()
+        self.batcher = DynamicBatcher("scorer", lambda texts, _stop: (scorer.score(texts), None),
+                                      args.max_batch_size, args.max_wait_ms / 1000, args.max_queue)
 
     def Score(self, request, context):
         if self.draining:
@@ -34,8 +35,10 @@ class ScorerService(pb_grpc.ScorerServicer):
         if len(request.texts) > self.max_texts:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"at most {self.max_texts} texts per request, got {len(request.texts)}")
-        with self._lock:
-            results = self.scorer.score(list(request.texts))
+        try:
+            results, _ = self.batcher.submit(list(request.texts), lambda: not context.is_active())
+        except QueueFull as err:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
         metrics.SCORED_TEXTS.inc(len(results))
         for r in results:
             metrics.SCORE_VALUE.observe(r.score)
@@ -58,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
              help="starter:classifier, a local dir, or a hub ID such as uer/roberta-base-finetuned-jd-binary-chinese")
     add_flag(parser, "--normalize", "none", help="reward-model scores: none, sigmoid or running (mean/std)")
     add_flag(parser, "--max-texts", 1024, int, "most texts in one Score request")
+    add_flag(parser, "--max-batch-size", 256, int, "most texts merged into one model batch")
+    add_flag(parser, "--max-wait-ms", 5.0, float, "how long a request waits for others to batch with")
+    add_flag(parser, "--max-queue", 256, int, "requests waiting beyond this get RESOURCE_EXHAUSTED")
     return parser
 
 
