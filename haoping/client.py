@@ -65,8 +65,9 @@ class GeneratorClient(_Client):
 
     @staticmethod
     def request(prompts: list[str], n: int = 1, max_new_tokens: int | None = None, temperature: float | None = None,
-                top_k: int = 0, top_p: float | None = None, seed: int | None = None) -> pb.GenerateRequest:
-        request = pb.GenerateRequest(prompts=prompts, samples_per_prompt=n, top_k=top_k)
+                top_k: int = 0, top_p: float | None = None, seed: int | None = None,
+                min_new_tokens: int = 0) -> pb.GenerateRequest:
+        request = pb.GenerateRequest(prompts=prompts, samples_per_prompt=n, top_k=top_k, min_new_tokens=min_new_tokens)
         if max_new_tokens is not None:
             request.max_new_tokens = max_new_tokens
         if temperature is not None:

@@ -28,6 +28,7 @@ class SamplingParams:
     temperature: float = 1.0  # 0: greedy
     top_k: int = 0            # 0: off
     top_p: float = 1.0        # 1: off
+    min_new_tokens: int = 0   # EOS is masked before this many tokens (the trainer masks it too)
 
 
 @dataclass(frozen=True)
@@ -106,17 +107,22 @@ def generate_batch(model, specs: list[SampleSpec], eos_id: int | None, pad_id: i
     top_k = torch.tensor([s.params.top_k for s in specs], device=device)
     top_p = torch.tensor([s.params.top_p for s in specs], device=device)
     limits = [s.params.max_new_tokens for s in specs]
+    min_new = torch.tensor([s.params.min_new_tokens for s in specs], device=device)
     rngs = [torch.Generator().manual_seed(s.seed) for s in specs]
 
     responses: list[list[int]] = [[] for _ in specs]
     finish: list[str | None] = [None] * batch
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True)
     next_position = position_ids[:, -1:] + 1
-    for _ in range(max(limits)):
+    for step in range(max(limits)):
         if should_stop is not None and should_stop():
             raise Cancelled()
         uniforms = torch.stack([torch.rand((), generator=g) for g in rngs]).to(device)
-        tokens = sample_next(out.logits[:, -1], temperature, top_k, top_p, uniforms)
+        logits = out.logits[:, -1]
+        if eos_id is not None and bool((min_new > step).any()):
+            logits = logits.clone()
+            logits[min_new > step, eos_id] = float("-inf")
+        tokens = sample_next(logits, temperature, top_k, top_p, uniforms)
         for i, token in enumerate(tokens.tolist()):
             if finish[i] is not None:
                 continue

@@ -53,6 +53,7 @@ class PPOConfig:
     reward_normalization: bool = False  # running mean/std of scores
     reward_clip: float | None = None
     whiten_advantages: bool = True
+    min_response_tokens: int = 0     # EOS was masked before this many tokens at sampling; mask it here too
     seed: int = 0
 
     def __post_init__(self):
@@ -136,6 +137,16 @@ def response_logits(logits: torch.Tensor, query_width: int) -> torch.Tensor:
     return logits[:, query_width - 1:-1]
 
 
+def mask_early_eos(logits: torch.Tensor, eos_id: int | None, min_tokens: int) -> torch.Tensor:
+    """Response logits [B, R, V] with EOS impossible at the first min_tokens positions: the same
+    constrained policy the generator sampled from (min_new_tokens)."""
+    if eos_id is None or min_tokens <= 0:
+        return logits
+    logits = logits.clone()
+    logits[:, :min_tokens, eos_id] = float("-inf")
+    return logits
+
+
 def lr_factor(step: int, schedule: str, warmup: int, total: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
@@ -158,6 +169,7 @@ class PPOTrainer:
         torch.manual_seed(config.seed)
         self.tokenizer = load_tokenizer(policy_ref)
         self.pad_id = TokenFormat.of(self.tokenizer).pad_id
+        self.eos_id = TokenFormat.of(self.tokenizer).eos_id
         self.model = PolicyWithValueHead(load_causal_lm(policy_ref, self.device, torch.float32)).to(self.device)
         self.model.eval()  # no dropout: old and new log-probs must come from the same function
         self.ref_model = load_causal_lm(self.ref_model_ref, self.device, dtype).eval()
@@ -209,12 +221,13 @@ class PPOTrainer:
                 logits, values = self.model(part.input_ids, part.attention_mask, part.position_ids)
                 ref_logits = self.ref_model(input_ids=part.input_ids, attention_mask=part.attention_mask,
                                             position_ids=part.position_ids, use_cache=False).logits
-            logits = response_logits(logits, part.query_width)
+            logits = mask_early_eos(response_logits(logits, part.query_width), self.eos_id, self.config.min_response_tokens)
             chunks["logp"].append(ppo.logprobs_from_logits(logits, part.response_ids))
             chunks["entropy"].append(ppo.entropy_from_logits(logits))
             chunks["values"].append(response_logits(values.unsqueeze(-1), part.query_width).squeeze(-1).float())
-            chunks["ref_logp"].append(ppo.logprobs_from_logits(response_logits(ref_logits, part.query_width),
-                                                               part.response_ids))
+            ref_logits = mask_early_eos(response_logits(ref_logits, part.query_width), self.eos_id,
+                                        self.config.min_response_tokens)
+            chunks["ref_logp"].append(ppo.logprobs_from_logits(ref_logits, part.response_ids))
         return {k: torch.cat(v) for k, v in chunks.items()}
 
     # ------------------------------------------------------------ the update
@@ -223,6 +236,9 @@ class PPOTrainer:
         """One PPO update on B scored rollouts. Returns TRL-style statistics."""
         validate_rollouts(queries, responses, scores)
         c = self.config
+        for i, response in enumerate(responses):
+            if self.eos_id is not None and self.eos_id in response[:c.min_response_tokens]:
+                raise ValueError(f"rollout {i}: EOS before min_response_tokens={c.min_response_tokens}")
         t_start = time.perf_counter()
         batch = build_rollout_batch(queries, responses, self.pad_id).to(self.device)
         mask = batch.response_mask
@@ -295,7 +311,7 @@ class PPOTrainer:
         mask = part.response_mask
         with self._autocast():
             logits, values = self.model(part.input_ids, part.attention_mask, part.position_ids)
-        logits = response_logits(logits, part.query_width)
+        logits = mask_early_eos(response_logits(logits, part.query_width), self.eos_id, c.min_response_tokens)
         values = response_logits(values.unsqueeze(-1), part.query_width).squeeze(-1).float()
         logp = ppo.logprobs_from_logits(logits, part.response_ids)
         pg = ppo.policy_loss(logp, old["logp"][index], advantages[index], mask, c.cliprange)

@@ -44,7 +44,7 @@ def stack(tiny_policy, tiny_classifier, tmp_path_factory):
 
 def test_cycles_advance_policy_and_change_seeded_outputs(stack):
     args = SimpleNamespace(prompts=DEFAULT_PROMPTS, samples_per_prompt=4, max_new_tokens=8, eval_samples=8, seed=0,
-                           cycles=2, empty_response_reward=0.0, max_kl=6.0, min_distinct2_ratio=0.5, max_repetition_rate=0.1)
+                           cycles=2, min_new_tokens=0, empty_response_reward=0.0, max_kl=6.0, min_distinct2_ratio=0.5, max_repetition_rate=0.1)
     with GeneratorClient(stack.generator.address) as gen, ScorerClient(stack.scorer.address) as scorer, \
             TrainerClient(stack.trainer.address) as trainer:
         before = gen.generate(DEFAULT_PROMPTS, n=4, max_new_tokens=8, seed=123)

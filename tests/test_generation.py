@@ -48,6 +48,10 @@ def test_each_row_stops_on_its_own_eos(tiny_policy):
     specs = _specs(gen, ["好", "刚收到货，感觉"], SamplingParams(max_new_tokens=5))
     samples = generate_batch(EosModel(gen.model), specs, eos, gen.format.pad_id)
     assert all(s.response_ids == [eos] and s.finish_reason == EOS for s in samples)
+    held = generate_batch(EosModel(gen.model), _specs(gen, ["好", "刚收到货"], SamplingParams(max_new_tokens=6,
+                                                                                        min_new_tokens=3)),
+                          eos, gen.format.pad_id)
+    assert all(len(s.response_ids) == 4 and s.response_ids[-1] == eos and eos not in s.response_ids[:3] for s in held)
     samples = generate_batch(gen.model, _specs(gen, ["好"], SamplingParams(max_new_tokens=3)), None, gen.format.pad_id)
     assert len(samples[0].response_ids) == 3 and samples[0].finish_reason == LENGTH
 

@@ -111,3 +111,17 @@ def test_checkpoint_resume_round_trip(tiny_policy, tmp_path):
     assert s1["ppo/loss/total"] == pytest.approx(s2["ppo/loss/total"], rel=1e-4)
     # weights the generator would load are the same bytes
     assert trainer.policy_weights()[2] == resumed.policy_weights()[2]
+
+
+def test_min_response_tokens_masks_eos_like_the_generator(tiny_policy):
+    trainer = PPOTrainer(str(tiny_policy), PPOConfig(min_response_tokens=2))
+    eos = trainer.eos_id
+    with pytest.raises(ValueError, match="EOS before"):
+        trainer.step([[2, 10]], [[eos]], [1.0])
+    batch = build_rollout_batch([[2, 10]], [[11, 12, eos]], trainer.pad_id)
+    masked = trainer._rollout_forward(batch)
+    trainer.config.min_response_tokens = 0
+    free = trainer._rollout_forward(batch)
+    # EOS impossible at t < 2 puts its mass on the other tokens: their log-probs rise there, not after
+    assert (masked["logp"][0, :2] > free["logp"][0, :2]).all()
+    assert torch.allclose(masked["logp"][0, 2], free["logp"][0, 2])

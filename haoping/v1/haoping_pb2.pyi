@@ -17,7 +17,7 @@ FINISH_REASON_EOS: FinishReason
 FINISH_REASON_LENGTH: FinishReason
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompts", "samples_per_prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed")
+    __slots__ = ("prompts", "samples_per_prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "min_new_tokens")
     PROMPTS_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_PER_PROMPT_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -25,6 +25,7 @@ class GenerateRequest(_message.Message):
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     TOP_P_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    MIN_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     prompts: _containers.RepeatedScalarFieldContainer[str]
     samples_per_prompt: int
     max_new_tokens: int
@@ -32,7 +33,8 @@ class GenerateRequest(_message.Message):
     top_k: int
     top_p: float
     seed: int
-    def __init__(self, prompts: _Optional[_Iterable[str]] = ..., samples_per_prompt: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+    min_new_tokens: int
+    def __init__(self, prompts: _Optional[_Iterable[str]] = ..., samples_per_prompt: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., min_new_tokens: _Optional[int] = ...) -> None: ...
 
 class Sample(_message.Message):
     __slots__ = ("prompt_index", "sample_index", "prompt_token_ids", "response_token_ids", "text", "full_text", "finish_reason", "policy_version")

@@ -107,7 +107,8 @@ class Coordinator:
 
     def _sample(self, seed: int, n: int) -> tuple[pb.GenerateResponse, pb.ScoreResponse]:
         response = self.generator.generate(self.prompts, n=n, max_new_tokens=self.args.max_new_tokens,
-                                           temperature=1.0, top_k=0, top_p=1.0, seed=seed)
+                                           temperature=1.0, top_k=0, top_p=1.0, seed=seed,
+                                           min_new_tokens=self.args.min_new_tokens)
         scores = self.scorer.score([s.full_text for s in response.samples])
         return response, scores
 
@@ -123,7 +124,8 @@ class Coordinator:
         t0 = time.perf_counter()
         response, scores = None, None
         response = self.generator.generate(self.prompts, n=a.samples_per_prompt, max_new_tokens=a.max_new_tokens,
-                                           temperature=1.0, top_k=0, top_p=1.0, seed=a.seed * 100003 + index)
+                                           temperature=1.0, top_k=0, top_p=1.0, seed=a.seed * 100003 + index,
+                                           min_new_tokens=a.min_new_tokens)
         t1 = time.perf_counter()
         scores = self.scorer.score([s.full_text for s in response.samples])
         t2 = time.perf_counter()
@@ -211,6 +213,8 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--cycles", 30, int, "rollout -> score -> update cycles")
     add_flag(parser, "--samples-per-prompt", 16, int, "rollouts per prompt per cycle")
     add_flag(parser, "--max-new-tokens", 16, int, "response length (the reference design's gen_len)")
+    add_flag(parser, "--min-new-tokens", 8, int,
+             "EOS is not sampled (nor scored by the trainer) before this many tokens: no one-word reviews")
     add_flag(parser, "--eval-samples", 64, int, "samples in samples_before/after.jsonl")
     add_flag(parser, "--seed", 0, int, "seed for rollouts and PPO")
     add_flag(parser, "--policy", "starter:policy", help="initial policy: starter:policy, a dir or a hub ID")
@@ -253,6 +257,7 @@ def run(args) -> int:
     common = ["--device", args.device, "--dtype", args.dtype]
     ppo_config = json.loads(args.ppo_config) if args.ppo_config else {}
     ppo_config.setdefault("seed", args.seed)
+    ppo_config.setdefault("min_response_tokens", args.min_new_tokens)
     trainer_args = ["--model", args.policy, "--ppo-config", json.dumps(ppo_config),
                     "--checkpoint-dir", str(run_dir / "checkpoint"), *common]
     if args.resume:

@@ -66,8 +66,10 @@ class GeneratorService(pb_grpc.GeneratorServicer):
         top_p = request.top_p if request.HasField("top_p") else 1.0
         if not 0 < top_p <= 1:  # also rejects NaN
             bad(f"top_p must be in (0, 1], got {top_p}")
+        if not 0 <= request.min_new_tokens <= max_new:
+            bad(f"min_new_tokens must be in [0, max_new_tokens={max_new}], got {request.min_new_tokens}")
         seed = request.seed if request.HasField("seed") else int.from_bytes(os.urandom(8), "little") >> 1
-        params = SamplingParams(max_new, temperature, request.top_k, top_p)
+        params = SamplingParams(max_new, temperature, request.top_k, top_p, request.min_new_tokens)
         specs = []
         for p_index, prompt in enumerate(request.prompts):
             if not prompt.strip():
