@@ -36,8 +36,10 @@ clean:
 reward-model: venv
 	$(VENV)/bin/haoping train-reward-model --train starter --dev $(REWARD_DEV) --out runs/reward-model --threads 1
 
+# PPO time budget 5 min; lr 1e-3 (see README "Results")
+LEARNING_ARGS ?= --cycles 200 --max-seconds 300 --ppo-config '{"learning_rate": 0.001}'
 bench-learning: venv
-	$(PY) -m bench.learning $(RUN_ARGS)
+	$(PY) -m bench.learning $(LEARNING_ARGS) $(RUN_ARGS)
 
 bench: venv
 	$(PY) -m bench.serving

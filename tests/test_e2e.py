@@ -44,7 +44,8 @@ def stack(tiny_policy, tiny_classifier, tmp_path_factory):
 
 def test_cycles_advance_policy_and_change_seeded_outputs(stack):
     args = SimpleNamespace(prompts=DEFAULT_PROMPTS, samples_per_prompt=4, max_new_tokens=8, eval_samples=8, seed=0,
-                           cycles=2, min_new_tokens=0, empty_response_reward=0.0, max_kl=6.0, min_distinct2_ratio=0.5, max_repetition_rate=0.1)
+                           cycles=2, max_seconds=0.0, min_new_tokens=0, empty_response_reward=0.0, max_kl=6.0,
+                           min_distinct2_ratio=0.5, max_repetition_rate=0.1)
     with GeneratorClient(stack.generator.address) as gen, ScorerClient(stack.scorer.address) as scorer, \
             TrainerClient(stack.trainer.address) as trainer:
         before = gen.generate(DEFAULT_PROMPTS, n=4, max_new_tokens=8, seed=123)
@@ -77,7 +78,7 @@ def test_every_metrics_endpoint_answers(stack):
 def test_haoping_run_writes_the_run_directory(tiny_policy, tiny_classifier, tmp_path):
     command = [sys.executable, "-m", "haoping.cli", "run", "--policy", str(tiny_policy),
                "--scorer-model", str(tiny_classifier), "--cycles", "2", "--samples-per-prompt", "2",
-               "--max-new-tokens", "6", "--eval-samples", "8", "--runs-dir", str(tmp_path), "--name", "e2e",
+               "--max-new-tokens", "6", "--min-new-tokens", "2", "--eval-samples", "8", "--runs-dir", str(tmp_path), "--name", "e2e",
                "--ppo-config", FAST_PPO, "--device", "cpu"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -95,6 +96,15 @@ def test_haoping_run_writes_the_run_directory(tiny_policy, tiny_classifier, tmp_
     assert (run_dir / "reward_kl.png").stat().st_size > 1000
     assert (run_dir / "checkpoint" / "policy" / "config.json").exists()
     assert "cycle   1" in result.stdout
+    # the trainer masks EOS exactly where the generator did
+    assert json.loads((run_dir / "config.json").read_text())["min_new_tokens"] == 2
     # a second run with the same name refuses instead of overwriting
     again = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert again.returncode == 2 and "already holds a run" in again.stderr
+
+
+def test_haoping_run_rejects_bad_flags_before_starting_anything(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "haoping.cli", "run", "--max-new-tokens", "4",
+                             "--min-new-tokens", "8", "--runs-dir", str(tmp_path)], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2 and "--min-new-tokens" in result.stderr

@@ -194,6 +194,9 @@ class Coordinator:
                     print(f"    {example}", flush=True)
                 for warning in self.check_guards(record):
                     log.warning("guard: %s", warning)
+                if a.max_seconds and record["elapsed"] >= a.max_seconds:
+                    log.info("stopping after %d cycles: --max-seconds %.0f reached", len(records), a.max_seconds)
+                    break
         after = self.write_samples("samples_after.jsonl")
         log.info("after training: mean reward %.3f over %d samples", _mean(r["reward"] for r in after), len(after))
         plot_reward_kl(records, self.run_dir / "reward_kl.png", title=f"haoping run {self.run_dir.name}")
@@ -211,6 +214,7 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--name", "", help="run name (default: a timestamp); output goes to <runs-dir>/<name>")
     add_flag(parser, "--runs-dir", "runs", help="where run directories go")
     add_flag(parser, "--cycles", 30, int, "rollout -> score -> update cycles")
+    add_flag(parser, "--max-seconds", 0.0, float, "stop cycling once this much PPO time has passed (0: no limit)")
     add_flag(parser, "--samples-per-prompt", 16, int, "rollouts per prompt per cycle")
     add_flag(parser, "--max-new-tokens", 16, int, "response length (the reference design's gen_len)")
     add_flag(parser, "--min-new-tokens", 8, int,
@@ -238,6 +242,10 @@ def run(args) -> int:
     run_dir = runs_dir / name
     if (run_dir / "cycles.jsonl").exists() and not args.resume:
         print(f"error: {run_dir} already holds a run; pick another --name or pass --resume", file=sys.stderr)
+        return 2
+    if not 0 <= args.min_new_tokens <= args.max_new_tokens:
+        print(f"error: --min-new-tokens {args.min_new_tokens} must be in [0, --max-new-tokens {args.max_new_tokens}]",
+              file=sys.stderr)
         return 2
     if args.resume and not (Path(args.resume) / "trainer_state.json").exists():
         print(f"error: --resume {args.resume} is not a trainer checkpoint (no trainer_state.json)", file=sys.stderr)
