@@ -72,12 +72,24 @@ def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
 
 def sample_next(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
                 uniforms: torch.Tensor) -> torch.Tensor:
-    """One token per row [B] by inverse-CDF sampling with the row's own uniform draw [B]."""
-    probs, index = filter_logits(logits, temperature, top_k, top_p)
-    cdf = probs.cumsum(-1)
-    picks = torch.searchsorted(cdf, uniforms.unsqueeze(1).to(cdf.dtype)).clamp(max=logits.shape[1] - 1)
-    sampled = index.gather(1, picks).squeeze(1)
-    return torch.where(temperature > 0, sampled, logits.argmax(-1))
+    """One token per row [B] by inverse-CDF sampling with the row's own uniform draw [B].
+
+    Rows without top-k/top-p skip the vocabulary sort (the costliest step of decoding on CPU);
+    each row takes the same path whatever else is in the batch.
+    """
+    tokens = logits.argmax(-1)
+    sampled = torch.empty_like(tokens)
+    filtered = (top_k > 0) | (top_p < 1)
+    plain = ~filtered
+    if bool(plain.any()):
+        probs = torch.softmax(logits[plain].float() / temperature[plain].clamp(min=1e-6).unsqueeze(1), dim=-1)
+        picks = torch.searchsorted(probs.cumsum(-1), uniforms[plain].unsqueeze(1).float())
+        sampled[plain] = picks.squeeze(1).clamp(max=logits.shape[1] - 1)
+    if bool(filtered.any()):
+        probs, index = filter_logits(logits[filtered], temperature[filtered], top_k[filtered], top_p[filtered])
+        picks = torch.searchsorted(probs.cumsum(-1), uniforms[filtered].unsqueeze(1).to(probs.dtype))
+        sampled[filtered] = index.gather(1, picks.clamp(max=logits.shape[1] - 1)).squeeze(1)
+    return torch.where(temperature > 0, sampled, tokens)
 
 
 class Cancelled(Exception):

@@ -91,3 +91,19 @@ def test_load_weights_rejects_wrong_shapes_and_keeps_old(tiny_policy):
         assert "shape" in str(err)
     assert gen.version == 0
     assert all(torch.equal(before[k], v) for k, v in gen.model.state_dict().items())
+
+
+def test_sampling_follows_the_distribution_with_and_without_filters():
+    from haoping.generation import sample_next
+
+    torch.manual_seed(0)
+    probs = torch.tensor([0.1, 0.5, 0.15, 0.25])
+    logits = torch.log(probs).repeat(20000, 1)
+    ones = torch.ones(20000)
+    u = torch.rand(20000)
+    plain = sample_next(logits, ones, torch.zeros(20000, dtype=torch.long), ones, u)
+    freq = torch.bincount(plain, minlength=4).float() / 20000
+    assert torch.allclose(freq, probs, atol=0.015)
+    top2 = sample_next(logits, ones, torch.full((20000,), 2), ones, u)
+    freq = torch.bincount(top2, minlength=4).float() / 20000
+    assert torch.allclose(freq, torch.tensor([0.0, 0.5 / 0.75, 0.0, 0.25 / 0.75]), atol=0.015)
