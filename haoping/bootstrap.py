@@ -24,7 +24,7 @@ import random
 import shutil
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -105,6 +105,24 @@ def _batches(items: list, batch_size: int, rng: random.Random):
             yield order[start:start + batch_size]
 
 
+def _train(model, batches, make_inputs, steps: int, lr: float, warmup: int, desc: str) -> None:
+    """AdamW with warm-up + cosine decay and gradient clipping; a progress bar shows the loss."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    model.train()
+    bar = tqdm(range(steps), desc=desc, unit="step")
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(step, steps, lr, warmup)
+        loss = model(**make_inputs(next(batches))).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+
+
 def _pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -147,25 +165,14 @@ def train_policy(tokenizer, train: list[Review], heldout: list[Review], out_dir:
     model = GPT2LMHeadModel(config)
     train_rows = _encode_reviews(tokenizer, train, recipe.max_tokens, with_eos=True)
     heldout_rows = _encode_reviews(tokenizer, heldout, recipe.max_tokens, with_eos=True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.01)
-    rng = random.Random(recipe.seed)
-    batches = _batches(train_rows, recipe.batch_size, rng)
-    model.train()
-    bar = tqdm(range(recipe.steps), desc="policy LM", unit="step")
-    for step in bar:
-        ids, mask = _pad(next(batches), tokenizer.pad_token_id)
-        labels = ids.masked_fill(mask == 0, -100)
-        for group in optimizer.param_groups:
-            group["lr"] = _lr_at(step, recipe.steps, recipe.lr, recipe.warmup)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        if step % 20 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+
+    def lm_batch(rows):
+        ids, mask = _pad(rows, tokenizer.pad_token_id)
+        return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+    _train(model, _batches(train_rows, recipe.batch_size, random.Random(recipe.seed)), lm_batch,
+           recipe.steps, recipe.lr, recipe.warmup, "policy LM")
     heldout_loss = _lm_loss(model, heldout_rows, tokenizer.pad_token_id)
-    model.eval()
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     params = sum(p.numel() for p in model.parameters())
@@ -203,23 +210,12 @@ def train_classifier(tokenizer, train: list[Review], heldout: list[Review], out_
             model.get_input_embeddings().weight.data.copy_(policy_embeddings.data)
     rows = _encode_reviews(tokenizer, train, recipe.max_tokens - 1, with_eos=False)
     examples = [(row + [tokenizer.sep_token_id], r.label) for row, r in zip(rows, train)]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.01)
-    batches = _batches(examples, recipe.batch_size, random.Random(recipe.seed))
-    model.train()
-    bar = tqdm(range(recipe.steps), desc=desc, unit="step")
-    for step in bar:
-        batch = next(batches)
+    def classifier_batch(batch):
         ids, mask = _pad([row for row, _ in batch], tokenizer.pad_token_id)
-        labels = torch.tensor([label for _, label in batch])
-        for group in optimizer.param_groups:
-            group["lr"] = _lr_at(step, recipe.steps, recipe.lr, recipe.warmup)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        if step % 20 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+        return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([label for _, label in batch])}
+
+    _train(model, _batches(examples, recipe.batch_size, random.Random(recipe.seed)), classifier_batch,
+           recipe.steps, recipe.lr, recipe.warmup, desc)
     accuracy = classifier_accuracy(model, tokenizer, heldout, recipe.max_tokens)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)

@@ -2,7 +2,6 @@
 and by an independent one, with the reward-hacking guard figures beside them."""
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path

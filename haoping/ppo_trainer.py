@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save, save_file
 
 from haoping import ppo
 from haoping.log import get_logger
-from haoping.models import TokenFormat, load_causal_lm, load_tokenizer, resolve_model
+from haoping.models import TokenFormat, load_causal_lm, load_tokenizer
 
 log = get_logger(__name__)
 

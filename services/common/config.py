@@ -35,3 +35,9 @@ def add_common_server_flags(parser: argparse.ArgumentParser, port: int, metrics_
     add_flag(parser, "--max-message-mb", 64, int, "largest gRPC message, send and receive")
     add_flag(parser, "--threads", 0, int, "torch threads (0: torch's default)")
     add_flag(parser, "--ready-file", "", help="write 'host:port metrics_port' here once serving")
+
+
+def add_batching_flags(parser: argparse.ArgumentParser) -> None:
+    add_flag(parser, "--max-batch-size", 256, int, "most items merged into one model batch")
+    add_flag(parser, "--max-wait-ms", 5.0, float, "how long a request waits for others to batch with")
+    add_flag(parser, "--max-queue", 256, int, "requests waiting beyond this get RESOURCE_EXHAUSTED")

@@ -18,7 +18,7 @@ from haoping.v1 import haoping_pb2 as pb
 from haoping.v1 import haoping_pb2_grpc as pb_grpc
 from services.common import metrics
 from services.common.batching import DynamicBatcher, QueueFull
-from services.common.config import add_common_server_flags, add_flag
+from services.common.config import add_batching_flags, add_common_server_flags, add_flag
 from services.common.server import Draining, serve
 
 log = get_logger(__name__)
@@ -222,9 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(parser, "--max-new-tokens-limit", 256, int, "largest max_new_tokens a request may ask for")
     add_flag(parser, "--max-samples-per-prompt", 64, int, "largest samples_per_prompt")
     add_flag(parser, "--max-prompts", 256, int, "most prompts in one request")
-    add_flag(parser, "--max-batch-size", 256, int, "most samples merged into one model batch")
-    add_flag(parser, "--max-wait-ms", 5.0, float, "how long a request waits for others to batch with")
-    add_flag(parser, "--max-queue", 256, int, "requests waiting beyond this get RESOURCE_EXHAUSTED")
+    add_batching_flags(parser)
     return parser
 
 

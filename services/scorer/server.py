@@ -12,7 +12,7 @@ from haoping.v1 import haoping_pb2 as pb
 from haoping.v1 import haoping_pb2_grpc as pb_grpc
 from services.common import metrics
 from services.common.batching import DynamicBatcher, QueueFull
-from services.common.config import add_common_server_flags, add_flag
+from services.common.config import add_batching_flags, add_common_server_flags, add_flag
 from services.common.server import Draining, serve
 
 log = get_logger(__name__)
@@ -61,9 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
              help="starter:classifier, a local dir, or a hub ID such as uer/roberta-base-finetuned-jd-binary-chinese")
     add_flag(parser, "--normalize", "none", help="reward-model scores: none, sigmoid or running (mean/std)")
     add_flag(parser, "--max-texts", 1024, int, "most texts in one Score request")
-    add_flag(parser, "--max-batch-size", 256, int, "most texts merged into one model batch")
-    add_flag(parser, "--max-wait-ms", 5.0, float, "how long a request waits for others to batch with")
-    add_flag(parser, "--max-queue", 256, int, "requests waiting beyond this get RESOURCE_EXHAUSTED")
+    add_batching_flags(parser)
     return parser
 
 
