@@ -122,7 +122,6 @@ class Coordinator:
     def cycle(self, index: int) -> dict:
         a = self.args
         t0 = time.perf_counter()
-        response, scores = None, None
         response = self.generator.generate(self.prompts, n=a.samples_per_prompt, max_new_tokens=a.max_new_tokens,
                                            temperature=1.0, top_k=0, top_p=1.0, seed=a.seed * 100003 + index,
                                            min_new_tokens=a.min_new_tokens)
