@@ -47,14 +47,6 @@ def split_reviews(reviews: list[Review], seed: int = 0, heldout_fraction: float 
     return shuffled[n_heldout:], shuffled[:n_heldout]
 
 
-def halves(reviews: list[Review], seed: int = 1) -> tuple[list[Review], list[Review]]:
-    """Two disjoint halves, for an evaluator that never saw the training scorer's data."""
-    shuffled = list(reviews)
-    random.Random(seed).shuffle(shuffled)
-    mid = len(shuffled) // 2
-    return shuffled[:mid], shuffled[mid:]
-
-
 def build_char_vocab(texts: list[str], min_count: int = 2) -> dict[str, int]:
     """A BERT-style character vocab: special tokens, then characters by frequency.
 

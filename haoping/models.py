@@ -124,9 +124,6 @@ class TokenFormat:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0)
         return cls(bos, eos, pad, wordpiece)
 
-    def special_ids(self, tokenizer: PreTrainedTokenizerBase) -> set[int]:
-        return set(tokenizer.all_special_ids)
-
 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     """Token ids of a prompt: BOS/[CLS] then the text, no trailing [SEP]."""
