@@ -123,12 +123,9 @@ class GeneratorService(pb_grpc.GeneratorServicer):
         # the model loop runs in a worker thread; each decode step queues the new text pieces
         pieces: queue.Queue = queue.Queue()
         sent_text = [""] * len(specs)
-        sent_done = [False] * len(specs)
 
-        def on_step(responses, finished):
+        def on_step(responses, _finished):
             for i, ids in enumerate(responses):
-                if sent_done[i]:
-                    continue
                 text = self.generator.decode(ids)
                 if text != sent_text[i] and text.startswith(sent_text[i]):
                     pieces.put(pb.GenerateStreamResponse(prompt_index=specs[i][0], sample_index=specs[i][1],
@@ -143,7 +140,7 @@ class GeneratorService(pb_grpc.GeneratorServicer):
                                                            should_stop=lambda: not context.is_active())
                 metrics.GENERATE_BATCH_SIZE.labels("generator").observe(len(specs))
                 self._record(samples)
-                result["value"] = (samples, version, 0.0)
+                result["value"] = (samples, version)
             except BaseException as err:  # surfaced to the caller below
                 result["error"] = err
             finally:
@@ -154,7 +151,7 @@ class GeneratorService(pb_grpc.GeneratorServicer):
             yield piece
         if "error" in result:
             raise result["error"]
-        samples, version, _ = result["value"]
+        samples, version = result["value"]
         for i, ((p, s, _), sample) in enumerate(zip(specs, samples)):
             message = self._sample_message(p, s, sample, version)
             yield pb.GenerateStreamResponse(prompt_index=p, sample_index=s,
