@@ -120,16 +120,24 @@ def generate_batch(model, specs: list[SampleSpec], eos_id: int | None, pad_id: i
     top_p = torch.tensor([s.params.top_p for s in specs], device=device)
     limits = [s.params.max_new_tokens for s in specs]
     min_new = torch.tensor([s.params.min_new_tokens for s in specs], device=device)
-    rngs = [torch.Generator().manual_seed(s.seed) for s in specs]
+    steps = max(limits)
+    # each row's uniform draws for every step up front: one RNG call per row, not per token
+    # (a row draws exactly its own max_new_tokens values, so its stream ignores the rest of the batch)
+    uniforms_by_step = torch.zeros((steps, batch))  # [T, B]
+    for i, spec in enumerate(specs):
+        uniforms_by_step[:limits[i], i] = torch.rand(limits[i], generator=torch.Generator().manual_seed(spec.seed))
+    uniforms_by_step = uniforms_by_step.to(device)
+    # the mask for the whole generation, sliced per step instead of grown by concatenation
+    full_mask = torch.cat([attention_mask, torch.ones((batch, steps), dtype=torch.long, device=device)], 1)
 
     responses: list[list[int]] = [[] for _ in specs]
     finish: list[str | None] = [None] * batch
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True)
     next_position = position_ids[:, -1:] + 1
-    for step in range(max(limits)):
+    for step in range(steps):
         if should_stop is not None and should_stop():
             raise Cancelled()
-        uniforms = torch.stack([torch.rand((), generator=g) for g in rngs]).to(device)
+        uniforms = uniforms_by_step[step]
         logits = out.logits[:, -1]
         if eos_id is not None and bool((min_new > step).any()):
             logits = logits.clone()
@@ -147,8 +155,8 @@ def generate_batch(model, specs: list[SampleSpec], eos_id: int | None, pad_id: i
             on_step(responses, [f is not None for f in finish])
         if all(f is not None for f in finish):
             break
-        attention_mask = torch.cat([attention_mask, torch.ones((batch, 1), dtype=torch.long, device=device)], 1)
-        out = model(input_ids=tokens.unsqueeze(1), attention_mask=attention_mask, position_ids=next_position,
+        out = model(input_ids=tokens.unsqueeze(1), attention_mask=full_mask[:, :width + step + 1],
+                    position_ids=next_position,
                     past_key_values=out.past_key_values, use_cache=True)
         next_position = next_position + 1
     return [GeneratedSample(list(s.prompt_ids), r, f or LENGTH) for s, r, f in zip(specs, responses, finish)]

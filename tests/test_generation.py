@@ -13,7 +13,9 @@ def _specs(gen, prompts, params=SamplingParams(max_new_tokens=8), seed=7):
 def test_sample_is_independent_of_batch_composition(tiny_policy):
     gen = PolicyGenerator(str(tiny_policy))
     prompts = ["刚收到货，感觉", "这部电影很", "说实话，真的很", "这次购物总的来说体验很"]
-    together, _ = gen.generate(_specs(gen, prompts))
+    # a batch-mate with a longer limit and a top-p filter changes nothing for the others
+    other = SampleSpec(tuple(gen.encode("好")), SamplingParams(max_new_tokens=30, top_p=0.9), 123)
+    together, _ = gen.generate(_specs(gen, prompts) + [other])
     for i, prompt in enumerate(prompts):
         alone, _ = gen.generate([SampleSpec(tuple(gen.encode(prompt)), SamplingParams(max_new_tokens=8),
                                             sample_seed(7, i, 0))])

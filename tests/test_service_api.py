@@ -191,3 +191,33 @@ def test_queue_limit_and_graceful_shutdown(tiny_policy, tmp_path):
         assert service.process.wait(60) == 0
     finally:
         stop_services([service])
+
+
+def _promtool() -> str | None:
+    import os
+
+    found = shutil.which("promtool")
+    if found is None and os.environ.get("HAOPING_REQUIRE_PROMTOOL") == "1":
+        pytest.fail("promtool not found: apt-get install prometheus (CI installs it)")
+    return found
+
+
+def test_metrics_pass_promtool(api, tiny_policy, tmp_path):
+    promtool = _promtool()
+    if promtool is None:
+        pytest.skip("promtool not installed (Debian package prometheus); CI requires it")
+    (tmp_path / "logs").mkdir()
+    trainer = start_service("trainer", ["--model", str(tiny_policy), "--device", "cpu"], tmp_path, timeout=120)
+    try:
+        with GeneratorClient(api.generator.address) as gen, ScorerClient(api.scorer.address) as scorer:
+            gen.generate([PROMPT], n=2, max_new_tokens=4, seed=1)
+            scorer.score(["质量很好"])
+            _status_of(lambda: gen.generate([], max_new_tokens=4))  # an error code shows up in the counters
+        bodies = {"generator": _metrics(api.generator), "scorer": _metrics(api.scorer), "trainer": _metrics(trainer)}
+    finally:
+        stop_services([trainer])
+    assert "haoping_generate_request_duration_seconds_bucket" in bodies["generator"]
+    assert 'code="INVALID_ARGUMENT"' in bodies["generator"]
+    for name, body in bodies.items():
+        checked = subprocess.run([promtool, "check", "metrics"], input=body, capture_output=True, text=True, timeout=60)
+        assert checked.returncode == 0, f"{name}: {checked.stdout}{checked.stderr}"

@@ -20,6 +20,9 @@ QUEUE_DEPTH = Gauge("haoping_queue_depth", "Requests waiting for a model batch",
 POLICY_VERSION = Gauge("haoping_policy_version", "Policy version this service holds", ["service"])
 
 # generator
+GENERATE_REQUEST_DURATION = Histogram("haoping_generate_request_duration_seconds",
+                                      "Generate/GenerateStream latency, queueing included", ["method"],
+                                      buckets=LATENCY_BUCKETS)
 GENERATED_TOKENS = Counter("haoping_generated_tokens", "Response tokens generated")
 GENERATED_SAMPLES = Counter("haoping_generated_samples", "Samples generated", ["finish_reason"])
 GENERATE_BATCH_SIZE = Histogram("haoping_batch_size", "Samples per model batch", ["service"],

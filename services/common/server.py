@@ -39,13 +39,15 @@ class Draining:
 
 
 def serve(short_name: str, args, register: Callable[[grpc.Server], None],
-          warm_up: Callable[[], None] | None = None, draining: Draining | None = None,
-          max_workers: int = 16) -> int:
+          warm_up: Callable[[], None] | None = None, draining: Draining | None = None) -> int:
     """Run a service until SIGTERM/SIGINT; returns the process exit code."""
     if args.threads:
         torch.set_num_threads(args.threads)
     draining = Draining() if draining is None else draining
     limit = args.max_message_mb * 1024 * 1024
+    # a batching service needs a thread for every caller waiting in its queue, or the pool
+    # (not the batcher) caps how many requests can be merged into one batch
+    max_workers = args.rpc_threads or getattr(args, "max_queue", 8) + 8
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=short_name.lower()),
         interceptors=[MetricsInterceptor(short_name.lower())],

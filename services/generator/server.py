@@ -111,6 +111,7 @@ class GeneratorService(pb_grpc.GeneratorServicer):
         self._record(samples)
         return samples, version, time.perf_counter() - started
 
+    @metrics.GENERATE_REQUEST_DURATION.labels("Generate").time()
     def Generate(self, request, context):
         specs = self._specs(request, context)
         samples, version, seconds = self._run(specs, context)
@@ -119,6 +120,10 @@ class GeneratorService(pb_grpc.GeneratorServicer):
             policy_version=version, seconds=seconds)
 
     def GenerateStream(self, request, context):
+        with metrics.GENERATE_REQUEST_DURATION.labels("GenerateStream").time():
+            yield from self._generate_stream(request, context)
+
+    def _generate_stream(self, request, context):
         specs = self._specs(request, context)
         # the model loop runs in a worker thread; each decode step queues the new text pieces
         pieces: queue.Queue = queue.Queue()
