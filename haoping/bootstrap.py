@@ -36,7 +36,7 @@ from haoping.log import get_logger
 
 log = get_logger(__name__)
 
-RECIPE_VERSION = "v2"  # bump when a recipe below changes, so caches are rebuilt
+RECIPE_VERSION = "v3"  # bump when a recipe below changes, so caches are rebuilt
 STARTER_KINDS = ("tokenizer", "policy", "classifier")
 
 
@@ -56,7 +56,7 @@ class PolicyRecipe:
     n_positions: int = 128
     max_tokens: int = 48    # reviews are cut to this many tokens, [CLS] included
     batch_size: int = 32
-    steps: int = 600
+    steps: int = 800
     lr: float = 3e-3
     warmup: int = 100
     seed: int = 0
@@ -70,7 +70,7 @@ class ClassifierRecipe:
     intermediate_size: int = 256
     max_tokens: int = 128   # long hotel/book reviews often say the verdict late
     batch_size: int = 32
-    steps: int = 600
+    steps: int = 1200       # ~2.5 epochs: accuracy still rises at 1 epoch (0.807 at 600 steps, 0.821 at 1500)
     lr: float = 1e-3
     warmup: int = 50
     seed: int = 0
@@ -96,13 +96,18 @@ def _lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def _batches(items: list, batch_size: int, rng: random.Random):
-    """Endless shuffled batches."""
+def _batches(items: list, batch_size: int, rng: random.Random, length, bucket: int = 50):
+    """Endless shuffled batches of items of similar ``length`` (sorted within windows of
+    ``bucket`` batches), so little compute goes to padding: about half the time per step."""
     while True:
         order = list(items)
         rng.shuffle(order)
-        for start in range(0, len(order) - batch_size + 1, batch_size):
-            yield order[start:start + batch_size]
+        batches = []
+        for start in range(0, len(order), batch_size * bucket):
+            window = sorted(order[start:start + batch_size * bucket], key=length)
+            batches += [window[i:i + batch_size] for i in range(0, len(window) - batch_size + 1, batch_size)]
+        rng.shuffle(batches)
+        yield from batches
 
 
 def _train(model, batches, make_inputs, steps: int, lr: float, warmup: int, desc: str) -> None:
@@ -170,7 +175,7 @@ def train_policy(tokenizer, train: list[Review], heldout: list[Review], out_dir:
         ids, mask = _pad(rows, tokenizer.pad_token_id)
         return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
 
-    _train(model, _batches(train_rows, recipe.batch_size, random.Random(recipe.seed)), lm_batch,
+    _train(model, _batches(train_rows, recipe.batch_size, random.Random(recipe.seed), length=len), lm_batch,
            recipe.steps, recipe.lr, recipe.warmup, "policy LM")
     heldout_loss = _lm_loss(model, heldout_rows, tokenizer.pad_token_id)
     model.save_pretrained(out_dir)
@@ -214,8 +219,8 @@ def train_classifier(tokenizer, train: list[Review], heldout: list[Review], out_
         ids, mask = _pad([row for row, _ in batch], tokenizer.pad_token_id)
         return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([label for _, label in batch])}
 
-    _train(model, _batches(examples, recipe.batch_size, random.Random(recipe.seed)), classifier_batch,
-           recipe.steps, recipe.lr, recipe.warmup, desc)
+    _train(model, _batches(examples, recipe.batch_size, random.Random(recipe.seed), length=lambda e: len(e[0])),
+           classifier_batch, recipe.steps, recipe.lr, recipe.warmup, desc)
     accuracy = classifier_accuracy(model, tokenizer, heldout, recipe.max_tokens)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)

@@ -209,6 +209,20 @@ class RunningMoments:
         self.mean, self.var, self.count = state["mean"], state["var"], state["count"]
 
 
+def center_by_group(scores: torch.Tensor, groups: list) -> torch.Tensor:
+    """scores [B] minus the mean score of their group (rollouts of the same prompt): a
+    per-prompt baseline, as in GRPO/RLOO, so an easy prompt's high score is not mistaken
+    for a good response. A group of one gets 0: it has nothing to be compared with."""
+    centered = scores.clone()
+    members: dict = {}
+    for i, key in enumerate(groups):
+        members.setdefault(key, []).append(i)
+    for index in members.values():
+        rows = torch.tensor(index, device=scores.device)
+        centered[rows] = scores[rows] - scores[rows].mean()
+    return centered
+
+
 def normalize_scores(scores: torch.Tensor, moments: RunningMoments | None, clip: float | None) -> torch.Tensor:
     """(score - running mean) / running std, then clipped to [-clip, clip]; either step optional."""
     if moments is not None:

@@ -52,12 +52,15 @@ class PPOConfig:
     kl_estimator: str = "k1"         # k1 | k3
     reward_normalization: bool = False  # running mean/std of scores
     reward_clip: float | None = None
+    score_baseline: str = "none"     # none | prompt_mean: subtract the mean score of the same prompt's rollouts
     whiten_advantages: bool = True
     min_response_tokens: int = 0     # EOS was masked before this many tokens at sampling; mask it here too
     seed: int = 0
 
     def __post_init__(self):
         problems = []
+        if self.score_baseline not in ("none", "prompt_mean"):
+            problems.append(f"score_baseline must be none or prompt_mean, not {self.score_baseline!r}")
         if self.kl_estimator not in ("k1", "k3"):
             problems.append(f"kl_estimator must be k1 or k3, not {self.kl_estimator!r}")
         if self.lr_schedule not in ("constant", "linear", "cosine"):
@@ -244,6 +247,8 @@ class PPOTrainer:
         mask = batch.response_mask
         raw_scores = torch.tensor(scores, dtype=torch.float32, device=self.device)
         scores_t = ppo.normalize_scores(raw_scores.clone(), self.score_moments, c.reward_clip)
+        if c.score_baseline == "prompt_mean":
+            scores_t = ppo.center_by_group(scores_t, [tuple(q) for q in queries])
 
         old = self._rollout_forward(batch)
         t_forward = time.perf_counter()

@@ -123,6 +123,14 @@ def test_reward_normalization_and_clipping():
     assert clipped.tolist() == [-1.0, 0.5, 1.0]
 
 
+def test_center_by_group_subtracts_each_prompts_mean():
+    scores = torch.tensor([0.9, 0.1, 0.4, 0.8, 0.5])
+    groups = ["a", "b", "a", "b", "c"]  # a: mean 0.65, b: mean 0.45, c alone
+    centered = ppo.center_by_group(scores, groups)
+    assert centered.tolist() == pytest.approx([0.25, -0.35, -0.25, 0.35, 0.0])
+    assert scores.tolist() == pytest.approx([0.9, 0.1, 0.4, 0.8, 0.5])  # input untouched
+
+
 def test_entropy_and_logprobs():
     logits = torch.log(torch.tensor([[[0.5, 0.25, 0.25]]]))
     assert ppo.entropy_from_logits(logits).item() == pytest.approx(-(0.5 * math.log(0.5) + 0.5 * math.log(0.25)))

@@ -70,9 +70,20 @@ def test_lr_schedules():
     assert lr_factor(10, "cosine", 2, 10) == pytest.approx(0.0)
 
 
+def test_prompt_mean_baseline_centers_scores_per_prompt(tiny_policy):
+    queries = [[2, 10, 11], [2, 10, 11], [2, 12], [2, 12]]
+    responses = [[20, 21], [22, 23], [24, 25], [26, 27]]
+    trainer = PPOTrainer(str(tiny_policy), PPOConfig(minibatch_size=2, ppo_epochs=1, score_baseline="prompt_mean"))
+    stats = trainer.step(queries, responses, [0.9, 0.5, 0.3, 0.1])
+    assert stats["env/reward_mean"] == pytest.approx(0.45)  # what the scorer said
+    assert stats["objective/scores"] == pytest.approx(0.0, abs=1e-6)  # what PPO optimized: centered
+
+
 def test_config_rejects_bad_options():
     with pytest.raises(ValueError, match="kl_estimator"):
         PPOConfig(kl_estimator="k9")
+    with pytest.raises(ValueError, match="score_baseline"):
+        PPOConfig(score_baseline="median")
     with pytest.raises(ValueError, match="multiple"):
         PPOConfig(minibatch_size=5, gradient_accumulation_steps=2)
     with pytest.raises(ValueError, match="unknown PPO options"):
