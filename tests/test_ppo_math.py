@@ -135,3 +135,5 @@ def test_entropy_and_logprobs():
     logits = torch.log(torch.tensor([[[0.5, 0.25, 0.25]]]))
     assert ppo.entropy_from_logits(logits).item() == pytest.approx(-(0.5 * math.log(0.5) + 0.5 * math.log(0.25)))
     assert ppo.logprobs_from_logits(logits, torch.tensor([[1]])).item() == pytest.approx(math.log(0.25))
+    masked = torch.tensor([[[0.0, 0.0, float("-inf")]]])  # e.g. EOS masked before min_new_tokens
+    assert ppo.entropy_from_logits(masked).item() == pytest.approx(math.log(2))
