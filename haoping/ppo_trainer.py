@@ -50,6 +50,7 @@ class PPOConfig:
     kl_target: float = 6.0
     kl_horizon: int = 10000
     kl_estimator: str = "k1"         # k1 | k3
+    kl_loss_coef: float = 0.0        # > 0: also a k3 KL-to-reference term in the loss (GRPO style), per token
     reward_normalization: bool = False  # running mean/std of scores
     reward_clip: float | None = None
     score_baseline: str = "none"     # none | prompt_mean: subtract the mean score of the same prompt's rollouts
@@ -322,6 +323,10 @@ class PPOTrainer:
         pg = ppo.policy_loss(logp, old["logp"][index], advantages[index], mask, c.cliprange)
         vf = ppo.value_loss(values, old["values"][index], returns[index], mask, c.cliprange_value)
         loss = pg.loss + c.vf_coef * vf.loss
+        # a direct, low-variance pull toward the reference, besides the KL penalty in the reward
+        kl_to_ref = ppo.masked_mean(ppo.kl_estimate(logp, old["ref_logp"][index], "k3"), mask)
+        if c.kl_loss_coef > 0:
+            loss = loss + c.kl_loss_coef * kl_to_ref
         (loss * weight).backward()
         with torch.no_grad():
             entropy = ppo.masked_mean(ppo.entropy_from_logits(logits), mask)
@@ -330,6 +335,7 @@ class PPOTrainer:
             "ppo/loss/policy": pg.loss.item(),
             "ppo/loss/value": vf.loss.item(),
             "ppo/loss/total": loss.item(),
+            "ppo/loss/kl": kl_to_ref.item(),
             "ppo/policy/clipfrac": pg.clipfrac.item(),
             "ppo/policy/approxkl": pg.approxkl.item(),
             "ppo/policy/entropy": entropy.item(),

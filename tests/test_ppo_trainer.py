@@ -51,6 +51,28 @@ def test_gradient_accumulation_equals_one_big_minibatch(tiny_policy):
     assert torch.allclose(results[0], results[1], atol=1e-5)
 
 
+def test_kl_loss_term_pulls_the_policy_back_toward_the_reference(tiny_policy):
+    def distance_to_reference(trainer):
+        return sum(float((p.detach() - q).pow(2).sum()) for p, q in zip(trainer.model.lm.parameters(),
+                                                               trainer.ref_model.parameters()))
+
+    moved = {}
+    for coef in (0.0, 50.0):
+        trainer = PPOTrainer(str(tiny_policy), PPOConfig(minibatch_size=3, ppo_epochs=4, learning_rate=1e-3,
+                                                         kl_loss_coef=coef, seed=0))
+        noise = torch.Generator().manual_seed(1)
+        with torch.no_grad():  # start away from the reference
+            for p in trainer.model.lm.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=noise))
+        start = distance_to_reference(trainer)
+        stats = trainer.step(QUERIES, RESPONSES, [0.5, 0.5, 0.5])
+        assert stats["ppo/loss/kl"] > 0
+        moved[coef] = distance_to_reference(trainer) - start
+    # Adam moves every weight by about lr per step whatever the gradient; the KL term makes
+    # those steps point back toward the reference, so the drift away from it nearly stops
+    assert moved[50.0] < 0.1 * moved[0.0]
+
+
 def test_value_warmup_freezes_policy_and_trains_value_head(tiny_policy):
     trainer = PPOTrainer(str(tiny_policy), PPOConfig(value_warmup_steps=1, value_learning_rate=1e-2))
     lm_before = [p.detach().clone() for p in trainer.model.lm.parameters()]
