@@ -66,8 +66,9 @@ class GeneratorClient(_Client):
     @staticmethod
     def request(prompts: list[str], n: int = 1, max_new_tokens: int | None = None, temperature: float | None = None,
                 top_k: int = 0, top_p: float | None = None, seed: int | None = None,
-                min_new_tokens: int = 0) -> pb.GenerateRequest:
-        request = pb.GenerateRequest(prompts=prompts, samples_per_prompt=n, top_k=top_k, min_new_tokens=min_new_tokens)
+                min_new_tokens: int = 0, first_sample_index: int = 0) -> pb.GenerateRequest:
+        request = pb.GenerateRequest(prompts=prompts, samples_per_prompt=n, top_k=top_k, min_new_tokens=min_new_tokens,
+                                     first_sample_index=first_sample_index)
         if max_new_tokens is not None:
             request.max_new_tokens = max_new_tokens
         if temperature is not None:
