@@ -1,31 +1,98 @@
-"""`make bench`: side-by-side ratios measured in one run, on the starter models.
+"""`make bench`: every serving figure in one run, both sides of every ratio measured here.
 
-ours vs baseline, both measured here:
-  rollout_speedup     batched Generate service (64 prompts x 16 tokens) vs a one-sample-at-a-time
-                      `model.generate` loop (the reference design's rollout)
-  dynamic_batching    32 concurrent clients with 1 prompt each vs the same 32 requests sent serially
-  score_speedup       batched Score of 256 texts vs an HF pipeline called one text at a time
-  ppo_update_speedup  PPO update, minibatches of 16 vs minibatches of 1, same epochs and samples
-  weight_sync         trainer -> generator over gRPC (GB/s) vs a raw safetensors save + load
-Writes bench/results.json with the machine info.
+The same PPO cycle (rollout -> score -> update -> weight sync) on the starter models, with the
+coordinator's default settings (4 prompts x 16 samples = 64, 16 new tokens, seed 0), three ways:
+
+  services    the gRPC services, driven by Coordinator.cycle exactly as `haoping run` does
+  in-process  the same library classes called directly, no gRPC           (bench/inprocess.py)
+  reference   the reference design's algorithm in-process: one-by-one generate and scoring,
+              PPO minibatches of 1                                          (bench/reference.py)
+
+Figures (ratio = ours / baseline; for grpc_cycle_overhead, lower is better):
+  rollout_speedup      rollout samples/s in the services' cycles vs the reference's cycles
+  ppo_update_speedup   one PPO step on the same 64 samples: the coordinator's default minibatches
+                       (16) vs minibatches of 1, 4 epochs each
+  cycle_speedup        PPO samples/s through the services vs the reference in-process
+  grpc_cycle_overhead  cycle seconds through the services vs in-process
+  weight_sync          trainer -> generator over gRPC (GB/s) vs a raw safetensors save + load
+  score_speedup        Score of 256 texts vs an HF pipeline called one text at a time
+  dynamic_batching     32 concurrent 1-prompt clients vs the same 32 requests serially
+  peak_rss/<service>   VmHWM of each service process
+plus a scaling table: cycle time at batch 16, 64 and 256 with 1 and 2 generator replicas.
+Writes bench/results.json: figures, scaling, every timed cycle, checks and the machine info.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
-PROMPTS = ["刚收到货，感觉", "这部电影很", "说实话，真的很", "这次购物总的来说体验很"]
+from bench.inprocess import InProcessPipeline
+from bench.reference import ReferencePipeline
+from haoping.bootstrap import ensure_starter_models
+from haoping.client import GeneratorClient, GeneratorReplicas, ScorerClient, TrainerClient
+from haoping.log import setup_logging
+from services.coordinator.run import Coordinator, add_run_flags, split_services, start_services, stop_services
+
 RESULTS = Path("bench/results.json")
+WORK = Path("bench/run")
+SEED = 0
+# Timed cycles after one warm-up each; figures take the median. The reference's cycles cost ~7x
+# more, so it runs fewer; services and in-process run more, as their ratio is the finest one.
+TIMED_CYCLES = {"services": 6, "in_process": 6, "reference": 3}
+SCALING_BATCHES = (16, 64, 256)
+SCALING_REPLICAS = (1, 2)
+SCALING_TIMED_CYCLES = 3
+
+
+@dataclass
+class Figure:
+    ours: float
+    baseline: float | None
+    unit: str
+    target: float | None = None
+    lower_is_better: bool = False
+    ratio: float | None = None
+    met: bool | None = None
+
+    def __post_init__(self):
+        if self.baseline:
+            self.ratio = self.ours / self.baseline
+        if self.target is not None and self.ratio is not None:
+            self.met = self.ratio <= self.target if self.lower_is_better else self.ratio >= self.target
+
+
+@dataclass
+class Stack:
+    """The running services and clients for them."""
+    args: argparse.Namespace
+    trainer_address: str
+    generator_addresses: list[str]
+    scorer: ScorerClient
+    trainer: TrainerClient
+
+    def replicas(self, count: int) -> GeneratorReplicas:
+        return GeneratorReplicas([GeneratorClient(a) for a in self.generator_addresses[:count]])
+
+    def coordinator(self, generator: GeneratorReplicas, **overrides) -> Coordinator:
+        """A coordinator with the default run flags, or with ``overrides``."""
+        return Coordinator(run_args(**overrides) if overrides else self.args, generator, self.scorer, self.trainer,
+                           self.trainer_address, WORK)
 
 
 def timed(fn, repeat: int = 1) -> float:
+    """Best of ``repeat`` wall-clock runs: the least disturbed by the rest of the machine."""
     best = float("inf")
     for _ in range(repeat):
         start = time.perf_counter()
@@ -34,107 +101,227 @@ def timed(fn, repeat: int = 1) -> float:
     return best
 
 
+def run_args(**overrides) -> argparse.Namespace:
+    """The coordinator's own flags and defaults, as `haoping run` would parse them."""
+    parser = argparse.ArgumentParser()
+    add_run_flags(parser)
+    args = parser.parse_args(["--device", "cpu", "--seed", str(SEED)])
+    for key, value in overrides.items():
+        setattr(args, key, value)
+    return args
+
+
+def cycle_summary(records: list[dict]) -> dict:
+    """Median seconds of each phase over timed cycles."""
+    keys = ("seconds", "time/rollout", "time/score", "time/update", "time/weight_sync")
+    return {"samples": records[0]["samples"], **{k: statistics.median(r[k] for r in records) for k in keys}}
+
+
+def peak_rss_mb(pid: int) -> float:
+    """VmHWM: the most resident memory the process ever had."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmHWM for pid {pid}")
+
+
+def machine_info() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(),
+            "loadavg_at_start": os.getloadavg()[0]}
+
+
+# ---------------------------------------------------------------- measurements
+
+def measure_cycles(stack: Stack, in_process: InProcessPipeline, reference: ReferencePipeline) -> tuple[dict[str, list[dict]], dict[str, Figure]]:
+    """The same cycles three ways, interleaved so background load hits all alike. All three start
+    from the starter policy; services and in-process draw the same samples (checked)."""
+    with stack.replicas(1) as generator:
+        runners = {"services": stack.coordinator(generator).cycle, "in_process": in_process.cycle,
+                   "reference": reference.cycle}
+        cycles: dict[str, list[dict]] = {name: [] for name in runners}
+        for index in range(1 + max(TIMED_CYCLES.values())):
+            print(f"cycle {index} ...", flush=True)
+            for name, run_cycle in runners.items():
+                if index <= TIMED_CYCLES[name]:
+                    record = run_cycle(index)
+                    if index:  # cycle 0 warms up
+                        cycles[name].append(record)
+    ours, in_proc, ref = (cycle_summary(cycles[name]) for name in ("services", "in_process", "reference"))
+    figures = {
+        "rollout_speedup": Figure(ours["samples"] / ours["time/rollout"], ref["samples"] / ref["time/rollout"],
+                                  "samples/s", 15),
+        "cycle_speedup": Figure(ours["samples"] / ours["seconds"], ref["samples"] / ref["seconds"], "samples/s", 8),
+        "grpc_cycle_overhead": Figure(ours["seconds"], in_proc["seconds"], "s/cycle", 1.10, lower_is_better=True),
+    }
+    return cycles, figures
+
+
+def measure_update(in_process: InProcessPipeline, reference: ReferencePipeline) -> Figure:
+    """One PPO step on the same samples: the default minibatches (16) vs minibatches of 1."""
+    print("PPO update: minibatch 16 vs 1 ...", flush=True)
+    batch = in_process.last_batch
+    vectorized = one_by_one = float("inf")
+    for _ in range(2):  # interleaved, best of two each
+        vectorized = min(vectorized, timed(lambda: in_process.step(*batch)))
+        one_by_one = min(one_by_one, timed(lambda: reference.trainer.step(*batch)))
+    return Figure(len(batch[0]) / vectorized, len(batch[0]) / one_by_one, "samples/s", 5)
+
+
+def measure_weight_sync(stack: Stack, in_process: InProcessPipeline) -> Figure:
+    """Trainer -> generator through gRPC vs a raw safetensors save + load of the same tensors."""
+    with stack.replicas(1) as generator:
+        size = generator.load_weights(stack.trainer_address).bytes
+        sync = timed(lambda: generator.load_weights(stack.trainer_address), repeat=3)
+    state, path = in_process.trainer.policy_state(), str(WORK / "weights.safetensors")
+    raw = timed(lambda: (save_file(state, path), load_file(path)), repeat=3)
+    return Figure(size / sync / 1e9, size / raw / 1e9, "GB/s")
+
+
+def measure_score(stack: Stack, reference: ReferencePipeline) -> Figure:
+    """One batched Score request vs the HF pipeline called one text at a time, on 256 texts."""
+    with stack.replicas(1) as generator:
+        texts = [s.full_text for s in generator.generate(stack.args.prompts, n=64, max_new_tokens=16,
+                                                         seed=2).samples]
+    stack.scorer.score(texts[:8])
+    batched = timed(lambda: stack.scorer.score(texts), repeat=3)
+    one_by_one = timed(lambda: [reference.score_one(t) for t in texts], repeat=2)
+    return Figure(len(texts) / batched, len(texts) / one_by_one, "texts/s")
+
+
+def measure_dynamic_batching(stack: Stack) -> Figure:
+    """32 clients with one prompt each, at once (merged by the batcher) vs one after another."""
+    prompts = stack.args.prompts
+    with stack.replicas(1) as generator:
+        gen = generator.clients[0]
+
+        def concurrent():
+            with ThreadPoolExecutor(32) as pool:
+                list(pool.map(lambda i: gen.generate([prompts[i % 4]], max_new_tokens=16, seed=i), range(32)))
+
+        def serial():
+            for i in range(32):
+                gen.generate([prompts[i % 4]], max_new_tokens=16, seed=i)
+
+        return Figure(32 / timed(concurrent, 2), 32 / timed(serial, 2), "requests/s", 8)
+
+
+def measure_scaling(stack: Stack) -> tuple[list[dict], bool]:
+    """Cycle time by batch size and generator replicas (configurations interleaved), and whether
+    1 and 2 replicas give the same samples for the same request."""
+    rows, index = [], 100  # fresh seeds, away from the cycles above
+    with ExitStack() as open_pools:
+        pools = {count: open_pools.enter_context(stack.replicas(count)) for count in SCALING_REPLICAS}
+        every_replica = pools[max(SCALING_REPLICAS)]
+        for batch in SCALING_BATCHES:
+            print(f"scaling: batch {batch}, {SCALING_REPLICAS} generator replicas ...", flush=True)
+            per_prompt = batch // len(stack.args.prompts)
+            coordinators = {count: stack.coordinator(pool, generator_replicas=count, samples_per_prompt=per_prompt)
+                            for count, pool in pools.items()}
+            timed_cycles: dict[int, list[dict]] = {count: [] for count in pools}
+            for k in range(1 + SCALING_TIMED_CYCLES):
+                for count, coordinator in coordinators.items():
+                    every_replica.load_weights(stack.trainer_address)  # no replica left at an old version
+                    record = coordinator.cycle(index)
+                    index += 1
+                    if k:  # the first round warms up
+                        timed_cycles[count].append(record)
+            for count, records in timed_cycles.items():
+                row = cycle_summary(records)
+                rows.append({"batch": batch, "generator_replicas": count, **row,
+                             "samples_per_second": row["samples"] / row["seconds"]})
+        a = stack.args
+        outputs = [[list(s.response_token_ids) for s in pool.generate(
+            a.prompts, n=a.samples_per_prompt, seed=7, max_new_tokens=a.max_new_tokens,
+            min_new_tokens=a.min_new_tokens).samples] for pool in pools.values()]
+    return rows, all(o == outputs[0] for o in outputs)
+
+
+# ---------------------------------------------------------------- the run
+
 def main() -> int:
-    from haoping.bootstrap import ensure_starter_models
-    from haoping.client import GeneratorClient, ScorerClient
-    from haoping.generation import PolicyGenerator
-    from haoping.log import setup_logging
-    from haoping.models import encode_prompt
-    from haoping.ppo_trainer import PPOConfig, PPOTrainer
-    from services.coordinator.run import start_service, stop_services
-
-    setup_logging("WARNING")
-    paths = ensure_starter_models()
-    policy, classifier = str(paths["policy"]), str(paths["classifier"])
-    work = Path("bench/run")
-    (work / "logs").mkdir(parents=True, exist_ok=True)
-    figures: dict[str, dict] = {}
-
-    def record(name, ours, baseline, unit, target=None, higher_is_better=True):
-        ratio = ours / baseline if higher_is_better else baseline / ours
-        figures[name] = {"ours": ours, "baseline": baseline, "ratio": ratio, "unit": unit, "target": target,
-                         "met": None if target is None else ratio >= target}
-
+    started = time.perf_counter()
+    setup_logging(os.environ.get("HAOPING_LOG_LEVEL", "WARNING"))
+    torch.manual_seed(SEED)
+    ensure_starter_models()
+    machine = machine_info()
+    args = run_args(generator_replicas=max(SCALING_REPLICAS))
+    (WORK / "logs").mkdir(parents=True, exist_ok=True)
+    figures: dict[str, Figure] = {}
     services = []
     try:
-        services.append(start_service("trainer", ["--model", policy, "--device", "cpu"], work))
-        services.append(start_service("generator", ["--model", policy, "--device", "cpu",
-                                                    "--trainer-address", services[0].address], work))
-        services.append(start_service("scorer", ["--model", classifier, "--device", "cpu"], work))
-        trainer_svc, gen_svc, scorer_svc = services
-        prompts64 = [PROMPTS[i % 4] for i in range(64)]
-        with GeneratorClient(gen_svc.address) as gen, ScorerClient(scorer_svc.address) as scorer:
-            gen.generate(prompts64, max_new_tokens=16, seed=0)  # warm
-            batched = timed(lambda: gen.generate(prompts64, max_new_tokens=16, seed=1), repeat=3)
-
-            local = PolicyGenerator(policy)
-            model, tokenizer = local.model, local.tokenizer
-            eos = local.format.eos_id
-
-            def one_by_one(prompts=prompts64):
-                for prompt in prompts:
-                    ids = torch.tensor([encode_prompt(tokenizer, prompt)])
-                    model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, max_new_tokens=16,
-                                   top_k=0, top_p=1.0, eos_token_id=eos, pad_token_id=local.format.pad_id)
-
-            one_by_one(PROMPTS)  # warm-up: both sides are timed warm, best of several runs
-            serial_gen = timed(one_by_one, repeat=2)
-            record("rollout_speedup", 64 / batched, 64 / serial_gen, "samples/s", 15)
-
-            def concurrent():
-                with ThreadPoolExecutor(32) as pool:
-                    list(pool.map(lambda i: gen.generate([PROMPTS[i % 4]], max_new_tokens=16, seed=i), range(32)))
-
-            def serial():
-                for i in range(32):
-                    gen.generate([PROMPTS[i % 4]], max_new_tokens=16, seed=i)
-
-            record("dynamic_batching", 32 / timed(concurrent, 2), 32 / timed(serial, 2), "requests/s", 8)
-
-            texts = [s.full_text for s in gen.generate(PROMPTS, n=64, max_new_tokens=16, seed=2).samples]
-            scorer.score(texts[:8])
-            ours_score = timed(lambda: scorer.score(texts), repeat=3)
-            from transformers import pipeline
-
-            pipe = pipeline("text-classification", model=classifier, device=-1)
-            [pipe(t) for t in texts[:8]]
-            base_score = timed(lambda: [pipe(t) for t in texts], repeat=2)
-            record("score_speedup", 256 / ours_score, 256 / base_score, "texts/s", 5)
-
-            # weight sync through gRPC vs raw safetensors save + load of the same tensors
-            sync = timed(lambda: gen.load_weights(trainer_svc.address), repeat=3)
-            from safetensors.torch import load_file, save_file
-
-            size = gen.load_weights(trainer_svc.address).bytes
-            state = {k: v.contiguous() for k, v in local.model.named_parameters()}
-            raw = timed(lambda: (save_file(state, str(work / "w.safetensors")),
-                                 load_file(str(work / "w.safetensors"))), repeat=3)
-            record("weight_sync", size / sync / 1e9, size / raw / 1e9, "GB/s")
-
-            rollouts = gen.generate(PROMPTS, n=16, max_new_tokens=16, seed=3).samples
-        queries = [list(s.prompt_token_ids) for s in rollouts]
-        responses = [list(s.response_token_ids) for s in rollouts]
-        scores = [0.5 + 0.01 * (i % 7) for i in range(len(rollouts))]
-
-        def update(minibatch):
-            trainer = PPOTrainer(policy, PPOConfig(minibatch_size=minibatch, ppo_epochs=4))
-            trainer.step(queries[:8], responses[:8], scores[:8])  # warm-up
-            return timed(lambda: trainer.step(queries, responses, scores), repeat=2)
-
-        record("ppo_update_speedup", 64 / update(16), 64 / update(1), "samples/s", 5)
+        print("starting the services and the in-process pipelines ...", flush=True)
+        start_services(args, WORK, services)
+        trainer_svc, generator_svcs, scorer_svc = split_services(services)
+        in_process, reference = InProcessPipeline(args), ReferencePipeline(args)
+        with ScorerClient(scorer_svc.address) as scorer, TrainerClient(trainer_svc.address) as trainer:
+            stack = Stack(run_args(), trainer_svc.address, [g.address for g in generator_svcs], scorer, trainer)
+            cycles, cycle_figures = measure_cycles(stack, in_process, reference)
+            figures.update(cycle_figures)
+            figures["ppo_update_speedup"] = measure_update(in_process, reference)
+            print("weight sync, score, dynamic batching ...", flush=True)
+            figures["weight_sync"] = measure_weight_sync(stack, in_process)
+            figures["score_speedup"] = measure_score(stack, reference)
+            figures["dynamic_batching"] = measure_dynamic_batching(stack)
+            scaling, replicas_same_samples = measure_scaling(stack)
+        for service in services:
+            figures[f"peak_rss/{service.name}"] = Figure(peak_rss_mb(service.process.pid), None, "MB")
     finally:
         stop_services(services)
 
-    machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-               "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()}
-    RESULTS.write_text(json.dumps({"machine": machine, "figures": figures}, indent=2))
-    print(f"\n{'figure':<20} {'ours':>10} {'baseline':>10} {'unit':<11} {'ratio':>7} {'target':>7}  met?")
-    for name, f in figures.items():
-        target = f"{f['target']}x" if f["target"] else "-"
-        met = "-" if f["met"] is None else ("yes" if f["met"] else "NO")
-        print(f"{name:<20} {f['ours']:10.2f} {f['baseline']:10.2f} {f['unit']:<11} {f['ratio']:6.1f}x {target:>7}  {met}")
-    print(f"machine: {machine}\nwrote {RESULTS}")
+    wall = time.perf_counter() - started
+    machine["loadavg_at_end"] = os.getloadavg()[0]
+    summary = {name: cycle_summary(records) for name, records in cycles.items()}
+    checks = {
+        "services_and_in_process_same_samples": all(
+            s["examples"] == i["examples"] and abs(s["reward_mean"] - i["reward_mean"]) < 1e-6
+            for s, i in zip(cycles["services"], cycles["in_process"])),
+        "replicas_same_samples": replicas_same_samples,
+    }
+    RESULTS.write_text(json.dumps({
+        "machine": machine, "wall_seconds": wall, "checks": checks,
+        "figures": {name: asdict(f) for name, f in figures.items()},
+        "scaling": scaling,
+        "cycles": {name: {"median": summary[name],
+                          "timed": [{k: v for k, v in r.items() if k != "examples"} for r in records]}
+                   for name, records in cycles.items()},
+    }, indent=2, ensure_ascii=False))
+    print_report(figures, summary, scaling, machine, checks, wall)
     return 0
+
+
+def fmt(value: float | None, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    digits = 0 if abs(value) >= 100 else 1 if abs(value) >= 10 else 2
+    return f"{value:.{digits}f} {unit}".strip()
+
+
+def print_report(figures: dict[str, Figure], summary: dict, scaling: list[dict], machine: dict, checks: dict,
+                 wall: float) -> None:
+    print(f"\n{'figure':<22} {'ours':>18} {'baseline':>18} {'ratio':>7} {'target':>7}  met?")
+    for name, f in figures.items():
+        ratio = "-" if f.ratio is None else f"{f.ratio:.2f}x"
+        target = "-" if f.target is None else f"{'<=' if f.lower_is_better else '>='}{f.target}x"
+        met = "-" if f.met is None else ("yes" if f.met else "NO")
+        print(f"{name:<22} {fmt(f.ours, f.unit):>18} {fmt(f.baseline, f.unit):>18} {ratio:>7} {target:>7}  {met}")
+    print("\nmedian cycle (s)       total  rollout    score   update  weight sync")
+    for name, s in summary.items():
+        print(f"{name:<20} {s['seconds']:7.2f}  {s['time/rollout']:7.2f}  {s['time/score']:7.2f}  "
+              f"{s['time/update']:7.2f}  {s['time/weight_sync']:7.3f}")
+    print("\nscaling    replicas  cycle s  samples/s  rollout s  update s")
+    for row in scaling:
+        print(f"batch {row['batch']:<4} {row['generator_replicas']:>8}  {row['seconds']:7.2f}  "
+              f"{row['samples_per_second']:9.1f}  {row['time/rollout']:9.2f}  {row['time/update']:8.2f}")
+    print(f"\nchecks: {checks}")
+    print(f"machine: {machine}")
+    print(f"bench wall time {wall:.0f}s; wrote {RESULTS}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@
 """
 from __future__ import annotations
 
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -66,8 +68,9 @@ class GeneratorClient(_Client):
     @staticmethod
     def request(prompts: list[str], n: int = 1, max_new_tokens: int | None = None, temperature: float | None = None,
                 top_k: int = 0, top_p: float | None = None, seed: int | None = None,
-                min_new_tokens: int = 0) -> pb.GenerateRequest:
-        request = pb.GenerateRequest(prompts=prompts, samples_per_prompt=n, top_k=top_k, min_new_tokens=min_new_tokens)
+                min_new_tokens: int = 0, first_sample_index: int = 0) -> pb.GenerateRequest:
+        request = pb.GenerateRequest(prompts=prompts, samples_per_prompt=n, top_k=top_k, min_new_tokens=min_new_tokens,
+                                     first_sample_index=first_sample_index)
         if max_new_tokens is not None:
             request.max_new_tokens = max_new_tokens
         if temperature is not None:
@@ -87,6 +90,62 @@ class GeneratorClient(_Client):
     def load_weights(self, trainer_address: str = "", version: int = 0) -> pb.LoadWeightsResponse:
         return self.stub.LoadWeights(pb.LoadWeightsRequest(trainer_address=trainer_address, version=version),
                                      timeout=self.timeout)
+
+
+class GeneratorReplicas:
+    """Several generator replicas behind the two calls the coordinator makes.
+
+    :meth:`generate` splits every prompt's samples across the replicas (a contiguous range of
+    sample indices each, sent as ``first_sample_index``), runs the shards concurrently and
+    returns one response in the order a single generator would. A sample's seed depends only
+    on (seed, prompt index, sample index), so the samples do not depend on the replica count.
+    :meth:`load_weights` loads the trainer's policy into every replica.
+    """
+
+    def __init__(self, clients: list[GeneratorClient]):
+        if not clients:
+            raise ValueError("GeneratorReplicas needs at least one generator client")
+        self.clients = clients
+        self._pool = ThreadPoolExecutor(len(clients), thread_name_prefix="generator-replica")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        self._pool.shutdown()
+        for client in self.clients:
+            client.close()
+
+    def shards(self, n: int) -> list[tuple[GeneratorClient, int, int]]:
+        """(client, first sample index, samples per prompt) for each replica that gets work."""
+        base, extra = divmod(n, len(self.clients))
+        plan, first = [], 0
+        for i, client in enumerate(self.clients):
+            count = base + (1 if i < extra else 0)
+            if count:
+                plan.append((client, first, count))
+            first += count
+        return plan
+
+    def generate(self, prompts: list[str], n: int = 1, seed: int | None = None, **kwargs) -> pb.GenerateResponse:
+        if seed is None:  # one seed for all shards, else each replica would draw its own
+            seed = int.from_bytes(os.urandom(8), "little") >> 1
+        futures = [self._pool.submit(client.generate, prompts, count, seed=seed, first_sample_index=first, **kwargs)
+                   for client, first, count in self.shards(n)]
+        parts = [future.result() for future in futures]
+        samples = sorted((s for part in parts for s in part.samples), key=lambda s: (s.prompt_index, s.sample_index))
+        # replicas hold the same version between load_weights calls; if not, report the oldest
+        return pb.GenerateResponse(samples=samples, policy_version=min(p.policy_version for p in parts),
+                                   seconds=max(p.seconds for p in parts))
+
+    def load_weights(self, trainer_address: str = "", version: int = 0) -> pb.LoadWeightsResponse:
+        started = time.perf_counter()
+        replies = list(self._pool.map(lambda client: client.load_weights(trainer_address, version), self.clients))
+        return pb.LoadWeightsResponse(policy_version=min(r.policy_version for r in replies),
+                                      bytes=sum(r.bytes for r in replies), seconds=time.perf_counter() - started)
 
 
 class ScorerClient(_Client):

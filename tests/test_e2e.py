@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from haoping.client import GeneratorClient, ScorerClient, TrainerClient
+from haoping.client import GeneratorClient, GeneratorReplicas, ScorerClient, TrainerClient
 from services.coordinator.run import DEFAULT_PROMPTS, Coordinator, start_service, stop_services
 
 pytestmark = pytest.mark.slow
@@ -35,7 +35,11 @@ def stack(tiny_policy, tiny_classifier, tmp_path_factory):
                                                     "--trainer-address", services[0].address], run_dir, timeout=120))
         services.append(start_service("scorer", ["--model", str(tiny_classifier), "--device", "cpu"], run_dir,
                                       timeout=120))
-        yield SimpleNamespace(trainer=services[0], generator=services[1], scorer=services[2], run_dir=run_dir)
+        services.append(start_service("generator", ["--model", str(tiny_policy), "--device", "cpu",
+                                                    "--trainer-address", services[0].address], run_dir, timeout=120,
+                                      label="generator-2"))
+        yield SimpleNamespace(trainer=services[0], generator=services[1], scorer=services[2],
+                              generator_2=services[3], run_dir=run_dir)
     finally:
         stop_services(services)
         for s in services:
@@ -79,7 +83,7 @@ def test_haoping_run_writes_the_run_directory(tiny_policy, tiny_classifier, tmp_
     command = [sys.executable, "-m", "haoping.cli", "run", "--policy", str(tiny_policy),
                "--scorer-model", str(tiny_classifier), "--cycles", "2", "--samples-per-prompt", "2",
                "--max-new-tokens", "6", "--min-new-tokens", "2", "--eval-samples", "8", "--runs-dir", str(tmp_path), "--name", "e2e",
-               "--ppo-config", FAST_PPO, "--device", "cpu"]
+               "--ppo-config", FAST_PPO, "--device", "cpu", "--generator-replicas", "2"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     run_dir = tmp_path / "latest"
@@ -95,6 +99,7 @@ def test_haoping_run_writes_the_run_directory(tiny_policy, tiny_classifier, tmp_
             assert_clean_text(row["text"])
     assert (run_dir / "reward_kl.png").stat().st_size > 1000
     assert (run_dir / "checkpoint" / "policy" / "config.json").exists()
+    assert "Generator serving" in (run_dir / "logs" / "generator-2.log").read_text()  # the second replica
     assert "cycle   1" in result.stdout
     # the trainer masks EOS exactly where the generator did
     assert json.loads((run_dir / "config.json").read_text())["min_new_tokens"] == 2
@@ -103,8 +108,33 @@ def test_haoping_run_writes_the_run_directory(tiny_policy, tiny_classifier, tmp_
     assert again.returncode == 2 and "already holds a run" in again.stderr
 
 
+def test_generator_replicas_split_rollouts_and_all_load_new_weights(stack, tmp_path):
+    args = SimpleNamespace(prompts=DEFAULT_PROMPTS, samples_per_prompt=3, max_new_tokens=6, eval_samples=4, seed=0,
+                           cycles=2, max_seconds=0.0, min_new_tokens=2, empty_response_reward=0.0, max_kl=6.0,
+                           min_distinct2_ratio=0.5, max_repetition_rate=0.1)
+    request = dict(n=3, max_new_tokens=6, min_new_tokens=2, seed=5)
+    with GeneratorReplicas([GeneratorClient(g.address) for g in (stack.generator, stack.generator_2)]) as replicas, \
+            ScorerClient(stack.scorer.address) as scorer, TrainerClient(stack.trainer.address) as trainer:
+        start_version = replicas.load_weights(stack.trainer.address).policy_version
+        assert [(first, count) for _, first, count in replicas.shards(3)] == [(0, 2), (2, 1)]
+        split = replicas.generate(DEFAULT_PROMPTS, **request)
+        whole = replicas.clients[0].generate(DEFAULT_PROMPTS, **request)
+        # a sample's seed is (seed, prompt, sample index): the split changes no sample, nor the order
+        assert len(split.samples) == 12
+        assert [(s.prompt_index, s.sample_index, s.response_token_ids) for s in split.samples] == \
+            [(s.prompt_index, s.sample_index, s.response_token_ids) for s in whole.samples]
+        records = Coordinator(args, replicas, scorer, trainer, stack.trainer.address, tmp_path).run()
+        assert [r["policy_version"] for r in records] == [start_version + 1, start_version + 2]
+        # each rollout came from replicas that all held the previous update
+        assert [r["rollout_policy_version"] for r in records] == [start_version, start_version + 1]
+        assert [client.info().policy_version for client in replicas.clients] == [start_version + 2] * 2
+
+
 def test_haoping_run_rejects_bad_flags_before_starting_anything(tmp_path):
     result = subprocess.run([sys.executable, "-m", "haoping.cli", "run", "--max-new-tokens", "4",
                              "--min-new-tokens", "8", "--runs-dir", str(tmp_path)], capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 2 and "--min-new-tokens" in result.stderr
+    result = subprocess.run([sys.executable, "-m", "haoping.cli", "run", "--generator-replicas", "0",
+                             "--runs-dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "--generator-replicas" in result.stderr

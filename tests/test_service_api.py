@@ -96,6 +96,15 @@ def test_concurrent_identical_requests_equal_one_batch(api):
     assert float(merged[0].split()[-1]) < float(total[0].split()[-1])
 
 
+def test_a_shard_numbered_by_first_sample_index_equals_that_part_of_the_whole(api):
+    prompts = [PROMPT, "这部电影很"]
+    with GeneratorClient(api.generator.address) as client:
+        whole = client.generate(prompts, n=5, max_new_tokens=8, seed=11)
+        shard = client.generate(prompts, n=2, max_new_tokens=8, seed=11, first_sample_index=3)
+    expected = [(s.prompt_index, s.sample_index, s.response_token_ids) for s in whole.samples if s.sample_index >= 3]
+    assert [(s.prompt_index, s.sample_index, s.response_token_ids) for s in shard.samples] == expected
+
+
 def test_stream_pieces_add_up_to_the_sample(api):
     with GeneratorClient(api.generator.address) as client:
         pieces = list(client.generate_stream([PROMPT, "这部电影很"], n=2, max_new_tokens=10, seed=3))

@@ -17,7 +17,7 @@ FINISH_REASON_EOS: FinishReason
 FINISH_REASON_LENGTH: FinishReason
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompts", "samples_per_prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "min_new_tokens")
+    __slots__ = ("prompts", "samples_per_prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "min_new_tokens", "first_sample_index")
     PROMPTS_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_PER_PROMPT_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -26,6 +26,7 @@ class GenerateRequest(_message.Message):
     TOP_P_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     MIN_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    FIRST_SAMPLE_INDEX_FIELD_NUMBER: _ClassVar[int]
     prompts: _containers.RepeatedScalarFieldContainer[str]
     samples_per_prompt: int
     max_new_tokens: int
@@ -34,7 +35,8 @@ class GenerateRequest(_message.Message):
     top_p: float
     seed: int
     min_new_tokens: int
-    def __init__(self, prompts: _Optional[_Iterable[str]] = ..., samples_per_prompt: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., min_new_tokens: _Optional[int] = ...) -> None: ...
+    first_sample_index: int
+    def __init__(self, prompts: _Optional[_Iterable[str]] = ..., samples_per_prompt: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., min_new_tokens: _Optional[int] = ..., first_sample_index: _Optional[int] = ...) -> None: ...
 
 class Sample(_message.Message):
     __slots__ = ("prompt_index", "sample_index", "prompt_token_ids", "response_token_ids", "text", "full_text", "finish_reason", "policy_version")

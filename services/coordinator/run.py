@@ -14,7 +14,7 @@ from datetime import datetime
 from pathlib import Path
 
 from haoping import text_metrics
-from haoping.client import GeneratorClient, ScorerClient, TrainerClient
+from haoping.client import GeneratorClient, GeneratorReplicas, ScorerClient, TrainerClient
 from haoping.log import get_logger
 from haoping.plots import plot_reward_kl
 from haoping.v1 import haoping_pb2 as pb
@@ -41,11 +41,15 @@ class ServiceProcess:
             return ""
 
 
-def start_service(name: str, extra_args: list[str], run_dir: Path, timeout: float = 900.0) -> ServiceProcess:
-    """Start `python -m services.<name>` on a free loopback port and wait until it is SERVING."""
-    ready = run_dir / "logs" / f"{name}.ready"
+def start_service(name: str, extra_args: list[str], run_dir: Path, timeout: float = 900.0,
+                  label: str = "") -> ServiceProcess:
+    """Start `python -m services.<name>` on a free loopback port and wait until it is SERVING.
+
+    ``label`` (default: the name) names its log and ready files, e.g. generator-2 for a replica."""
+    label = label or name
+    ready = run_dir / "logs" / f"{label}.ready"
     ready.unlink(missing_ok=True)
-    log_path = run_dir / "logs" / f"{name}.log"
+    log_path = run_dir / "logs" / f"{label}.log"
     command = [sys.executable, "-m", f"services.{name}", "--host", "127.0.0.1", "--port", "0",
                "--metrics-port", "0", "--ready-file", str(ready), *extra_args]
     with open(log_path, "ab") as log_file:
@@ -53,14 +57,14 @@ def start_service(name: str, extra_args: list[str], run_dir: Path, timeout: floa
     deadline = time.monotonic() + timeout
     while not ready.exists():
         if process.poll() is not None:
-            raise RuntimeError(f"{name} exited with code {process.returncode}; log {log_path}:\n"
-                               + ServiceProcess(name, process, "", 0, log_path).log_tail())
+            raise RuntimeError(f"{label} exited with code {process.returncode}; log {log_path}:\n"
+                               + ServiceProcess(label, process, "", 0, log_path).log_tail())
         if time.monotonic() > deadline:
             process.kill()
-            raise TimeoutError(f"{name} not ready after {timeout:.0f}s; see {log_path}")
+            raise TimeoutError(f"{label} not ready after {timeout:.0f}s; see {log_path}")
         time.sleep(0.2)
     address, metrics_port = ready.read_text().split()
-    return ServiceProcess(name, process, address, int(metrics_port), log_path)
+    return ServiceProcess(label, process, address, int(metrics_port), log_path)
 
 
 def stop_services(services: list[ServiceProcess], timeout: float = 30.0) -> None:
@@ -96,9 +100,20 @@ def guard_figures(texts: list[str]) -> dict[str, float]:
             "empty_rate": text_metrics.empty_rate(texts)}
 
 
+def cycle_seed(seed: int, index: int) -> int:
+    """The rollout seed of cycle ``index``: every cycle samples afresh, reproducibly."""
+    return seed * 100003 + index
+
+
+def reward_for(response_text: str, score: float, empty_response_reward: float) -> float:
+    """The scorer's score, except that an empty response earns ``empty_response_reward``:
+    the prompt alone (e.g. "刚收到货，感觉") already scores high, so saying nothing would pay."""
+    return empty_response_reward if not response_text.strip() else score
+
+
 class Coordinator:
-    def __init__(self, args, generator: GeneratorClient, scorer: ScorerClient, trainer: TrainerClient,
-                 trainer_address: str, run_dir: Path):
+    def __init__(self, args, generator: GeneratorClient | GeneratorReplicas, scorer: ScorerClient,
+                 trainer: TrainerClient, trainer_address: str, run_dir: Path):
         self.args = args
         self.generator, self.scorer, self.trainer = generator, scorer, trainer
         self.trainer_address = trainer_address
@@ -123,7 +138,7 @@ class Coordinator:
         a = self.args
         t0 = time.perf_counter()
         response = self.generator.generate(self.prompts, n=a.samples_per_prompt, max_new_tokens=a.max_new_tokens,
-                                           temperature=1.0, top_k=0, top_p=1.0, seed=a.seed * 100003 + index,
+                                           temperature=1.0, top_k=0, top_p=1.0, seed=cycle_seed(a.seed, index),
                                            min_new_tokens=a.min_new_tokens)
         t1 = time.perf_counter()
         scores = self.scorer.score([s.full_text for s in response.samples])
@@ -155,9 +170,7 @@ class Coordinator:
         return record
 
     def reward_of(self, sample: pb.Sample, score: pb.TextScore) -> float:
-        """The scorer's reward, except that an empty response earns --empty-response-reward:
-        the prompt alone (e.g. "刚收到货，感觉") already scores high, so saying nothing would pay."""
-        return self.args.empty_response_reward if not sample.text.strip() else score.score
+        return reward_for(sample.text, score.score, self.args.empty_response_reward)
 
     def check_guards(self, record: dict) -> list[str]:
         a = self.args
@@ -226,6 +239,8 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--scorer-normalize", "none", help="reward-model backend: none, sigmoid or running")
     add_flag(parser, "--ppo-config", "", help="JSON object of PPO options passed to the trainer")
     add_flag(parser, "--resume", "", help="trainer checkpoint dir to resume from (e.g. runs/latest/checkpoint)")
+    add_flag(parser, "--generator-replicas", 1, int,
+             "generator processes; each rollout's samples are split across them and run concurrently")
     add_flag(parser, "--device", "auto", help="torch device for all services")
     add_flag(parser, "--dtype", "float32", help="float32, bfloat16 or float16")
     add_flag(parser, "--empty-response-reward", 0.0, float, "reward for a response with no visible text")
@@ -246,6 +261,9 @@ def run(args) -> int:
         print(f"error: --min-new-tokens {args.min_new_tokens} must be in [0, --max-new-tokens {args.max_new_tokens}]",
               file=sys.stderr)
         return 2
+    if args.generator_replicas < 1:
+        print(f"error: --generator-replicas must be >= 1, got {args.generator_replicas}", file=sys.stderr)
+        return 2
     if args.resume and not (Path(args.resume) / "trainer_state.json").exists():
         print(f"error: --resume {args.resume} is not a trainer checkpoint (no trainer_state.json)", file=sys.stderr)
         return 2
@@ -260,32 +278,22 @@ def run(args) -> int:
     from haoping.bootstrap import ensure_starter_models
 
     if any(ref.startswith("starter:") for ref in (args.policy, args.scorer_model)):
-        ensure_starter_models()  # once, here, with progress bars, before three services race for it
-    common = ["--device", args.device, "--dtype", args.dtype]
-    ppo_config = json.loads(args.ppo_config) if args.ppo_config else {}
-    ppo_config.setdefault("seed", args.seed)
-    ppo_config.setdefault("min_response_tokens", args.min_new_tokens)
-    trainer_args = ["--model", args.policy, "--ppo-config", json.dumps(ppo_config),
-                    "--checkpoint-dir", str(run_dir / "checkpoint"), *common]
-    if args.resume:
-        trainer_args += ["--resume", args.resume]
+        ensure_starter_models()  # once, here, with progress bars, before the services race for it
     services: list[ServiceProcess] = []
     try:
         log.info("starting services (logs in %s)", run_dir / "logs")
-        services.append(start_service("trainer", trainer_args, run_dir))
-        services.append(start_service("generator", ["--model", args.policy, *common,
-                                                    "--trainer-address", services[0].address], run_dir))
-        services.append(start_service("scorer", ["--backend", args.scorer_backend, "--model", args.scorer_model,
-                                                 "--normalize", args.scorer_normalize, *common], run_dir))
+        start_services(args, run_dir, services)
         for s in services:
             log.info("%s serving at %s (metrics http://%s:%d/metrics)", s.name, s.address,
                      s.address.split(":")[0], s.metrics_port)
-        trainer_address = services[0].address
-        with GeneratorClient(services[1].address) as generator, ScorerClient(services[2].address) as scorer, \
-                TrainerClient(trainer_address) as trainer:
+        trainer_service, generator_services, scorer_service = split_services(services)
+        trainer_address = trainer_service.address
+        with GeneratorReplicas([GeneratorClient(g.address) for g in generator_services]) as generator, \
+                ScorerClient(scorer_service.address) as scorer, TrainerClient(trainer_address) as trainer:
             synced = generator.load_weights(trainer_address)  # a resumed trainer's policy, or the same start
             start_cycle = _cycles_done(run_dir) if args.resume else 0
-            log.info("generator at policy version %d; running %d cycles", synced.policy_version, args.cycles)
+            log.info("%d generator(s) at policy version %d; running %d cycles", len(generator_services),
+                     synced.policy_version, args.cycles)
             records = Coordinator(args, generator, scorer, trainer, trainer_address, run_dir).run(start_cycle)
         first, last = records[:5], records[-5:]
         print(f"mean reward, first {len(first)} cycles {_mean(r['reward_mean'] for r in first):.3f} -> "
@@ -293,6 +301,38 @@ def run(args) -> int:
         return 0
     finally:
         stop_services(services)
+
+
+def trainer_ppo_config(args) -> dict:
+    """--ppo-config plus what the run implies: the run's seed, and EOS masked where the generator masks it."""
+    ppo_config = json.loads(args.ppo_config) if args.ppo_config else {}
+    ppo_config.setdefault("seed", args.seed)
+    ppo_config.setdefault("min_response_tokens", args.min_new_tokens)
+    return ppo_config
+
+
+def start_services(args, run_dir: Path, services: list[ServiceProcess]) -> None:
+    """Start the trainer, ``--generator-replicas`` generators and the scorer, appending each to
+    ``services`` as soon as it serves (so the caller can stop whatever did start)."""
+    common = ["--device", args.device, "--dtype", args.dtype]
+    trainer_args = ["--model", args.policy, "--ppo-config", json.dumps(trainer_ppo_config(args)),
+                    "--checkpoint-dir", str(run_dir / "checkpoint"), *common]
+    if args.resume:
+        trainer_args += ["--resume", args.resume]
+    services.append(start_service("trainer", trainer_args, run_dir))
+    # replicas keep torch's default threads: the same thread count gives bit-identical samples,
+    # so a rollout does not depend on how many replicas share it
+    generator_args = ["--model", args.policy, *common, "--trainer-address", services[0].address]
+    for replica in range(args.generator_replicas):
+        label = "generator" if replica == 0 else f"generator-{replica + 1}"
+        services.append(start_service("generator", generator_args, run_dir, label=label))
+    services.append(start_service("scorer", ["--backend", args.scorer_backend, "--model", args.scorer_model,
+                                             "--normalize", args.scorer_normalize, *common], run_dir))
+
+
+def split_services(services: list[ServiceProcess]) -> tuple[ServiceProcess, list[ServiceProcess], ServiceProcess]:
+    """(trainer, generators, scorer) from the list :func:`start_services` filled."""
+    return services[0], services[1:-1], services[-1]
 
 
 def _cycles_done(run_dir: Path) -> int:

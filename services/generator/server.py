@@ -78,7 +78,7 @@ class GeneratorService(pb_grpc.GeneratorServicer):
             if len(ids) + max_new > self.generator.max_context:
                 bad(f"prompt {p_index} has {len(ids)} tokens; with max_new_tokens={max_new} that exceeds "
                     f"the model context of {self.generator.max_context}")
-            for s_index in range(n):
+            for s_index in range(request.first_sample_index, request.first_sample_index + n):
                 specs.append((p_index, s_index, SampleSpec(tuple(ids), params, sample_seed(seed, p_index, s_index))))
         return specs
 
