@@ -168,7 +168,7 @@ def measure_update(in_process: InProcessPipeline, reference: ReferencePipeline) 
     print("PPO update: minibatch 16 vs 1 ...", flush=True)
     batch = in_process.last_batch
     vectorized = one_by_one = float("inf")
-    for _ in range(2):  # interleaved, best of two each
+    for _ in range(3):  # interleaved, best of three each
         vectorized = min(vectorized, timed(lambda: in_process.step(*batch)))
         one_by_one = min(one_by_one, timed(lambda: reference.trainer.step(*batch)))
     return Figure(len(batch[0]) / vectorized, len(batch[0]) / one_by_one, "samples/s", 5)
