@@ -94,11 +94,12 @@ class PolicyWithValueHead(nn.Module):
         nn.init.normal_(self.value_head.weight, std=1.0 / math.sqrt(hidden + 1))
         nn.init.zeros_(self.value_head.bias)
 
-    def forward(self, input_ids, attention_mask, position_ids, with_values: bool = True):
-        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                      output_hidden_states=with_values, use_cache=False)
-        values = self.value_head(out.hidden_states[-1].to(self.value_head.weight.dtype)).squeeze(-1) if with_values else None
-        return out.logits, values
+    def forward(self, batch: "RolloutBatch") -> tuple[torch.Tensor, torch.Tensor]:
+        """Response logits [B, R, V] and values [B, R], at the positions that predict response tokens."""
+        out = self.lm(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                      output_hidden_states=True, use_cache=False, logits_to_keep=batch.response_ids.shape[1] + 1)
+        hidden = out.hidden_states[-1][:, batch.query_width - 1:-1]
+        return out.logits[:, :-1], self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
 
 
 @dataclass
@@ -136,9 +137,12 @@ def build_rollout_batch(queries: list[list[int]], responses: list[list[int]], pa
     return RolloutBatch(input_ids, attention_mask, position_ids, input_ids[:, q_width:], response_mask, q_width)
 
 
-def response_logits(logits: torch.Tensor, query_width: int) -> torch.Tensor:
-    """Logits [B, Q+R, V] -> the ones that predict response tokens [B, R, V]."""
-    return logits[:, query_width - 1:-1]
+def response_logits(lm: nn.Module, batch: "RolloutBatch") -> torch.Tensor:
+    """The LM's logits that predict the response tokens [B, R, V]. Only those R positions go
+    through the vocabulary projection (``logits_to_keep``), the costliest matmul of a small model:
+    the query positions' logits were computed and thrown away before."""
+    return lm(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+              use_cache=False, logits_to_keep=batch.response_ids.shape[1] + 1).logits[:, :-1]
 
 
 def mask_early_eos(logits: torch.Tensor, eos_id: int | None, min_tokens: int) -> torch.Tensor:
@@ -222,15 +226,13 @@ class PPOTrainer:
         for start in range(0, n, self.config.forward_batch_size):
             part = batch.rows(torch.arange(start, min(n, start + self.config.forward_batch_size)))
             with self._autocast():
-                logits, values = self.model(part.input_ids, part.attention_mask, part.position_ids)
-                ref_logits = self.ref_model(input_ids=part.input_ids, attention_mask=part.attention_mask,
-                                            position_ids=part.position_ids, use_cache=False).logits
-            logits = mask_early_eos(response_logits(logits, part.query_width), self.eos_id, self.config.min_response_tokens)
+                logits, values = self.model(part)
+                ref_logits = response_logits(self.ref_model, part)
+            logits = mask_early_eos(logits, self.eos_id, self.config.min_response_tokens)
             chunks["logp"].append(ppo.logprobs_from_logits(logits, part.response_ids))
             chunks["entropy"].append(ppo.entropy_from_logits(logits))
-            chunks["values"].append(response_logits(values.unsqueeze(-1), part.query_width).squeeze(-1).float())
-            ref_logits = mask_early_eos(response_logits(ref_logits, part.query_width), self.eos_id,
-                                        self.config.min_response_tokens)
+            chunks["values"].append(values.float())
+            ref_logits = mask_early_eos(ref_logits, self.eos_id, self.config.min_response_tokens)
             chunks["ref_logp"].append(ppo.logprobs_from_logits(ref_logits, part.response_ids))
         return {k: torch.cat(v) for k, v in chunks.items()}
 
@@ -316,9 +318,9 @@ class PPOTrainer:
         c = self.config
         mask = part.response_mask
         with self._autocast():
-            logits, values = self.model(part.input_ids, part.attention_mask, part.position_ids)
-        logits = mask_early_eos(response_logits(logits, part.query_width), self.eos_id, c.min_response_tokens)
-        values = response_logits(values.unsqueeze(-1), part.query_width).squeeze(-1).float()
+            logits, values = self.model(part)
+        logits = mask_early_eos(logits, self.eos_id, c.min_response_tokens)
+        values = values.float()
         logp = ppo.logprobs_from_logits(logits, part.response_ids)
         pg = ppo.policy_loss(logp, old["logp"][index], advantages[index], mask, c.cliprange)
         vf = ppo.value_loss(values, old["values"][index], returns[index], mask, c.cliprange_value)

@@ -41,6 +41,17 @@ def test_padding_does_not_change_a_rollouts_logprobs(tiny_policy):
     assert torch.allclose(alone["values"][0, :3], mixed["values"][0, :3], atol=1e-5)
 
 
+def test_logprobs_are_those_of_the_response_tokens(tiny_policy):
+    trainer = PPOTrainer(str(tiny_policy))
+    query, response = QUERIES[1], RESPONSES[1]
+    old = trainer._rollout_forward(build_rollout_batch([query], [response], trainer.pad_id))
+    with torch.no_grad():  # independently: one full forward of query + response, no padding
+        full = trainer.ref_model(input_ids=torch.tensor([query + response])).logits.log_softmax(-1)[0]
+    expected = [full[len(query) - 1 + t, token].item() for t, token in enumerate(response)]
+    assert old["logp"][0].tolist() == pytest.approx(expected, abs=1e-5)
+    assert old["ref_logp"][0].tolist() == pytest.approx(expected, abs=1e-5)  # policy == reference at start
+
+
 def test_gradient_accumulation_equals_one_big_minibatch(tiny_policy):
     results = []
     for accumulation in (1, 3):
