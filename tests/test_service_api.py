@@ -120,7 +120,8 @@ def test_stream_pieces_add_up_to_the_sample(api):
 
 def test_cancelled_request_stops_and_server_stays_healthy(api):
     with GeneratorClient(api.generator.address) as client:
-        future = client.stub.Generate.future(pb.GenerateRequest(prompts=[PROMPT] * 64, samples_per_prompt=8,
+        # big enough (2048 samples x 40 tokens) that it cannot finish before the cancel arrives
+        future = client.stub.Generate.future(pb.GenerateRequest(prompts=[PROMPT] * 256, samples_per_prompt=8,
                                                                 max_new_tokens=40, seed=1), timeout=60)
         time.sleep(0.3)
         future.cancel()
