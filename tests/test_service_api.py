@@ -1,6 +1,7 @@
 """Generate and Score as services other apps call: validation statuses, batching consistency,
 streaming, cancellation, health, reflection, queue limits, graceful shutdown."""
 import math
+import os
 import shutil
 import signal
 import subprocess
@@ -204,8 +205,6 @@ def test_queue_limit_and_graceful_shutdown(tiny_policy, tmp_path):
 
 
 def _promtool() -> str | None:
-    import os
-
     found = shutil.which("promtool")
     if found is None and os.environ.get("HAOPING_REQUIRE_PROMTOOL") == "1":
         pytest.fail("promtool not found: apt-get install prometheus (CI installs it)")
