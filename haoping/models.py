@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -82,8 +83,17 @@ def load_tokenizer(ref: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+# Same function, one fused kernel: GPT-2's "gelu_new" is the tanh-approximated GELU written as
+# eight elementwise ops in Python; torch's gelu(approximate="tanh") agrees to ~2e-7.
+FUSED_ACTIVATIONS = {"gelu_new": "gelu_pytorch_tanh"}
+
+
 def load_causal_lm(ref: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    model = _from_pretrained(AutoModelForCausalLM, ref, dtype=dtype)
+    config = _from_pretrained(AutoConfig, ref)
+    activation = getattr(config, "activation_function", None)
+    if activation in FUSED_ACTIVATIONS:
+        config.activation_function = FUSED_ACTIVATIONS[activation]
+    model = _from_pretrained(AutoModelForCausalLM, ref, config=config, dtype=dtype)
     return model.to(device).eval()
 
 

@@ -50,13 +50,22 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: fl
 
 def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """logits [B, T, V], tokens [B, T] -> log p(token) [B, T]."""
-    return torch.gather(F.log_softmax(logits.float(), dim=-1), 2, tokens.unsqueeze(-1)).squeeze(-1)
+    return token_logprobs(F.log_softmax(logits.float(), dim=-1), tokens)
+
+
+def token_logprobs(logp_all: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log-softmax [B, T, V], tokens [B, T] -> log p(token) [B, T]."""
+    return torch.gather(logp_all, 2, tokens.unsqueeze(-1)).squeeze(-1)
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """logits [B, T, V] -> entropy [B, T] in nats. A masked-out token (logit -inf) adds 0, not NaN."""
-    logp = F.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp.clamp(min=torch.finfo(logp.dtype).min)).sum(-1)
+    return entropy_from_logprobs(F.log_softmax(logits.float(), dim=-1))
+
+
+def entropy_from_logprobs(logp_all: torch.Tensor) -> torch.Tensor:
+    """log-softmax [B, T, V] -> entropy [B, T]; lets a caller reuse one log-softmax for both."""
+    return -(logp_all.exp() * logp_all.clamp(min=torch.finfo(logp_all.dtype).min)).sum(-1)
 
 
 def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1") -> torch.Tensor:

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from safetensors.torch import load_file, save, save_file
 
 from haoping import ppo
@@ -228,9 +229,9 @@ class PPOTrainer:
             with self._autocast():
                 logits, values = self.model(part)
                 ref_logits = response_logits(self.ref_model, part)
-            logits = mask_early_eos(logits, self.eos_id, self.config.min_response_tokens)
-            chunks["logp"].append(ppo.logprobs_from_logits(logits, part.response_ids))
-            chunks["entropy"].append(ppo.entropy_from_logits(logits))
+            logp_all = F.log_softmax(mask_early_eos(logits, self.eos_id, self.config.min_response_tokens).float(), -1)
+            chunks["logp"].append(ppo.token_logprobs(logp_all, part.response_ids))
+            chunks["entropy"].append(ppo.entropy_from_logprobs(logp_all))
             chunks["values"].append(values.float())
             ref_logits = mask_early_eos(ref_logits, self.eos_id, self.config.min_response_tokens)
             chunks["ref_logp"].append(ppo.logprobs_from_logits(ref_logits, part.response_ids))
@@ -319,9 +320,9 @@ class PPOTrainer:
         mask = part.response_mask
         with self._autocast():
             logits, values = self.model(part)
-        logits = mask_early_eos(logits, self.eos_id, c.min_response_tokens)
+        logp_all = F.log_softmax(mask_early_eos(logits, self.eos_id, c.min_response_tokens).float(), -1)
         values = values.float()
-        logp = ppo.logprobs_from_logits(logits, part.response_ids)
+        logp = ppo.token_logprobs(logp_all, part.response_ids)
         pg = ppo.policy_loss(logp, old["logp"][index], advantages[index], mask, c.cliprange)
         vf = ppo.value_loss(values, old["values"][index], returns[index], mask, c.cliprange_value)
         loss = pg.loss + c.vf_coef * vf.loss
@@ -331,7 +332,7 @@ class PPOTrainer:
             loss = loss + c.kl_loss_coef * kl_to_ref
         (loss * weight).backward()
         with torch.no_grad():
-            entropy = ppo.masked_mean(ppo.entropy_from_logits(logits), mask)
+            entropy = ppo.masked_mean(ppo.entropy_from_logprobs(logp_all), mask)
         return {
             "weight": float(weight),
             "ppo/loss/policy": pg.loss.item(),

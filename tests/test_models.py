@@ -16,6 +16,18 @@ def test_hub_format_policy_loads_offline_with_cls_framing(tiny_policy):
     assert model(torch.tensor([ids])).logits.shape[-1] == len(tokenizer)
 
 
+def test_gpt2_tanh_gelu_loads_as_the_fused_kernel_with_the_same_outputs(tiny_policy):
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(str(tiny_policy)).eval()
+    assert plain.config.activation_function == "gelu_new"
+    fused = load_causal_lm(str(tiny_policy))
+    assert fused.config.activation_function == "gelu_pytorch_tanh"
+    ids = torch.tensor([[1, 5, 9, 12, 7, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(fused(ids).logits, plain(ids).logits, atol=1e-5, rtol=1e-5)
+
+
 def test_decode_clean_has_no_spaces_or_special_tokens(tiny_policy):
     tokenizer = load_tokenizer(str(tiny_policy))
     ids = encode_prompt(tokenizer, "刚收到货，感觉很好 ipad mini 256g") + [tokenizer.sep_token_id, tokenizer.pad_token_id]
