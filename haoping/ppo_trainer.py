@@ -57,6 +57,10 @@ class PPOConfig:
     score_baseline: str = "none"     # none | prompt_mean: subtract the mean score of the same prompt's rollouts
     whiten_advantages: bool = True
     min_response_tokens: int = 0     # EOS was masked before this many tokens at sampling; mask it here too
+    # Freeze the token embeddings and the LM head (tied in GPT-2). Every vocabulary row gets a
+    # gradient through the softmax, and Adam moves even a rare token's row by ~lr per step: a
+    # coherent drift of all rare tokens' logits that costs KL and diversity, not reward.
+    freeze_embeddings: bool = False
     seed: int = 0
 
     def __post_init__(self):
@@ -184,6 +188,10 @@ class PPOTrainer:
         self.ref_model = load_causal_lm(self.ref_model_ref, self.device, dtype).eval()
         for p in self.ref_model.parameters():
             p.requires_grad_(False)
+        if config.freeze_embeddings:
+            for module in (self.model.lm.get_input_embeddings(), self.model.lm.get_output_embeddings()):
+                for p in module.parameters() if module is not None else ():
+                    p.requires_grad_(False)
         self.optimizer = self._make_optimizer()
         self.kl_ctl = (ppo.AdaptiveKLController(config.init_kl_coef, config.kl_target, config.kl_horizon)
                        if config.adaptive_kl else ppo.FixedKLController(config.init_kl_coef))
@@ -197,7 +205,8 @@ class PPOTrainer:
     def _make_optimizer(self) -> torch.optim.Optimizer:
         c = self.config
         return torch.optim.AdamW([
-            {"params": list(self.model.lm.parameters()), "lr": c.learning_rate, "name": "policy"},
+            {"params": [p for p in self.model.lm.parameters() if p.requires_grad], "lr": c.learning_rate,
+             "name": "policy"},
             {"params": list(self.model.value_head.parameters()),
              "lr": c.value_learning_rate or c.learning_rate, "name": "value_head"},
         ], eps=1e-5, weight_decay=0.0)  # decay would pull toward zero, not toward the reference

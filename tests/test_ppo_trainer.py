@@ -95,6 +95,20 @@ def test_value_warmup_freezes_policy_and_trains_value_head(tiny_policy):
     assert not all(torch.equal(a, b) for a, b in zip(lm_before, trainer.model.lm.parameters()))
 
 
+def test_freeze_embeddings_keeps_token_embeddings_and_lm_head_fixed(tiny_policy):
+    trainer = PPOTrainer(str(tiny_policy), PPOConfig(freeze_embeddings=True, learning_rate=1e-2))
+    lm = trainer.model.lm
+    embeddings = lm.get_input_embeddings().weight.detach().clone()
+    head = lm.get_output_embeddings().weight.detach().clone()
+    block = next(p for n, p in lm.named_parameters() if ".h.0." in n).detach().clone()
+    trainer.step(QUERIES, RESPONSES, SCORES)
+    assert torch.equal(embeddings, lm.get_input_embeddings().weight)
+    assert torch.equal(head, lm.get_output_embeddings().weight)
+    assert not torch.equal(block, next(p for n, p in lm.named_parameters() if ".h.0." in n))
+    optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert id(lm.get_input_embeddings().weight) not in optimized
+
+
 def test_lr_schedules():
     assert lr_factor(0, "constant", 0, 10) == 1.0
     assert lr_factor(0, "linear", 2, 10) == 0.5  # warm-up
