@@ -36,8 +36,9 @@ clean:
 reward-model: venv
 	$(VENV)/bin/haoping train-reward-model --train starter --dev $(REWARD_DEV) --out runs/reward-model --threads 1
 
-# PPO time budget 5 min; lr 1e-3 (see README "Results")
-LEARNING_ARGS ?= --cycles 200 --max-seconds 300 --ppo-config '{"learning_rate": 0.001}'
+# PPO time budget 5 min (cycles never bind); 128 rollouts a cycle, KL coefficient from 0.1 (see README "Results")
+LEARNING_ARGS ?= --cycles 1000 --max-seconds 300 --samples-per-prompt 32 \
+	--ppo-config '{"learning_rate": 0.001, "minibatch_size": 64, "init_kl_coef": 0.1}'
 bench-learning: venv
 	$(PY) -m bench.learning $(LEARNING_ARGS) $(RUN_ARGS)
 

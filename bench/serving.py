@@ -11,7 +11,7 @@ coordinator's default settings (4 prompts x 16 samples = 64, 16 new tokens, seed
 Figures (ratio = ours / baseline; for grpc_cycle_overhead, lower is better):
   rollout_speedup      rollout samples/s in the services' cycles vs the reference's cycles
   ppo_update_speedup   one PPO step on the same 64 samples: the coordinator's default minibatches
-                       (16) vs minibatches of 1, 4 epochs each
+                       (PPOConfig.minibatch_size) vs minibatches of 1, 4 epochs each
   cycle_speedup        PPO samples/s through the services vs the reference in-process
   grpc_cycle_overhead  cycle seconds through the services vs in-process
   weight_sync          trainer -> generator over gRPC (GB/s) vs a raw safetensors save + load
@@ -164,8 +164,8 @@ def measure_cycles(stack: Stack, in_process: InProcessPipeline, reference: Refer
 
 
 def measure_update(in_process: InProcessPipeline, reference: ReferencePipeline) -> Figure:
-    """One PPO step on the same samples: the default minibatches (16) vs minibatches of 1."""
-    print("PPO update: minibatch 16 vs 1 ...", flush=True)
+    """One PPO step on the same samples: the default minibatches vs minibatches of 1."""
+    print(f"PPO update: minibatch {in_process.trainer.config.minibatch_size} vs 1 ...", flush=True)
     batch = in_process.last_batch
     vectorized = one_by_one = float("inf")
     for _ in range(3):  # interleaved, best of three each

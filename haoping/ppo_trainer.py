@@ -30,14 +30,14 @@ log = get_logger(__name__)
 
 @dataclass
 class PPOConfig:
-    learning_rate: float = 5e-4
+    learning_rate: float = 1e-3
     value_learning_rate: float | None = None  # None: same as learning_rate
     value_warmup_steps: int = 0      # first N steps train only the value head
     lr_schedule: str = "constant"    # constant | linear | cosine (over total_steps)
     lr_warmup_steps: int = 0
     total_steps: int = 1000
     ppo_epochs: int = 4
-    minibatch_size: int = 16
+    minibatch_size: int = 32         # 2 minibatches x 4 epochs per 64 rollouts: fewer, less noisy Adam steps
     gradient_accumulation_steps: int = 1
     forward_batch_size: int = 64     # chunking of the no-grad forward passes
     gamma: float = 1.0
@@ -60,7 +60,7 @@ class PPOConfig:
     # Freeze the token embeddings and the LM head (tied in GPT-2). Every vocabulary row gets a
     # gradient through the softmax, and Adam moves even a rare token's row by ~lr per step: a
     # coherent drift of all rare tokens' logits that costs KL and diversity, not reward.
-    freeze_embeddings: bool = False
+    freeze_embeddings: bool = True
     seed: int = 0
 
     def __post_init__(self):

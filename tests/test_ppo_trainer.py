@@ -70,7 +70,7 @@ def test_kl_loss_term_pulls_the_policy_back_toward_the_reference(tiny_policy):
     moved = {}
     for coef in (0.0, 50.0):
         trainer = PPOTrainer(str(tiny_policy), PPOConfig(minibatch_size=3, ppo_epochs=4, learning_rate=1e-3,
-                                                         kl_loss_coef=coef, seed=0))
+                                                         kl_loss_coef=coef, seed=0, freeze_embeddings=False))
         noise = torch.Generator().manual_seed(1)
         with torch.no_grad():  # start away from the reference
             for p in trainer.model.lm.parameters():
@@ -107,6 +107,9 @@ def test_freeze_embeddings_keeps_token_embeddings_and_lm_head_fixed(tiny_policy)
     assert not torch.equal(block, next(p for n, p in lm.named_parameters() if ".h.0." in n))
     optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
     assert id(lm.get_input_embeddings().weight) not in optimized
+    trainer = PPOTrainer(str(tiny_policy), PPOConfig(freeze_embeddings=False, learning_rate=1e-2))
+    trainer.step(QUERIES, RESPONSES, SCORES)
+    assert not torch.equal(embeddings, trainer.model.lm.get_input_embeddings().weight)
 
 
 def test_lr_schedules():
