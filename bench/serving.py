@@ -20,6 +20,9 @@ Figures (ratio = ours / baseline; for grpc_cycle_overhead, lower is better):
   peak_rss/<service>   VmHWM of each service process
 plus a scaling table: cycle time at batch 16, 64 and 256 with 1 and 2 generator replicas.
 Writes bench/results.json: figures, scaling, every timed cycle, checks and the machine info.
+
+`python -m bench.serving --only dynamic_batching` (or weight_sync, score_speedup) measures just
+those figures against freshly started services and prints them; results.json is left alone.
 """
 from __future__ import annotations
 
@@ -245,11 +248,57 @@ def measure_scaling(stack: Stack) -> tuple[list[dict], bool]:
 
 # ---------------------------------------------------------------- the run
 
-def main() -> int:
+QUICK_FIGURES = ("weight_sync", "score_speedup", "dynamic_batching")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.serving", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="+", choices=QUICK_FIGURES, metavar="FIGURE",
+                        help=f"measure only these figures ({', '.join(QUICK_FIGURES)}) with one generator "
+                             "and print them, without the cycles or the scaling table; bench/results.json "
+                             "is not written")
+    return parser.parse_args(argv)
+
+
+def measure_only(names: list[str]) -> int:
+    """The figures measured outside the cycles, alone: a quick check of one of them."""
+    args = run_args()
+    (WORK / "logs").mkdir(parents=True, exist_ok=True)
+    figures: dict[str, Figure] = {}
+    services = []
+    try:
+        print("starting the services ...", flush=True)
+        start_services(args, WORK, services)
+        trainer_svc, generator_svcs, scorer_svc = split_services(services)
+        with ScorerClient(scorer_svc.address) as scorer, TrainerClient(trainer_svc.address) as trainer:
+            stack = Stack(args, trainer_svc.address, [g.address for g in generator_svcs], scorer, trainer)
+            for name in QUICK_FIGURES:
+                if name not in names:
+                    continue
+                print(f"{name} ...", flush=True)
+                if name == "weight_sync":
+                    figures[name] = measure_weight_sync(stack, InProcessPipeline(args))
+                elif name == "score_speedup":
+                    figures[name] = measure_score(stack, ReferencePipeline(args))
+                else:
+                    figures[name] = measure_dynamic_batching(stack)
+    finally:
+        stop_services(services)
+    print()
+    print_figures(figures)
+    print(f"machine: {machine_info()}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    options = parse_args(argv)
     started = time.perf_counter()
     setup_logging(os.environ.get("HAOPING_LOG_LEVEL", "WARNING"))
     torch.manual_seed(SEED)
     ensure_starter_models()
+    if options.only:
+        return measure_only(options.only)
     machine = machine_info()
     args = run_args(generator_replicas=max(SCALING_REPLICAS))
     (WORK / "logs").mkdir(parents=True, exist_ok=True)
@@ -303,14 +352,19 @@ def fmt(value: float | None, unit: str = "") -> str:
     return f"{value:.{digits}f} {unit}".strip()
 
 
-def print_report(figures: dict[str, Figure], summary: dict, scaling: list[dict], machine: dict, checks: dict,
-                 wall: float) -> None:
-    print(f"\n{'figure':<22} {'ours':>18} {'baseline':>18} {'ratio':>7} {'target':>7}  met?")
+def print_figures(figures: dict[str, Figure]) -> None:
+    print(f"{'figure':<22} {'ours':>18} {'baseline':>18} {'ratio':>7} {'target':>7}  met?")
     for name, f in figures.items():
         ratio = "-" if f.ratio is None else f"{f.ratio:.2f}x"
         target = "-" if f.target is None else f"{'<=' if f.lower_is_better else '>='}{f.target}x"
         met = "-" if f.met is None else ("yes" if f.met else "NO")
         print(f"{name:<22} {fmt(f.ours, f.unit):>18} {fmt(f.baseline, f.unit):>18} {ratio:>7} {target:>7}  {met}")
+
+
+def print_report(figures: dict[str, Figure], summary: dict, scaling: list[dict], machine: dict, checks: dict,
+                 wall: float) -> None:
+    print()
+    print_figures(figures)
     print("\nmedian cycle (s)       total  rollout    score   update  weight sync")
     for name, s in summary.items():
         print(f"{name:<20} {s['seconds']:7.2f}  {s['time/rollout']:7.2f}  {s['time/score']:7.2f}  "

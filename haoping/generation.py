@@ -96,7 +96,169 @@ class Cancelled(Exception):
     """The caller no longer wants the result; generation stopped early."""
 
 
-@torch.inference_mode()
+def _pad_left(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """``tensor`` widened to ``width`` along ``dim`` by zeros on the left."""
+    missing = width - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim)
+
+
+class DecodeBatch:
+    """A running batch that samples join and leave between token steps (continuous batching).
+
+    :meth:`add` prefills new samples (left-padded among themselves) and merges their KV cache into
+    the running one, padded on the left to the longest row; masked pad columns and per-row
+    position ids keep every row's attention exactly its own. :meth:`step` samples one token for
+    every row and answers the rows that finished (their own EOS or max_new_tokens) at once; they
+    leave the batch. Each row draws its uniforms from its own seed, by its own step count, so a
+    sample is the same whether it ran alone, in a batch, or joined one mid-flight.
+    """
+
+    def __init__(self, model, eos_id: int | None, pad_id: int):
+        self.model = model
+        self.eos_id = eos_id
+        self.pad_id = pad_id
+        self.device = next(model.parameters()).device
+        self.keys: list[int] = []           # row -> the id add() handed out
+        self.specs: list[SampleSpec] = []
+        self.responses: list[list[int]] = []
+        self._next_key = 0
+        self._cache = None                  # DynamicCache, [rows, heads, width, head_dim] per layer
+        self._mask = self._logits = None    # [rows, width]; next-token logits [rows, vocab]
+        self._rows: dict[str, torch.Tensor] = {}  # per-row state and parameters, all [rows, ...]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def partial(self, key: int) -> list[int]:
+        """The tokens a running row has so far."""
+        return self.responses[self.keys.index(key)]
+
+    @torch.inference_mode()
+    def add(self, specs: list[SampleSpec]) -> list[int]:
+        """Prefill ``specs`` and merge them into the running batch; returns one key per spec."""
+        if not specs:
+            return []
+        n, width = len(specs), max(len(s.prompt_ids) for s in specs)
+        input_ids = torch.full((n, width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(input_ids)
+        for i, spec in enumerate(specs):
+            input_ids[i, width - len(spec.prompt_ids):] = torch.tensor(spec.prompt_ids)
+            mask[i, width - len(spec.prompt_ids):] = 1
+        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                         logits_to_keep=1)
+        limits = [s.params.max_new_tokens for s in specs]
+        # each row's uniform draws for all its steps up front: one RNG call per row, not per token
+        # (a row draws exactly its own max_new_tokens values, so its stream ignores the rest of the batch)
+        uniforms = torch.zeros((n, max(limits)))
+        for i, spec in enumerate(specs):
+            uniforms[i, :limits[i]] = torch.rand(limits[i], generator=torch.Generator().manual_seed(spec.seed))
+        rows = {
+            "temperature": torch.tensor([s.params.temperature for s in specs]),
+            "top_k": torch.tensor([s.params.top_k for s in specs]),
+            "top_p": torch.tensor([s.params.top_p for s in specs]),
+            "min_new": torch.tensor([s.params.min_new_tokens for s in specs]),
+            "limit": torch.tensor(limits),
+            "done": torch.zeros(n, dtype=torch.long),  # tokens generated so far
+            "position": positions[:, -1].cpu() + 1,    # position id of the row's next token
+        }
+        rows = {name: value.to(self.device) for name, value in rows.items()}
+        rows["uniforms"] = uniforms.to(self.device)
+        logits = out.logits[:, -1]
+        if not self.keys:
+            self._cache, self._mask, self._logits, self._rows = out.past_key_values, mask, logits, rows
+        else:
+            total = max(self._mask.shape[1], width)
+            for old, new in zip(self._cache.layers, out.past_key_values.layers):
+                old.keys = torch.cat([_pad_left(old.keys, total, -2), _pad_left(new.keys, total, -2)])
+                old.values = torch.cat([_pad_left(old.values, total, -2), _pad_left(new.values, total, -2)])
+            self._mask = torch.cat([_pad_left(self._mask, total, 1), _pad_left(mask, total, 1)])
+            self._logits = torch.cat([self._logits, logits])
+            steps = max(self._rows["uniforms"].shape[1], uniforms.shape[1])
+            for name, value in rows.items():
+                old = self._rows[name]
+                if name == "uniforms":
+                    old = torch.nn.functional.pad(old, (0, steps - old.shape[1]))
+                    value = torch.nn.functional.pad(value, (0, steps - value.shape[1]))
+                self._rows[name] = torch.cat([old, value])
+        keys = list(range(self._next_key, self._next_key + n))
+        self._next_key += n
+        self.keys += keys
+        self.specs += specs
+        self.responses += [[] for _ in specs]
+        return keys
+
+    def remove(self, keys) -> None:
+        """Drop rows (their callers are gone): no more work is spent on them."""
+        gone = set(keys)
+        self._keep([i for i, key in enumerate(self.keys) if key not in gone])
+
+    def _keep(self, kept: list[int]) -> None:
+        if len(kept) == len(self.keys):
+            return
+        self.keys = [self.keys[i] for i in kept]
+        self.specs = [self.specs[i] for i in kept]
+        self.responses = [self.responses[i] for i in kept]
+        if not kept:
+            self._cache = self._mask = self._logits = None
+            self._rows = {}
+            return
+        index = torch.tensor(kept, device=self.device)
+        mask = self._mask[index]
+        first = int(mask.any(0).nonzero()[0])  # columns that are padding for every remaining row go
+        self._mask = mask[:, first:]
+        for layer in self._cache.layers:
+            layer.keys = layer.keys[index, :, first:]
+            layer.values = layer.values[index, :, first:]
+        self._logits = self._logits[index]
+        self._rows = {name: value[index] for name, value in self._rows.items()}
+
+    @torch.inference_mode()
+    def step(self) -> dict[int, GeneratedSample]:
+        """One token for every row; returns the rows that finished (they leave the batch)."""
+        if not self.keys:
+            return {}
+        r = self._rows
+        logits = self._logits
+        if self.eos_id is not None:
+            held = r["min_new"] > r["done"]
+            if bool(held.any()):
+                logits = logits.clone()
+                logits[held, self.eos_id] = float("-inf")
+        uniforms = r["uniforms"].gather(1, r["done"].unsqueeze(1)).squeeze(1)
+        tokens = sample_next(logits, r["temperature"], r["top_k"], r["top_p"], uniforms)
+        r["done"] = r["done"] + 1
+        ended = r["done"] >= r["limit"]
+        if self.eos_id is not None:
+            ended = ended | (tokens == self.eos_id)
+        for response, token in zip(self.responses, tokens.tolist()):
+            response.append(token)
+        finished: dict[int, GeneratedSample] = {}
+        if bool(ended.any()):
+            ended_list = ended.tolist()
+            for i, end in enumerate(ended_list):
+                if end:
+                    reason = EOS if self.responses[i][-1] == self.eos_id else LENGTH
+                    finished[self.keys[i]] = GeneratedSample(list(self.specs[i].prompt_ids), self.responses[i],
+                                                             reason)
+            kept = [i for i, end in enumerate(ended_list) if not end]
+            tokens = tokens[kept] if kept else tokens[:0]
+            self._keep(kept)
+        if self.keys:
+            r = self._rows
+            self._mask = torch.cat([self._mask, self._mask.new_ones((len(self.keys), 1))], 1)
+            out = self.model(input_ids=tokens.unsqueeze(1), attention_mask=self._mask,
+                             position_ids=r["position"].unsqueeze(1), past_key_values=self._cache, use_cache=True)
+            self._logits = out.logits[:, -1]
+            r["position"] = r["position"] + 1
+        return finished
+
+
 def generate_batch(model, specs: list[SampleSpec], eos_id: int | None, pad_id: int,
                    on_step: Callable[[list[list[int]], list[bool]], None] | None = None,
                    should_stop: Callable[[], bool] | None = None) -> list[GeneratedSample]:
@@ -104,66 +266,33 @@ def generate_batch(model, specs: list[SampleSpec], eos_id: int | None, pad_id: i
 
     Prompts are left-padded; position ids count from each row's first real token, so a
     prompt's continuation does not depend on the other prompts' lengths. Each row stops on
-    its own EOS or its own max_new_tokens.
+    its own EOS or its own max_new_tokens (and leaves the batch then).
     """
-    device = next(model.parameters()).device
-    batch = len(specs)
-    width = max(len(s.prompt_ids) for s in specs)
-    input_ids = torch.full((batch, width), pad_id, dtype=torch.long, device=device)
-    attention_mask = torch.zeros_like(input_ids)
-    for i, spec in enumerate(specs):
-        input_ids[i, width - len(spec.prompt_ids):] = torch.tensor(spec.prompt_ids, device=device)
-        attention_mask[i, width - len(spec.prompt_ids):] = 1
-    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-    temperature = torch.tensor([s.params.temperature for s in specs], device=device)
-    top_k = torch.tensor([s.params.top_k for s in specs], device=device)
-    top_p = torch.tensor([s.params.top_p for s in specs], device=device)
-    limits = [s.params.max_new_tokens for s in specs]
-    min_new = torch.tensor([s.params.min_new_tokens for s in specs], device=device)
-    steps = max(limits)
-    # each row's uniform draws for every step up front: one RNG call per row, not per token
-    # (a row draws exactly its own max_new_tokens values, so its stream ignores the rest of the batch)
-    uniforms_by_step = torch.zeros((steps, batch))  # [T, B]
-    for i, spec in enumerate(specs):
-        uniforms_by_step[:limits[i], i] = torch.rand(limits[i], generator=torch.Generator().manual_seed(spec.seed))
-    uniforms_by_step = uniforms_by_step.to(device)
-    # the mask for the whole generation, sliced per step instead of grown by concatenation
-    full_mask = torch.cat([attention_mask, torch.ones((batch, steps), dtype=torch.long, device=device)], 1)
-
+    batch = DecodeBatch(model, eos_id, pad_id)
+    keys = batch.add(specs)
+    row_of = {key: i for i, key in enumerate(keys)}
     responses: list[list[int]] = [[] for _ in specs]
-    finish: list[str | None] = [None] * batch
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True)
-    next_position = position_ids[:, -1:] + 1
-    for step in range(steps):
+    results: list[GeneratedSample | None] = [None] * len(specs)
+    for i, key in enumerate(keys):
+        responses[i] = batch.responses[i]  # the same list objects: they grow as the rows decode
+    while len(batch):
         if should_stop is not None and should_stop():
             raise Cancelled()
-        uniforms = uniforms_by_step[step]
-        logits = out.logits[:, -1]
-        if eos_id is not None and bool((min_new > step).any()):
-            logits = logits.clone()
-            logits[min_new > step, eos_id] = float("-inf")
-        tokens = sample_next(logits, temperature, top_k, top_p, uniforms)
-        for i, token in enumerate(tokens.tolist()):
-            if finish[i] is not None:
-                continue
-            responses[i].append(token)
-            if token == eos_id:
-                finish[i] = EOS
-            elif len(responses[i]) >= limits[i]:
-                finish[i] = LENGTH
+        for key, sample in batch.step().items():
+            results[row_of[key]] = sample
         if on_step is not None:
-            on_step(responses, [f is not None for f in finish])
-        if all(f is not None for f in finish):
-            break
-        out = model(input_ids=tokens.unsqueeze(1), attention_mask=full_mask[:, :width + step + 1],
-                    position_ids=next_position,
-                    past_key_values=out.past_key_values, use_cache=True)
-        next_position = next_position + 1
-    return [GeneratedSample(list(s.prompt_ids), r, f or LENGTH) for s, r, f in zip(specs, responses, finish)]
+            on_step(responses, [r is not None for r in results])
+    return results
 
 
 class PolicyGenerator:
-    """A policy that writes continuations and can swap in new weights atomically."""
+    """A policy that writes continuations and can swap in new weights atomically.
+
+    Weights never change under a running batch: every batch holds them (and their version) from
+    its first token to its last; a weight load waits until the running batches drained, and
+    new batches wait for the load. Batches ask :meth:`PolicyBatch.accepting` before taking new
+    rows, so a pending load is not starved by rows that keep joining.
+    """
 
     def __init__(self, model_ref: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
         self.model_ref = model_ref
@@ -175,7 +304,9 @@ class PolicyGenerator:
         self.max_context = int(getattr(self.model.config, "n_positions", None)
                                or getattr(self.model.config, "max_position_embeddings", 1024))
         self.version = 0
-        self._lock = threading.Lock()  # weights never change in the middle of a batch
+        self._weights = threading.Condition()
+        self._holds = 0          # open batches reading the weights
+        self._loads_waiting = 0  # weight loads waiting for them to close
 
     def encode(self, prompt: str) -> list[int]:
         return encode_prompt(self.tokenizer, prompt)
@@ -183,14 +314,39 @@ class PolicyGenerator:
     def decode(self, ids: list[int]) -> str:
         return decode_clean(self.tokenizer, ids)
 
+    @property
+    def load_pending(self) -> bool:
+        """A weight load is waiting for the running batches to finish."""
+        return self._loads_waiting > 0
+
+    def _hold(self) -> int:
+        with self._weights:
+            while self._loads_waiting:
+                self._weights.wait()
+            self._holds += 1
+            return self.version
+
+    def _release(self) -> None:
+        with self._weights:
+            self._holds -= 1
+            self._weights.notify_all()
+
+    def open_batch(self) -> PolicyBatch:
+        """A running batch for continuous batching on the current weights (blocks during a load)."""
+        return PolicyBatch(self)
+
     def generate(self, specs: list[SampleSpec], **callbacks) -> tuple[list[GeneratedSample], int]:
         """Returns the samples and the policy version that produced all of them."""
-        with self._lock:
-            samples = generate_batch(self.model, specs, self.format.eos_id, self.format.pad_id, **callbacks)
-            return samples, self.version
+        version = self._hold()
+        try:
+            return generate_batch(self.model, specs, self.format.eos_id, self.format.pad_id, **callbacks), version
+        finally:
+            self._release()
 
     def load_weights(self, data: bytes, version: int) -> None:
-        """Load a safetensors file of the policy's parameters (tied weights stored once)."""
+        """Load a safetensors file of the policy's parameters (tied weights stored once).
+
+        Waits for running batches to finish (they take no new rows meanwhile)."""
         state = load_safetensors(data)
         expected = dict(self.model.named_parameters())
         unexpected = set(state) - set(self.model.state_dict())
@@ -202,7 +358,35 @@ class PolicyGenerator:
             if tensor.shape != expected[name].shape:
                 raise ValueError(f"weights do not fit the policy: {name} has shape {tuple(tensor.shape)}, "
                                  f"expected {tuple(expected[name].shape)}")
-        with self._lock, torch.no_grad():
-            for name, tensor in state.items():
-                expected[name].copy_(tensor.to(expected[name].dtype))
-            self.version = version
+        with self._weights:
+            self._loads_waiting += 1
+            try:
+                while self._holds:
+                    self._weights.wait()
+                with torch.no_grad():
+                    for name, tensor in state.items():
+                        expected[name].copy_(tensor.to(expected[name].dtype))
+                self.version = version
+            finally:
+                self._loads_waiting -= 1
+                self._weights.notify_all()
+
+
+class PolicyBatch(DecodeBatch):
+    """A :class:`DecodeBatch` on a :class:`PolicyGenerator`'s weights, which stay fixed (and
+    ``version`` with them) until :meth:`close`."""
+
+    def __init__(self, generator: PolicyGenerator):
+        super().__init__(generator.model, generator.format.eos_id, generator.format.pad_id)
+        self.generator = generator
+        self.version = generator._hold()
+        self._open = True
+
+    def accepting(self) -> bool:
+        """False while a weight load waits: the batch takes no new rows and drains, so the load can go ahead."""
+        return not self.generator.load_pending
+
+    def close(self) -> None:
+        if self._open:
+            self._open = False
+            self.generator._release()

@@ -109,3 +109,36 @@ def test_sampling_follows_the_distribution_with_and_without_filters():
     top2 = sample_next(logits, ones, torch.full((20000,), 2), ones, u)
     freq = torch.bincount(top2, minlength=4).float() / 20000
     assert torch.allclose(freq, torch.tensor([0.0, 0.5 / 0.75, 0.0, 0.25 / 0.75]), atol=0.015)
+
+
+def test_a_sample_joining_a_running_batch_equals_it_alone(tiny_policy):
+    """Continuous batching: rows join mid-flight (prompts shorter and longer than the running
+    width), others leave early or are removed; every sample equals the one generated alone."""
+    from haoping.generation import DecodeBatch
+
+    gen = PolicyGenerator(str(tiny_policy))
+    eos, pad = gen.format.eos_id, gen.format.pad_id
+
+    def spec(prompt, seed, **params):
+        return SampleSpec(tuple(gen.encode(prompt)), SamplingParams(**{"max_new_tokens": 12, **params}), seed)
+
+    first = [spec("刚收到货，感觉", 1), spec("好", 2, max_new_tokens=3), spec("这部电影很", 3, top_p=0.9)]
+    joiners = [[spec("这次购物总的来说体验很棒，物流快", 4, max_new_tokens=20),  # longer than the running width
+                spec("说", 5, temperature=0.7, top_k=5)],
+               [spec("说实话，真的很", 6, min_new_tokens=4), spec("刚收到货", 7, temperature=0.0)]]
+    removed = spec("ipad mini", 8)
+    batch = DecodeBatch(gen.model, eos, pad)
+    keys = dict(zip(batch.add(first + [removed]), first + [removed]))
+    results = {}
+    for round_, group in enumerate(joiners):
+        for _ in range(4 + round_):
+            results.update(batch.step())
+        keys.update(zip(batch.add(group), group))
+    results.update(batch.step())
+    batch.remove([k for k, s in keys.items() if s is removed])
+    while len(batch):
+        results.update(batch.step())
+    assert len(results) == len(keys) - 1
+    for key, sample in results.items():
+        alone = generate_batch(gen.model, [keys[key]], eos, pad)[0]
+        assert (sample.response_ids, sample.finish_reason) == (alone.response_ids, alone.finish_reason), key

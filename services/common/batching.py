@@ -1,8 +1,12 @@
-"""Dynamic batching: concurrent requests are merged into one model batch.
+"""Batching: concurrent requests share one model batch.
 
-A request waits at most ``max_wait_seconds`` for company; a batch holds at most
-``max_batch_size`` items (a larger request runs alone). The queue is bounded: when it is
-full, :meth:`DynamicBatcher.submit` raises :class:`QueueFull` (RESOURCE_EXHAUSTED).
+:class:`DynamicBatcher` (the scorer) merges requests into one batch that runs to the end.
+:class:`ContinuousBatcher` (the generator) lets requests join a running generation batch at
+the next token step and answers each one as soon as its own items finished.
+
+In both, a request waits at most ``max_wait_seconds`` for company when nothing runs; a batch
+holds at most ``max_batch_size`` items (a larger request runs alone). The queue is bounded:
+when it is full, ``submit`` raises :class:`QueueFull` (RESOURCE_EXHAUSTED).
 """
 from __future__ import annotations
 
@@ -11,10 +15,13 @@ import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from haoping.generation import Cancelled
+from haoping.log import get_logger
 from services.common import metrics
+
+log = get_logger(__name__)
 
 
 class QueueFull(Exception):
@@ -95,3 +102,158 @@ class DynamicBatcher:
             for p in batch:
                 p.future.set_result((results[start:start + len(p.items)], extra))
                 start += len(p.items)
+
+
+class RunningBatch(Protocol):
+    """What :class:`ContinuousBatcher` drives (the generator's :class:`haoping.generation.PolicyBatch`)."""
+    version: Any  # handed to every caller with its results (the policy version that produced them)
+
+    def __len__(self) -> int: ...
+    def accepting(self) -> bool: ...  # False: take no new rows for now (e.g. a weight load waits)
+    def add(self, items: list) -> list: ...  # returns one key per item
+    def remove(self, keys: list) -> None: ...
+    def step(self) -> dict: ...  # one token for every row; {key: result} for the rows that finished
+    def partial(self, key) -> Any: ...  # a running row's output so far
+    def close(self) -> None: ...
+
+
+@dataclass
+class _Request:
+    items: list
+    is_cancelled: Callable[[], bool]
+    on_step: Callable[[list, list[bool]], None] | None
+    future: Future = field(default_factory=Future)
+    keys: list = field(default_factory=list)
+    results: list = field(default_factory=list)
+    remaining: int = 0
+
+
+class ContinuousBatcher:
+    """Continuous (in-flight) batching for token-by-token generation.
+
+    A request that arrives while a batch is decoding joins it at the next token step (its
+    items are prefilled and merged into the running batch), as long as the running batch plus
+    the request stay within ``max_batch_size`` (a larger request runs alone); requests join in
+    arrival order. Every finished item leaves the batch at once, and a request is answered as
+    soon as its last item finished. An idle batcher waits at most ``max_wait_seconds`` for
+    company before it starts a new batch. Work for a cancelled request stops at the next step.
+    The queue of requests waiting to join is bounded (:class:`QueueFull`).
+    """
+
+    def __init__(self, service: str, open_batch: Callable[[], RunningBatch], max_batch_size: int = 256,
+                 max_wait_seconds: float = 0.005, max_queue: int = 256):
+        self.service = service
+        self.open_batch = open_batch
+        self.max_batch_size = max_batch_size
+        self.max_wait_seconds = max_wait_seconds
+        self.max_queue = max_queue
+        self._queue: deque[_Request] = deque()
+        self._cond = threading.Condition()
+        threading.Thread(target=self._loop, name=f"{service}-batcher", daemon=True).start()
+
+    def submit(self, items: list, is_cancelled: Callable[[], bool] = lambda: False,
+               on_step: Callable[[list, list[bool]], None] | None = None) -> tuple[list, Any]:
+        """Blocks until this request's results are ready; returns (results, the batch's version).
+
+        ``on_step(outputs so far, finished flags)``, one entry per item, runs after every token
+        step in the batcher's thread: keep it short (e.g. put a copy on a queue)."""
+        request = _Request(items, is_cancelled, on_step)
+        with self._cond:
+            if len(self._queue) >= self.max_queue:
+                raise QueueFull(f"{self.service} queue is full ({self.max_queue} requests waiting)")
+            self._queue.append(request)
+            metrics.QUEUE_DEPTH.labels(self.service).set(len(self._queue))
+            self._cond.notify()
+        return request.future.result()
+
+    def _admit(self, running: int, accepting: bool) -> list[_Request]:
+        """The waiting requests that join now; blocks while there is nothing to do."""
+        with self._cond:
+            if not running:
+                while not self._queue:
+                    self._cond.wait()
+                deadline = time.monotonic() + self.max_wait_seconds
+                while sum(len(r.items) for r in self._queue) < self.max_batch_size:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._cond.wait(remaining)
+            admitted, size = [], running
+            while self._queue and (accepting or not running):
+                if size and size + len(self._queue[0].items) > self.max_batch_size:
+                    break
+                admitted.append(self._queue.popleft())
+                size += len(admitted[-1].items)
+            metrics.QUEUE_DEPTH.labels(self.service).set(len(self._queue))
+            return admitted
+
+    def _loop(self) -> None:
+        batch: RunningBatch | None = None
+        active: list[_Request] = []   # requests with items in the batch
+        owner: dict = {}              # key -> (request, item index)
+        while True:
+            running = len(batch) if batch is not None else 0
+            joining = []
+            for request in self._admit(running, batch is None or batch.accepting()):
+                if request.is_cancelled():  # gone before its turn: no model work for it
+                    request.future.set_exception(Cancelled())
+                else:
+                    joining.append(request)
+            try:
+                if joining:
+                    active += joining  # failed with the batch if the prefill fails
+                    if batch is None:
+                        batch = self.open_batch()
+                    keys = batch.add([item for r in joining for item in r.items])  # one prefill for all
+                    start = 0
+                    for request in joining:
+                        request.keys = keys[start:start + len(request.items)]
+                        request.results = [None] * len(request.items)
+                        request.remaining = len(request.items)
+                        start += len(request.items)
+                        owner.update((key, (request, i)) for i, key in enumerate(request.keys))
+                for request in [r for r in active if r.is_cancelled()]:
+                    self._drop(batch, active, owner, request, Cancelled())
+                if batch is not None and len(batch):
+                    metrics.GENERATE_BATCH_SIZE.labels(self.service).observe(len(batch))
+                    for key, result in batch.step().items():
+                        request, i = owner.pop(key)
+                        request.results[i] = result
+                        request.remaining -= 1
+                    self._answer(batch, active, owner)
+            except BaseException as err:  # noqa: BLE001 - handed to every caller in the batch
+                log.exception("%s batch failed", self.service)
+                for request in active:
+                    request.future.set_exception(err)
+                active, owner = [], {}
+                if batch is not None:
+                    batch.close()
+                batch = None
+                continue
+            if batch is not None and not len(batch):
+                batch.close()  # lets a waiting weight load go ahead
+                batch = None
+
+    def _answer(self, batch: RunningBatch, active: list[_Request], owner: dict) -> None:
+        """Progress to the callers that stream it; results to the callers whose items all finished."""
+        for request in list(active):
+            if request.on_step is not None:
+                outputs = [batch.partial(key) if result is None else result
+                           for key, result in zip(request.keys, request.results)]
+                try:
+                    request.on_step(outputs, [result is not None for result in request.results])
+                except Exception as err:  # noqa: BLE001 - that caller's failure, not the batch's
+                    self._drop(batch, active, owner, request, err)
+                    continue
+            if not request.remaining:
+                active.remove(request)
+                request.future.set_result((request.results, batch.version))
+
+    @staticmethod
+    def _drop(batch: RunningBatch, active: list[_Request], owner: dict, request: _Request,
+              err: BaseException) -> None:
+        batch.remove([key for key, result in zip(request.keys, request.results) if result is None])
+        for key in request.keys:
+            owner.pop(key, None)
+        active.remove(request)
+        request.future.set_exception(err)

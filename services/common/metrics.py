@@ -25,7 +25,8 @@ GENERATE_REQUEST_DURATION = Histogram("haoping_generate_request_duration_seconds
                                       buckets=LATENCY_BUCKETS)
 GENERATED_TOKENS = Counter("haoping_generated_tokens", "Response tokens generated")
 GENERATED_SAMPLES = Counter("haoping_generated_samples", "Samples generated", ["finish_reason"])
-GENERATE_BATCH_SIZE = Histogram("haoping_batch_size", "Samples per model batch", ["service"],
+GENERATE_BATCH_SIZE = Histogram("haoping_batch_size", "Items per model batch (generator: rows in the running batch "
+                                "at every decode step)", ["service"],
                                 buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
 WEIGHT_LOAD_DURATION = Histogram("haoping_weight_load_duration_seconds", "Time to fetch and load new weights",
                                  buckets=LATENCY_BUCKETS)

@@ -17,7 +17,7 @@ from haoping.models import parse_dtype, pick_device
 from haoping.v1 import haoping_pb2 as pb
 from haoping.v1 import haoping_pb2_grpc as pb_grpc
 from services.common import metrics
-from services.common.batching import DynamicBatcher, QueueFull
+from services.common.batching import ContinuousBatcher, QueueFull
 from services.common.config import add_batching_flags, add_common_server_flags, add_flag
 from services.common.server import Draining, serve
 
@@ -35,8 +35,8 @@ class GeneratorService(pb_grpc.GeneratorServicer):
         self.max_prompts = args.max_prompts
         self.trainer_address = args.trainer_address
         self.max_message_bytes = args.max_message_mb * 1024 * 1024
-        self.batcher = DynamicBatcher("generator", self._run_batch, args.max_batch_size,
-                                      args.max_wait_ms / 1000, args.max_queue)
+        self.batcher = ContinuousBatcher("generator", generator.open_batch, args.max_batch_size,
+                                         args.max_wait_ms / 1000, args.max_queue)
         metrics.POLICY_VERSION.labels("generator").set(0)
 
     # ------------------------------------------------------------ validation
@@ -91,19 +91,16 @@ class GeneratorService(pb_grpc.GeneratorServicer):
                          response_token_ids=sample.response_ids, text=text, full_text=prompt_text + text,
                          finish_reason=FINISH[sample.finish_reason], policy_version=version)
 
-    def _run_batch(self, specs: list[SampleSpec], should_stop):
-        return self.generator.generate(specs, should_stop=should_stop)
-
     def _record(self, samples) -> None:
         for sample in samples:
             metrics.GENERATED_TOKENS.inc(len(sample.response_ids))
             metrics.GENERATED_SAMPLES.labels(sample.finish_reason).inc()
 
-    def _run(self, specs, context):
-        """Through the dynamic batcher: merged with other callers' samples into one batch."""
+    def _run(self, specs, context, on_step=None):
+        """Through the continuous batcher: the samples join the running batch at the next token step."""
         started = time.perf_counter()
         try:
-            samples, version = self.batcher.submit([s for _, _, s in specs], lambda: not context.is_active())
+            samples, version = self.batcher.submit([s for _, _, s in specs], lambda: not context.is_active(), on_step)
         except QueueFull as err:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
         except Cancelled:
@@ -125,38 +122,34 @@ class GeneratorService(pb_grpc.GeneratorServicer):
 
     def _generate_stream(self, request, context):
         specs = self._specs(request, context)
-        # the model loop runs in a worker thread; each decode step queues the new text pieces
-        pieces: queue.Queue = queue.Queue()
+        # the batcher's thread queues each decode step's tokens (a copy); this thread decodes them to text
+        steps: queue.Queue = queue.Queue()
         sent_text = [""] * len(specs)
 
-        def on_step(responses, _finished):
-            for i, ids in enumerate(responses):
-                text = self.generator.decode(ids)
-                if text != sent_text[i] and text.startswith(sent_text[i]):
-                    pieces.put(pb.GenerateStreamResponse(prompt_index=specs[i][0], sample_index=specs[i][1],
-                                                         text_delta=text[len(sent_text[i]):]))
-                    sent_text[i] = text
+        def on_step(outputs, finished):
+            steps.put([out.response_ids if done else list(out) for out, done in zip(outputs, finished)])
 
         result: dict = {}
 
         def work():
-            try:  # a stream has its own batch: its pieces follow its own decode steps
-                samples, version = self.generator.generate([s for _, _, s in specs], on_step=on_step,
-                                                           should_stop=lambda: not context.is_active())
-                metrics.GENERATE_BATCH_SIZE.labels("generator").observe(len(specs))
-                self._record(samples)
-                result["value"] = (samples, version)
+            try:
+                result["value"] = self._run(specs, context, on_step)
             except BaseException as err:  # surfaced to the caller below
                 result["error"] = err
             finally:
-                pieces.put(None)
+                steps.put(None)
 
         threading.Thread(target=work, daemon=True).start()
-        while (piece := pieces.get()) is not None:
-            yield piece
+        while (responses := steps.get()) is not None:
+            for i, ids in enumerate(responses):
+                text = self.generator.decode(ids)
+                if text != sent_text[i] and text.startswith(sent_text[i]):
+                    yield pb.GenerateStreamResponse(prompt_index=specs[i][0], sample_index=specs[i][1],
+                                                    text_delta=text[len(sent_text[i]):])
+                    sent_text[i] = text
         if "error" in result:
             raise result["error"]
-        samples, version = result["value"]
+        samples, version, _ = result["value"]
         for i, ((p, s, _), sample) in enumerate(zip(specs, samples)):
             message = self._sample_message(p, s, sample, version)
             yield pb.GenerateStreamResponse(prompt_index=p, sample_index=s,

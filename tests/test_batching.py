@@ -1,0 +1,146 @@
+"""Continuous batching in-process (no gRPC): joins, cancellation, weight loads, batch limits."""
+import threading
+import time
+
+import pytest
+import torch
+from safetensors.torch import save
+
+from haoping.generation import Cancelled, PolicyGenerator, SampleSpec, SamplingParams, sample_seed
+from services.common.batching import ContinuousBatcher
+
+PROMPTS = ["刚收到货，感觉", "这部电影很", "说实话，真的很", "这次购物总的来说体验很"]
+
+
+@pytest.fixture()
+def slow_gen(tiny_policy):
+    """The tiny policy with a few ms per forward pass, so requests can arrive mid-batch."""
+    gen = PolicyGenerator(str(tiny_policy))
+    gen.model.register_forward_pre_hook(lambda *_: time.sleep(0.003))
+    return gen
+
+
+def _specs(gen, n, seed, **params):
+    return [SampleSpec(tuple(gen.encode(PROMPTS[i % 4])), SamplingParams(**{"max_new_tokens": 10, **params}),
+                       sample_seed(seed, i, 0)) for i in range(n)]
+
+
+class _Steps:
+    """An on_step callback that lets a test wait until a request has seen ``n`` token steps."""
+
+    def __init__(self):
+        self.count = 0
+        self.cond = threading.Condition()
+
+    def __call__(self, outputs, finished):
+        with self.cond:
+            self.count += 1
+            self.cond.notify_all()
+
+    def wait(self, n):
+        with self.cond:
+            assert self.cond.wait_for(lambda: self.count >= n, timeout=30)
+
+
+def _submit(batcher, items, **kwargs):
+    """Submit in a thread; returns a dict that gets 'value' or 'error'."""
+    out: dict = {}
+
+    def run():
+        try:
+            out["value"] = batcher.submit(items, **kwargs)
+        except BaseException as err:  # noqa: BLE001
+            out["error"] = err
+        out["done_at"] = time.monotonic()
+    out["thread"] = threading.Thread(target=run)
+    out["thread"].start()
+    return out
+
+
+def test_requests_join_mid_flight_and_equal_their_samples_alone(slow_gen):
+    gen = slow_gen
+    batcher = ContinuousBatcher("test-join", gen.open_batch, max_batch_size=64, max_wait_seconds=0)
+    requests = [_specs(gen, 3, seed=1, max_new_tokens=16), _specs(gen, 2, seed=2, top_p=0.8),
+                _specs(gen, 4, seed=3, max_new_tokens=5), _specs(gen, 1, seed=4, min_new_tokens=3)]
+    steps = _Steps()
+    first = _submit(batcher, requests[0], on_step=steps)
+    later = []
+    for n, specs in enumerate(requests[1:], 1):
+        steps.wait(2 * n)  # each joins while the first one is decoding
+        later.append(_submit(batcher, specs))
+    for out in [first, *later]:
+        out["thread"].join(30)
+    assert later[1]["done_at"] < first["done_at"]  # answered when its own samples ended, not with the batch
+    for specs, out in zip(requests, [first, *later]):
+        samples, version = out["value"]
+        alone, _ = gen.generate(specs)
+        assert [s.response_ids for s in samples] == [s.response_ids for s in alone]
+        assert version == 0
+
+
+def test_cancelled_request_leaves_and_others_continue(slow_gen):
+    gen = slow_gen
+    batcher = ContinuousBatcher("test-cancel", gen.open_batch, max_batch_size=64, max_wait_seconds=0)
+    cancelled = threading.Event()
+    steps = _Steps()
+    doomed = _submit(batcher, _specs(gen, 4, seed=5, max_new_tokens=40), is_cancelled=cancelled.is_set,
+                     on_step=steps)
+    keeper_specs = _specs(gen, 2, seed=6, max_new_tokens=20)
+    keeper = _submit(batcher, keeper_specs)
+    steps.wait(3)
+    cancelled.set()
+    doomed["thread"].join(30)
+    assert isinstance(doomed["error"], Cancelled)
+    assert steps.count < 10  # its rows stopped decoding at once
+    keeper["thread"].join(30)
+    assert [s.response_ids for s in keeper["value"][0]] == [s.response_ids for s in gen.generate(keeper_specs)[0]]
+
+
+def test_max_batch_size_is_respected(slow_gen):
+    gen = slow_gen
+    sizes = []
+    opened = gen.open_batch
+
+    def open_batch():
+        batch = opened()
+        step = batch.step
+        batch.step = lambda: (sizes.append(len(batch)), step())[1]
+        return batch
+
+    batcher = ContinuousBatcher("test-limit", open_batch, max_batch_size=6, max_wait_seconds=0)
+    outs = [_submit(batcher, _specs(gen, 4, seed=10 + i, max_new_tokens=6)) for i in range(4)]
+    for out in outs:
+        out["thread"].join(30)
+        assert len(out["value"][0]) == 4
+    assert max(sizes) <= 6
+    big = _submit(batcher, _specs(gen, 9, seed=20, max_new_tokens=3))  # a larger request runs alone
+    big["thread"].join(30)
+    assert len(big["value"][0]) == 9
+
+
+def test_weight_load_waits_for_the_running_batch_and_joins_wait_for_the_load(slow_gen):
+    gen = slow_gen
+    batcher = ContinuousBatcher("test-load", gen.open_batch, max_batch_size=64, max_wait_seconds=0)
+    old_specs, new_specs = _specs(gen, 2, seed=7, max_new_tokens=30), _specs(gen, 2, seed=8, max_new_tokens=8)
+    expected_old = [s.response_ids for s in gen.generate(old_specs)[0]]
+    torch.manual_seed(0)
+    weights = save({name: p.detach() + 0.5 * torch.randn_like(p) for name, p in gen.model.named_parameters()})
+
+    steps = _Steps()
+    running = _submit(batcher, old_specs, on_step=steps)
+    steps.wait(2)
+    loader = threading.Thread(target=gen.load_weights, args=(weights, 1))
+    loader.start()
+    deadline = time.monotonic() + 10
+    while not gen.load_pending and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert gen.load_pending
+    joiner = _submit(batcher, new_specs)  # arrives while the load waits: held until the swap
+    running["thread"].join(30)
+    loader.join(30)
+    joiner["thread"].join(30)
+    samples, version = running["value"]
+    assert version == 0 and [s.response_ids for s in samples] == expected_old  # no swap mid-sample
+    samples, version = joiner["value"]
+    assert version == 1 and gen.version == 1
+    assert [s.response_ids for s in samples] == [s.response_ids for s in gen.generate(new_specs)[0]]
