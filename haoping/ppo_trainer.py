@@ -37,7 +37,7 @@ class PPOConfig:
     lr_warmup_steps: int = 0
     total_steps: int = 1000
     ppo_epochs: int = 4
-    minibatch_size: int = 32         # 2 minibatches x 4 epochs per 64 rollouts: fewer, less noisy Adam steps
+    minibatch_size: int = 64         # 64 rollouts a cycle: one minibatch, 4 epochs; fewer, less noisy Adam steps
     gradient_accumulation_steps: int = 1
     forward_batch_size: int = 64     # chunking of the no-grad forward passes
     gamma: float = 1.0

@@ -225,7 +225,7 @@ def _mean(values) -> float:
 def add_run_flags(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--name", "", help="run name (default: a timestamp); output goes to <runs-dir>/<name>")
     add_flag(parser, "--runs-dir", "runs", help="where run directories go")
-    add_flag(parser, "--cycles", 30, int, "rollout -> score -> update cycles")
+    add_flag(parser, "--cycles", 50, int, "rollout -> score -> update cycles")
     add_flag(parser, "--max-seconds", 0.0, float, "stop cycling once this much PPO time has passed (0: no limit)")
     add_flag(parser, "--samples-per-prompt", 16, int, "rollouts per prompt per cycle")
     add_flag(parser, "--max-new-tokens", 16, int, "response length (the reference design's gen_len)")
