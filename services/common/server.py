@@ -6,6 +6,7 @@ SERVING only after the service's warm-up succeeded, and NOT_SERVING as soon as d
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 import time
 from concurrent import futures
@@ -43,6 +44,8 @@ def serve(short_name: str, args, register: Callable[[grpc.Server], None],
     """Run a service until SIGTERM/SIGINT; returns the process exit code."""
     if args.threads:
         torch.set_num_threads(args.threads)
+    if getattr(args, "gil_switch_ms", None):
+        sys.setswitchinterval(args.gil_switch_ms / 1000)
     draining = Draining() if draining is None else draining
     limit = args.max_message_mb * 1024 * 1024
     # a batching service needs a thread for every caller waiting in its queue, or the pool
