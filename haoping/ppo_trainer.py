@@ -199,6 +199,7 @@ class PPOTrainer:
         self.version = 0
         self.steps_done = 0
         self._weights_cache: tuple[int, bytes, str] | None = None
+        self.fuse_first_forward = True  # see _rollout_forward_with_grad; tests compare both paths
 
     # ------------------------------------------------------------ setup
 
@@ -246,6 +247,27 @@ class PPOTrainer:
             chunks["ref_logp"].append(ppo.logprobs_from_logits(ref_logits, part.response_ids))
         return {k: torch.cat(v) for k, v in chunks.items()}
 
+    def _policy_forward(self, part: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-softmax over the vocabulary [B, R, V] (EOS masked as the sampler did) and values [B, R]."""
+        with self._autocast():
+            logits, values = self.model(part)
+        return F.log_softmax(mask_early_eos(logits, self.eos_id, self.config.min_response_tokens).float(), -1), values
+
+    def _rollout_forward_with_grad(self, batch: RolloutBatch):
+        """When one minibatch is the whole batch, the first epoch's forward runs on the same rows
+        with the same weights as the rollout forward: one pass with grad serves both, saving a
+        policy forward per step. Returns (old statistics as in _rollout_forward, the pass)."""
+        logp_all, values = self._policy_forward(batch)
+        with torch.no_grad():
+            with self._autocast():
+                ref_logits = response_logits(self.ref_model, batch)
+            ref_logits = mask_early_eos(ref_logits, self.eos_id, self.config.min_response_tokens)
+            old = {"logp": ppo.token_logprobs(logp_all, batch.response_ids).detach(),
+                   "values": values.float().detach(),
+                   "entropy": ppo.entropy_from_logprobs(logp_all.detach()),
+                   "ref_logp": ppo.logprobs_from_logits(ref_logits, batch.response_ids)}
+        return old, (logp_all, values)
+
     # ------------------------------------------------------------ the update
 
     def step(self, queries: list[list[int]], responses: list[list[int]], scores: list[float]) -> dict[str, float]:
@@ -263,7 +285,12 @@ class PPOTrainer:
         if c.score_baseline == "prompt_mean":
             scores_t = ppo.center_by_group(scores_t, [tuple(q) for q in queries])
 
-        old = self._rollout_forward(batch)
+        n = len(queries)
+        first_forward = None  # (log-softmax, values) with grad, reused by the first minibatch
+        if self.fuse_first_forward and c.minibatch_size >= n and c.gradient_accumulation_steps == 1:
+            old, first_forward = self._rollout_forward_with_grad(batch)
+        else:
+            old = self._rollout_forward(batch)
         t_forward = time.perf_counter()
         kl_coef = self.kl_ctl.value
         rewards, kl, non_score = ppo.compute_rewards(scores_t, old["logp"], old["ref_logp"], mask, kl_coef,
@@ -274,7 +301,6 @@ class PPOTrainer:
 
         learning_rate = self._set_learning_rates()
         mb_stats: list[dict[str, float]] = []
-        n = len(queries)
         micro = max(1, c.minibatch_size // c.gradient_accumulation_steps)
         for _ in range(c.ppo_epochs):
             order = torch.randperm(n, device=self.device)
@@ -287,6 +313,11 @@ class PPOTrainer:
                     index = mb_index[micro_start:micro_start + micro]
                     # weight each micro-batch by its share of real tokens: accumulation == one big batch
                     weight = mask[index].sum() / mb_tokens
+                    if first_forward is not None:  # the whole batch, before any update: same rows, same weights
+                        index = torch.arange(n, device=self.device)
+                        parts.append(self._loss(batch, old, advantages, returns, index, weight, first_forward))
+                        first_forward = None
+                        continue
                     parts.append(self._loss(batch.rows(index), old, advantages, returns, index, weight))
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.max_grad_norm)
                 self.optimizer.step()
@@ -324,12 +355,11 @@ class PPOTrainer:
             stats[key] = float(np.mean([s[key] for s in mb_stats]))
         return stats
 
-    def _loss(self, part: RolloutBatch, old: dict, advantages, returns, index, weight) -> dict[str, float]:
+    def _loss(self, part: RolloutBatch, old: dict, advantages, returns, index, weight,
+              forward: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, float]:
         c = self.config
         mask = part.response_mask
-        with self._autocast():
-            logits, values = self.model(part)
-        logp_all = F.log_softmax(mask_early_eos(logits, self.eos_id, c.min_response_tokens).float(), -1)
+        logp_all, values = forward if forward is not None else self._policy_forward(part)
         values = values.float()
         logp = ppo.token_logprobs(logp_all, part.response_ids)
         pg = ppo.policy_loss(logp, old["logp"][index], advantages[index], mask, c.cliprange)
