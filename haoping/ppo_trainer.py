@@ -236,16 +236,20 @@ class PPOTrainer:
         n = batch.input_ids.shape[0]
         for start in range(0, n, self.config.forward_batch_size):
             part = batch.rows(torch.arange(start, min(n, start + self.config.forward_batch_size)))
-            with self._autocast():
-                logits, values = self.model(part)
-                ref_logits = response_logits(self.ref_model, part)
-            logp_all = F.log_softmax(mask_early_eos(logits, self.eos_id, self.config.min_response_tokens).float(), -1)
+            logp_all, values = self._policy_forward(part)
             chunks["logp"].append(ppo.token_logprobs(logp_all, part.response_ids))
             chunks["entropy"].append(ppo.entropy_from_logprobs(logp_all))
             chunks["values"].append(values.float())
-            ref_logits = mask_early_eos(ref_logits, self.eos_id, self.config.min_response_tokens)
-            chunks["ref_logp"].append(ppo.logprobs_from_logits(ref_logits, part.response_ids))
+            chunks["ref_logp"].append(self._ref_logprobs(part))
         return {k: torch.cat(v) for k, v in chunks.items()}
+
+    @torch.no_grad()
+    def _ref_logprobs(self, part: RolloutBatch) -> torch.Tensor:
+        """The frozen reference model's log-probs of the response tokens [B, R]."""
+        with self._autocast():
+            ref_logits = response_logits(self.ref_model, part)
+        ref_logits = mask_early_eos(ref_logits, self.eos_id, self.config.min_response_tokens)
+        return ppo.logprobs_from_logits(ref_logits, part.response_ids)
 
     def _policy_forward(self, part: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-softmax over the vocabulary [B, R, V] (EOS masked as the sampler did) and values [B, R]."""
@@ -259,13 +263,10 @@ class PPOTrainer:
         policy forward per step. Returns (old statistics as in _rollout_forward, the pass)."""
         logp_all, values = self._policy_forward(batch)
         with torch.no_grad():
-            with self._autocast():
-                ref_logits = response_logits(self.ref_model, batch)
-            ref_logits = mask_early_eos(ref_logits, self.eos_id, self.config.min_response_tokens)
-            old = {"logp": ppo.token_logprobs(logp_all, batch.response_ids).detach(),
+            old = {"logp": ppo.token_logprobs(logp_all, batch.response_ids),
                    "values": values.float().detach(),
-                   "entropy": ppo.entropy_from_logprobs(logp_all.detach()),
-                   "ref_logp": ppo.logprobs_from_logits(ref_logits, batch.response_ids)}
+                   "entropy": ppo.entropy_from_logprobs(logp_all),
+                   "ref_logp": self._ref_logprobs(batch)}
         return old, (logp_all, values)
 
     # ------------------------------------------------------------ the update
