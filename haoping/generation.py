@@ -271,10 +271,8 @@ def generate_batch(model, specs: list[SampleSpec], eos_id: int | None, pad_id: i
     batch = DecodeBatch(model, eos_id, pad_id)
     keys = batch.add(specs)
     row_of = {key: i for i, key in enumerate(keys)}
-    responses: list[list[int]] = [[] for _ in specs]
+    responses = list(batch.responses)  # the rows' own lists: they grow as the rows decode
     results: list[GeneratedSample | None] = [None] * len(specs)
-    for i, key in enumerate(keys):
-        responses[i] = batch.responses[i]  # the same list objects: they grow as the rows decode
     while len(batch):
         if should_stop is not None and should_stop():
             raise Cancelled()
