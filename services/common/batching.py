@@ -35,29 +35,42 @@ class _Pending:
     future: Future = field(default_factory=Future)
 
 
-class DynamicBatcher:
-    def __init__(self, service: str, run_batch: Callable[[list, Callable[[], bool]], tuple[list, Any]],
-                 max_batch_size: int = 64, max_wait_seconds: float = 0.01, max_queue: int = 256):
-        """run_batch(items, should_stop) -> (one result per item, extra shared by the batch)."""
+class _QueuedBatcher:
+    """The bounded request queue and the batcher thread both batchers share."""
+
+    def __init__(self, service: str, max_batch_size: int, max_wait_seconds: float, max_queue: int):
         self.service = service
-        self.run_batch = run_batch
         self.max_batch_size = max_batch_size
         self.max_wait_seconds = max_wait_seconds
         self.max_queue = max_queue
-        self._queue: deque[_Pending] = deque()
+        self._queue: deque = deque()
         self._cond = threading.Condition()
         threading.Thread(target=self._loop, name=f"{service}-batcher", daemon=True).start()
 
-    def submit(self, items: list, is_cancelled: Callable[[], bool] = lambda: False) -> tuple[list, Any]:
-        """Blocks until this request's results are ready; returns (results, extra)."""
-        pending = _Pending(items, is_cancelled)
+    def _loop(self) -> None:
+        raise NotImplementedError
+
+    def _enqueue_and_wait(self, request):
+        """Queue ``request`` (QueueFull when the queue is full) and block for its future's result."""
         with self._cond:
             if len(self._queue) >= self.max_queue:
                 raise QueueFull(f"{self.service} queue is full ({self.max_queue} requests waiting)")
-            self._queue.append(pending)
+            self._queue.append(request)
             metrics.QUEUE_DEPTH.labels(self.service).set(len(self._queue))
             self._cond.notify()
-        return pending.future.result()
+        return request.future.result()
+
+
+class DynamicBatcher(_QueuedBatcher):
+    def __init__(self, service: str, run_batch: Callable[[list, Callable[[], bool]], tuple[list, Any]],
+                 max_batch_size: int = 64, max_wait_seconds: float = 0.01, max_queue: int = 256):
+        """run_batch(items, should_stop) -> (one result per item, extra shared by the batch)."""
+        self.run_batch = run_batch
+        super().__init__(service, max_batch_size, max_wait_seconds, max_queue)
+
+    def submit(self, items: list, is_cancelled: Callable[[], bool] = lambda: False) -> tuple[list, Any]:
+        """Blocks until this request's results are ready; returns (results, extra)."""
+        return self._enqueue_and_wait(_Pending(items, is_cancelled))
 
     def _take_batch(self) -> list[_Pending]:
         with self._cond:
@@ -128,7 +141,7 @@ class _Request:
     remaining: int = 0
 
 
-class ContinuousBatcher:
+class ContinuousBatcher(_QueuedBatcher):
     """Continuous (in-flight) batching for token-by-token generation.
 
     A request that arrives while a batch is decoding joins it at the next token step (its
@@ -142,14 +155,8 @@ class ContinuousBatcher:
 
     def __init__(self, service: str, open_batch: Callable[[], RunningBatch], max_batch_size: int = 256,
                  max_wait_seconds: float = 0.005, max_queue: int = 256):
-        self.service = service
         self.open_batch = open_batch
-        self.max_batch_size = max_batch_size
-        self.max_wait_seconds = max_wait_seconds
-        self.max_queue = max_queue
-        self._queue: deque[_Request] = deque()
-        self._cond = threading.Condition()
-        threading.Thread(target=self._loop, name=f"{service}-batcher", daemon=True).start()
+        super().__init__(service, max_batch_size, max_wait_seconds, max_queue)
 
     def submit(self, items: list, is_cancelled: Callable[[], bool] = lambda: False,
                on_step: Callable[[list, list[bool]], None] | None = None) -> tuple[list, Any]:
@@ -157,14 +164,7 @@ class ContinuousBatcher:
 
         ``on_step(outputs so far, finished flags)``, one entry per item, runs after every token
         step in the batcher's thread: keep it short (e.g. put a copy on a queue)."""
-        request = _Request(items, is_cancelled, on_step)
-        with self._cond:
-            if len(self._queue) >= self.max_queue:
-                raise QueueFull(f"{self.service} queue is full ({self.max_queue} requests waiting)")
-            self._queue.append(request)
-            metrics.QUEUE_DEPTH.labels(self.service).set(len(self._queue))
-            self._cond.notify()
-        return request.future.result()
+        return self._enqueue_and_wait(_Request(items, is_cancelled, on_step))
 
     def _admit(self, running: int, accepting: bool) -> list[_Request]:
         """The waiting requests that join now; blocks while there is nothing to do."""
