@@ -34,7 +34,7 @@ import statistics
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -261,30 +261,38 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def measure_only(names: list[str]) -> int:
-    """The figures measured outside the cycles, alone: a quick check of one of them."""
-    args = run_args()
+@contextmanager
+def started_stack(args: argparse.Namespace, stack_args: argparse.Namespace | None = None):
+    """Start the services ``args`` describe; yield (a Stack over them built with ``stack_args``,
+    default ``args``; the service processes); stop the services afterwards, whatever happened."""
     (WORK / "logs").mkdir(parents=True, exist_ok=True)
-    figures: dict[str, Figure] = {}
     services = []
     try:
-        print("starting the services ...", flush=True)
         start_services(args, WORK, services)
         trainer_svc, generator_svcs, scorer_svc = split_services(services)
         with ScorerClient(scorer_svc.address) as scorer, TrainerClient(trainer_svc.address) as trainer:
-            stack = Stack(args, trainer_svc.address, [g.address for g in generator_svcs], scorer, trainer)
-            for name in QUICK_FIGURES:
-                if name not in names:
-                    continue
-                print(f"{name} ...", flush=True)
-                if name == "weight_sync":
-                    figures[name] = measure_weight_sync(stack, InProcessPipeline(args))
-                elif name == "score_speedup":
-                    figures[name] = measure_score(stack, ReferencePipeline(args))
-                else:
-                    figures[name] = measure_dynamic_batching(stack)
+            yield (Stack(stack_args or args, trainer_svc.address, [g.address for g in generator_svcs], scorer, trainer),
+                   services)
     finally:
         stop_services(services)
+
+
+def measure_only(names: list[str]) -> int:
+    """The figures measured outside the cycles, alone: a quick check of one of them."""
+    args = run_args()
+    figures: dict[str, Figure] = {}
+    print("starting the services ...", flush=True)
+    with started_stack(args) as (stack, _services):
+        for name in QUICK_FIGURES:
+            if name not in names:
+                continue
+            print(f"{name} ...", flush=True)
+            if name == "weight_sync":
+                figures[name] = measure_weight_sync(stack, InProcessPipeline(args))
+            elif name == "score_speedup":
+                figures[name] = measure_score(stack, ReferencePipeline(args))
+            else:
+                figures[name] = measure_dynamic_batching(stack)
     print()
     print_figures(figures)
     print(f"machine: {machine_info()}")
@@ -301,28 +309,20 @@ def main(argv: list[str] | None = None) -> int:
         return measure_only(options.only)
     machine = machine_info()
     args = run_args(generator_replicas=max(SCALING_REPLICAS))
-    (WORK / "logs").mkdir(parents=True, exist_ok=True)
     figures: dict[str, Figure] = {}
-    services = []
-    try:
-        print("starting the services and the in-process pipelines ...", flush=True)
-        start_services(args, WORK, services)
-        trainer_svc, generator_svcs, scorer_svc = split_services(services)
+    print("starting the services and the in-process pipelines ...", flush=True)
+    with started_stack(args, stack_args=run_args()) as (stack, services):
         in_process, reference = InProcessPipeline(args), ReferencePipeline(args)
-        with ScorerClient(scorer_svc.address) as scorer, TrainerClient(trainer_svc.address) as trainer:
-            stack = Stack(run_args(), trainer_svc.address, [g.address for g in generator_svcs], scorer, trainer)
-            cycles, cycle_figures = measure_cycles(stack, in_process, reference)
-            figures.update(cycle_figures)
-            figures["ppo_update_speedup"] = measure_update(in_process, reference)
-            print("weight sync, score, dynamic batching ...", flush=True)
-            figures["weight_sync"] = measure_weight_sync(stack, in_process)
-            figures["score_speedup"] = measure_score(stack, reference)
-            figures["dynamic_batching"] = measure_dynamic_batching(stack)
-            scaling, replicas_same_samples = measure_scaling(stack)
+        cycles, cycle_figures = measure_cycles(stack, in_process, reference)
+        figures.update(cycle_figures)
+        figures["ppo_update_speedup"] = measure_update(in_process, reference)
+        print("weight sync, score, dynamic batching ...", flush=True)
+        figures["weight_sync"] = measure_weight_sync(stack, in_process)
+        figures["score_speedup"] = measure_score(stack, reference)
+        figures["dynamic_batching"] = measure_dynamic_batching(stack)
+        scaling, replicas_same_samples = measure_scaling(stack)
         for service in services:
             figures[f"peak_rss/{service.name}"] = Figure(peak_rss_mb(service.process.pid), None, "MB")
-    finally:
-        stop_services(services)
 
     wall = time.perf_counter() - started
     machine["loadavg_at_end"] = os.getloadavg()[0]
