@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save
 
 from haoping.generation import Cancelled, PolicyGenerator, SampleSpec, SamplingParams, sample_seed
-from services.common.batching import ContinuousBatcher
+from services.common.batching import ContinuousBatcher, DynamicBatcher
 
 PROMPTS = ["刚收到货，感觉", "这部电影很", "说实话，真的很", "这次购物总的来说体验很"]
 
@@ -144,3 +144,41 @@ def test_weight_load_waits_for_the_running_batch_and_joins_wait_for_the_load(slo
     samples, version = joiner["value"]
     assert version == 1 and gen.version == 1
     assert [s.response_ids for s in samples] == [s.response_ids for s in gen.generate(new_specs)[0]]
+
+
+def _recording_batcher(sizes: list) -> DynamicBatcher:
+    """A DynamicBatcher with a 30 s window whose batches just echo their items, recording their sizes."""
+    return DynamicBatcher("test-arrivals", lambda items, _stop: (sizes.append(len(items)) or items, None),
+                          max_batch_size=8, max_wait_seconds=30)
+
+
+def test_a_lone_request_starts_at_once_instead_of_waiting_out_the_window(tiny_policy):
+    sizes: list = []
+    started = time.monotonic()
+    assert _recording_batcher(sizes).submit([1]) == ([1], None)
+    gen = PolicyGenerator(str(tiny_policy))
+    continuous = ContinuousBatcher("test-lone", gen.open_batch, max_wait_seconds=30)
+    assert len(continuous.submit(_specs(gen, 2, seed=1, max_new_tokens=3))[0]) == 2
+    assert time.monotonic() - started < 20  # nobody else was on the way: neither waited its 30 s window
+
+
+def test_the_batcher_waits_for_a_request_on_its_way_and_batches_it():
+    sizes: list = []
+    batcher = _recording_batcher(sizes)
+    with batcher.arriving() as second:  # a handler still validating its request
+        first = _submit(batcher, [1])
+        time.sleep(0.3)
+        assert "value" not in first  # held for the request on its way
+        assert batcher.submit([2], arrival=second) == ([2], None)
+    first["thread"].join(10)
+    assert first["value"] == ([1], None) and sizes == [2]
+
+
+def test_a_request_rejected_on_its_way_releases_the_wait():
+    sizes: list = []
+    batcher = _recording_batcher(sizes)
+    with batcher.arriving():  # e.g. INVALID_ARGUMENT: the handler leaves without submitting
+        first = _submit(batcher, [1])
+        time.sleep(0.3)
+    first["thread"].join(10)
+    assert first["value"] == ([1], None) and sizes == [1]

@@ -4,7 +4,9 @@
 :class:`ContinuousBatcher` (the generator) lets requests join a running generation batch at
 the next token step and answers each one as soon as its own items finished.
 
-In both, a request waits at most ``max_wait_seconds`` for company when nothing runs; a batch
+In both, when nothing runs, a request waits at most ``max_wait_seconds`` for company, and only
+while other requests are on their way (handlers inside :meth:`arriving`): a lone request starts
+at once instead of paying the window for nobody. A batch
 holds at most ``max_batch_size`` items (a larger request runs alone). The queue is bounded:
 when it is full, ``submit`` raises :class:`QueueFull` (RESOURCE_EXHAUSTED).
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from contextlib import contextmanager
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
@@ -35,6 +38,13 @@ class _Pending:
     future: Future = field(default_factory=Future)
 
 
+class Arrival:
+    """A request on its way to the batcher (see :meth:`_QueuedBatcher.arriving`)."""
+
+    def __init__(self):
+        self.counted = True
+
+
 class _QueuedBatcher:
     """The bounded request queue and the batcher thread both batchers share."""
 
@@ -45,14 +55,35 @@ class _QueuedBatcher:
         self.max_queue = max_queue
         self._queue: deque = deque()
         self._cond = threading.Condition()
+        self._arriving = 0  # requests between arriving() and their submit()
         threading.Thread(target=self._loop, name=f"{service}-batcher", daemon=True).start()
 
     def _loop(self) -> None:
         raise NotImplementedError
 
-    def _enqueue_and_wait(self, request):
+    @contextmanager
+    def arriving(self):
+        """Wrap a request handler from its start (validation, tokenizing) to its submit(..., arrival):
+        while any request is on its way, an idle batcher waits for it (at most max_wait_seconds)."""
+        arrival = Arrival()
+        with self._cond:
+            self._arriving += 1
+        try:
+            yield arrival
+        finally:
+            self._arrived(arrival)  # e.g. rejected before it was submitted
+
+    def _arrived(self, arrival: Arrival | None) -> None:
+        with self._cond:
+            if arrival is not None and arrival.counted:
+                arrival.counted = False
+                self._arriving -= 1
+                self._cond.notify()
+
+    def _enqueue_and_wait(self, request, arrival: Arrival | None):
         """Queue ``request`` (QueueFull when the queue is full) and block for its future's result."""
         with self._cond:
+            self._arrived(arrival)
             if len(self._queue) >= self.max_queue:
                 raise QueueFull(f"{self.service} queue is full ({self.max_queue} requests waiting)")
             self._queue.append(request)
@@ -68,9 +99,10 @@ class DynamicBatcher(_QueuedBatcher):
         self.run_batch = run_batch
         super().__init__(service, max_batch_size, max_wait_seconds, max_queue)
 
-    def submit(self, items: list, is_cancelled: Callable[[], bool] = lambda: False) -> tuple[list, Any]:
+    def submit(self, items: list, is_cancelled: Callable[[], bool] = lambda: False,
+               arrival: Arrival | None = None) -> tuple[list, Any]:
         """Blocks until this request's results are ready; returns (results, extra)."""
-        return self._enqueue_and_wait(_Pending(items, is_cancelled))
+        return self._enqueue_and_wait(_Pending(items, is_cancelled), arrival)
 
     def _take_batch(self) -> list[_Pending]:
         with self._cond:
@@ -87,7 +119,7 @@ class DynamicBatcher(_QueuedBatcher):
                     size += len(batch[-1].items)
                     continue
                 remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                if remaining <= 0 or not self._arriving:
                     break
                 self._cond.wait(remaining)
             metrics.QUEUE_DEPTH.labels(self.service).set(len(self._queue))
@@ -149,7 +181,8 @@ class ContinuousBatcher(_QueuedBatcher):
     the request stay within ``max_batch_size`` (a larger request runs alone); requests join in
     arrival order. Every finished item leaves the batch at once, and a request is answered as
     soon as its last item finished. An idle batcher waits at most ``max_wait_seconds`` for
-    company before it starts a new batch. Work for a cancelled request stops at the next step.
+    requests on their way (:meth:`arriving`) before it starts a new batch. Work for a cancelled
+    request stops at the next step.
     The queue of requests waiting to join is bounded (:class:`QueueFull`).
     """
 
@@ -159,12 +192,13 @@ class ContinuousBatcher(_QueuedBatcher):
         super().__init__(service, max_batch_size, max_wait_seconds, max_queue)
 
     def submit(self, items: list, is_cancelled: Callable[[], bool] = lambda: False,
-               on_step: Callable[[list, list[bool]], None] | None = None) -> tuple[list, Any]:
+               on_step: Callable[[list, list[bool]], None] | None = None,
+               arrival: Arrival | None = None) -> tuple[list, Any]:
         """Blocks until this request's results are ready; returns (results, the batch's version).
 
         ``on_step(outputs so far, finished flags)``, one entry per item, runs after every token
         step in the batcher's thread: keep it short (e.g. put a copy on a queue)."""
-        return self._enqueue_and_wait(_Request(items, is_cancelled, on_step))
+        return self._enqueue_and_wait(_Request(items, is_cancelled, on_step), arrival)
 
     def _admit(self, running: int, accepting: bool) -> list[_Request]:
         """The waiting requests that join now; blocks while there is nothing to do."""
@@ -173,7 +207,7 @@ class ContinuousBatcher(_QueuedBatcher):
                 while not self._queue:
                     self._cond.wait()
                 deadline = time.monotonic() + self.max_wait_seconds
-                while sum(len(r.items) for r in self._queue) < self.max_batch_size:
+                while self._arriving and sum(len(r.items) for r in self._queue) < self.max_batch_size:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         break

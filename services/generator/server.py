@@ -96,11 +96,12 @@ class GeneratorService(pb_grpc.GeneratorServicer):
             metrics.GENERATED_TOKENS.inc(len(sample.response_ids))
             metrics.GENERATED_SAMPLES.labels(sample.finish_reason).inc()
 
-    def _run(self, specs, context, on_step=None):
+    def _run(self, specs, context, arrival, on_step=None):
         """Through the continuous batcher: the samples join the running batch at the next token step."""
         started = time.perf_counter()
         try:
-            samples, version = self.batcher.submit([s for _, _, s in specs], lambda: not context.is_active(), on_step)
+            samples, version = self.batcher.submit([s for _, _, s in specs], lambda: not context.is_active(), on_step,
+                                                   arrival)
         except QueueFull as err:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
         except Cancelled:
@@ -110,17 +111,18 @@ class GeneratorService(pb_grpc.GeneratorServicer):
 
     @metrics.GENERATE_REQUEST_DURATION.labels("Generate").time()
     def Generate(self, request, context):
-        specs = self._specs(request, context)
-        samples, version, seconds = self._run(specs, context)
+        with self.batcher.arriving() as arrival:
+            specs = self._specs(request, context)
+            samples, version, seconds = self._run(specs, context, arrival)
         return pb.GenerateResponse(
             samples=[self._sample_message(p, s, sample, version) for (p, s, _), sample in zip(specs, samples)],
             policy_version=version, seconds=seconds)
 
     def GenerateStream(self, request, context):
-        with metrics.GENERATE_REQUEST_DURATION.labels("GenerateStream").time():
-            yield from self._generate_stream(request, context)
+        with metrics.GENERATE_REQUEST_DURATION.labels("GenerateStream").time(), self.batcher.arriving() as arrival:
+            yield from self._generate_stream(request, context, arrival)
 
-    def _generate_stream(self, request, context):
+    def _generate_stream(self, request, context, arrival):
         specs = self._specs(request, context)
         # the batcher's thread queues each decode step's tokens (a copy); this thread decodes them to text
         steps: queue.Queue = queue.Queue()
@@ -133,7 +135,7 @@ class GeneratorService(pb_grpc.GeneratorServicer):
 
         def work():
             try:
-                result["value"] = self._run(specs, context, on_step)
+                result["value"] = self._run(specs, context, arrival, on_step)
             except BaseException as err:  # surfaced to the caller below
                 result["error"] = err
             finally:

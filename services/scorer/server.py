@@ -28,17 +28,18 @@ class ScorerService(pb_grpc.ScorerServicer):
                                       args.max_batch_size, args.max_wait_ms / 1000, args.max_queue)
 
     def Score(self, request, context):
-        if self.draining:
-            context.abort(grpc.StatusCode.UNAVAILABLE, "scorer is draining")
-        if not request.texts:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "texts must not be empty")
-        if len(request.texts) > self.max_texts:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"at most {self.max_texts} texts per request, got {len(request.texts)}")
-        try:
-            results, _ = self.batcher.submit(list(request.texts), lambda: not context.is_active())
-        except QueueFull as err:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
+        with self.batcher.arriving() as arrival:
+            if self.draining:
+                context.abort(grpc.StatusCode.UNAVAILABLE, "scorer is draining")
+            if not request.texts:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "texts must not be empty")
+            if len(request.texts) > self.max_texts:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"at most {self.max_texts} texts per request, got {len(request.texts)}")
+            try:
+                results, _ = self.batcher.submit(list(request.texts), lambda: not context.is_active(), arrival)
+            except QueueFull as err:
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
         metrics.SCORED_TEXTS.inc(len(results))
         for r in results:
             metrics.SCORE_VALUE.observe(r.score)
