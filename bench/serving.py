@@ -199,20 +199,31 @@ def measure_score(stack: Stack, reference: ReferencePipeline) -> Figure:
 
 
 def measure_dynamic_batching(stack: Stack) -> Figure:
-    """32 clients with one prompt each, at once (merged by the batcher) vs one after another."""
+    """32 clients with one prompt each, at once (merged by the batcher) vs one after another.
+
+    The 32 client threads exist before the clock starts (a client pool is not server work), and
+    one untimed round of each side warms up the server's handler threads; then the two sides
+    alternate, best of three each."""
     prompts = stack.args.prompts
-    with stack.replicas(1) as generator:
+    with stack.replicas(1) as generator, ThreadPoolExecutor(32) as clients:
         gen = generator.clients[0]
 
+        def one(i: int):
+            return gen.generate([prompts[i % 4]], max_new_tokens=16, seed=i)
+
         def concurrent():
-            with ThreadPoolExecutor(32) as pool:
-                list(pool.map(lambda i: gen.generate([prompts[i % 4]], max_new_tokens=16, seed=i), range(32)))
+            list(clients.map(one, range(32)))
 
         def serial():
             for i in range(32):
-                gen.generate([prompts[i % 4]], max_new_tokens=16, seed=i)
+                one(i)
 
-        return Figure(32 / timed(concurrent, 2), 32 / timed(serial, 2), "requests/s", 8)
+        concurrent(), serial()
+        best_concurrent = best_serial = float("inf")
+        for _ in range(3):
+            best_concurrent = min(best_concurrent, timed(concurrent))
+            best_serial = min(best_serial, timed(serial))
+        return Figure(32 / best_concurrent, 32 / best_serial, "requests/s", 8)
 
 
 def measure_scaling(stack: Stack) -> tuple[list[dict], bool]:
