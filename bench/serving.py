@@ -51,9 +51,10 @@ from services.coordinator.run import Coordinator, add_run_flags, split_services,
 RESULTS = Path("bench/results.json")
 WORK = Path("bench/run")
 SEED = 0
-# Timed cycles after one warm-up each; figures take the median. The reference's cycles cost ~7x
+# Timed cycles after one warm-up each; figures take the median. The reference's cycles cost ~8x
 # more, so it runs fewer; services and in-process run more, as their ratio is the finest one.
-TIMED_CYCLES = {"services": 6, "in_process": 6, "reference": 3}
+# On a shared 2-core machine single cycles swing by 10-15%: more cycles steady the medians.
+TIMED_CYCLES = {"services": 12, "in_process": 12, "reference": 5}
 SCALING_BATCHES = (16, 64, 256)
 SCALING_REPLICAS = (1, 2)
 SCALING_TIMED_CYCLES = 3

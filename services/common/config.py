@@ -42,7 +42,7 @@ def add_common_server_flags(parser: argparse.ArgumentParser, port: int, metrics_
 
 def add_batching_flags(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--max-batch-size", 256, int, "most items merged into one model batch")
-    add_flag(parser, "--max-wait-ms", 5.0, float, "how long a request waits for others to batch with")
+    add_flag(parser, "--max-wait-ms", 5.0, float, "how long an idle batcher waits for requests already on their way to batch with")
     add_flag(parser, "--max-queue", 256, int, "requests waiting beyond this get RESOURCE_EXHAUSTED")
     add_flag(parser, "--gil-switch-ms", 1.0, float,
              "Python's thread switch interval (sys.setswitchinterval; Python's default is 5): lower "
