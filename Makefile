@@ -7,7 +7,7 @@ REWARD_DEV ?= $(if $(wildcard ../shared/data/ranklists_sample.tsv),../shared/dat
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv run test proto bootstrap bench bench-learning reward-model clean
+.PHONY: venv run test proto bootstrap bench bench-learning reward-model clean docker-wheels docker compose-test
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,3 +44,16 @@ bench-learning: venv
 
 bench: venv
 	$(PY) -m bench.serving
+
+# docker compose: a wheelhouse built with this host's pip settings (CPU torch), then the images.
+# Where no registry is reachable: docker/build-base-image.sh, then BASE_IMAGE=local/debian-py:bookworm.
+BASE_IMAGE ?= python:3.11-slim
+docker-wheels: venv
+	rm -f docker/wheels/haoping-*.whl
+	$(PY) -m pip wheel --quiet -w docker/wheels torch==2.13.0 .
+
+docker: docker-wheels
+	BASE_IMAGE=$(BASE_IMAGE) docker compose build bootstrap prometheus
+
+compose-test: venv
+	HAOPING_COMPOSE_TEST=1 BASE_IMAGE=$(BASE_IMAGE) $(PY) -m pytest -q tests/compose

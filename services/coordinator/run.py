@@ -1,5 +1,6 @@
-"""The coordinator: starts the three services, runs rollout -> score -> update -> sync cycles,
-and writes the run directory (cycles.jsonl, samples, curves, final policy)."""
+"""The coordinator: starts the three services (or uses running ones, e.g. under docker compose),
+runs rollout -> score -> update -> sync cycles, and writes the run directory (cycles.jsonl,
+samples, curves, final policy)."""
 from __future__ import annotations
 
 import argparse
@@ -247,7 +248,41 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--max-kl", 6.0, float, "guard: warn when KL (nats/seq) goes above")
     add_flag(parser, "--min-distinct2-ratio", 0.5, float, "guard: warn when distinct-2 falls below this x start")
     add_flag(parser, "--max-repetition-rate", 0.1, float, "guard: warn when this share of responses repeats a char 4x")
+    add_flag(parser, "--trainer-address", "",
+             help="host:port of a running trainer: use the running services (with --generator-addresses and "
+                  "--scorer-address, e.g. under docker compose) instead of starting them")
+    add_flag(parser, "--generator-addresses", "", help="comma-separated host:port of running generators")
+    add_flag(parser, "--scorer-address", "", help="host:port of a running scorer")
     parser.add_argument("--prompts", nargs="+", default=DEFAULT_PROMPTS, help="rollout prompts")
+
+
+# flags that configure the services a run starts; running services were configured by their own flags
+SERVICE_FLAGS = ("policy", "scorer_backend", "scorer_model", "scorer_normalize", "ppo_config", "resume",
+                 "generator_replicas", "device", "dtype")
+
+
+def running_services(args) -> tuple[str, list[str], str] | None:
+    """(trainer, generators, scorer) addresses when the run uses running services, else None.
+    Raises ValueError for a partial set, or with flags that only configure services it would start."""
+    given = [args.trainer_address, args.generator_addresses, args.scorer_address]
+    if not any(given):
+        return None
+    if not all(given):
+        raise ValueError("--trainer-address, --generator-addresses and --scorer-address go together")
+    defaults = vars(build_parser_defaults())
+    changed = [f"--{name.replace('_', '-')}" for name in SERVICE_FLAGS if getattr(args, name) != defaults[name]]
+    if changed:
+        raise ValueError(f"{', '.join(changed)} configure services this run starts; running services take "
+                         "their settings from their own flags")
+    return args.trainer_address, [a.strip() for a in args.generator_addresses.split(",") if a.strip()], \
+        args.scorer_address
+
+
+def build_parser_defaults() -> argparse.Namespace:
+    """The run flags' defaults, env fallbacks included."""
+    parser = argparse.ArgumentParser()
+    add_run_flags(parser)
+    return parser.parse_args([])
 
 
 def run(args) -> int:
@@ -275,24 +310,31 @@ def run(args) -> int:
     settings = {k: v for k, v in vars(args).items() if k != "func"}
     (run_dir / "config.json").write_text(json.dumps(settings, indent=2, ensure_ascii=False))
 
+    try:
+        connect_to = running_services(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     from haoping.bootstrap import ensure_starter_models
 
-    if any(ref.startswith("starter:") for ref in (args.policy, args.scorer_model)):
+    if connect_to is None and any(ref.startswith("starter:") for ref in (args.policy, args.scorer_model)):
         ensure_starter_models()  # once, here, with progress bars, before the services race for it
     services: list[ServiceProcess] = []
     try:
-        log.info("starting services (logs in %s)", run_dir / "logs")
-        start_services(args, run_dir, services)
-        for s in services:
-            log.info("%s serving at %s (metrics http://%s:%d/metrics)", s.name, s.address,
-                     s.address.split(":")[0], s.metrics_port)
-        trainer_service, generator_services, scorer_service = split_services(services)
-        trainer_address = trainer_service.address
-        with GeneratorReplicas([GeneratorClient(g.address) for g in generator_services]) as generator, \
-                ScorerClient(scorer_service.address) as scorer, TrainerClient(trainer_address) as trainer:
+        if connect_to is None:
+            log.info("starting services (logs in %s)", run_dir / "logs")
+            start_services(args, run_dir, services)
+            for s in services:
+                log.info("%s serving at %s (metrics http://%s:%d/metrics)", s.name, s.address,
+                         s.address.split(":")[0], s.metrics_port)
+            trainer_service, generator_services, scorer_service = split_services(services)
+            connect_to = trainer_service.address, [g.address for g in generator_services], scorer_service.address
+        trainer_address, generator_addresses, scorer_address = connect_to
+        with GeneratorReplicas([GeneratorClient(a) for a in generator_addresses]) as generator, \
+                ScorerClient(scorer_address) as scorer, TrainerClient(trainer_address) as trainer:
             synced = generator.load_weights(trainer_address)  # a resumed trainer's policy, or the same start
             start_cycle = _cycles_done(run_dir) if args.resume else 0
-            log.info("%d generator(s) at policy version %d; running %d cycles", len(generator_services),
+            log.info("%d generator(s) at policy version %d; running %d cycles", len(generator_addresses),
                      synced.policy_version, args.cycles)
             records = Coordinator(args, generator, scorer, trainer, trainer_address, run_dir).run(start_cycle)
         first, last = records[:5], records[-5:]
