@@ -7,6 +7,7 @@ rejected: :class:`RankListError` lists every bad line.
 """
 from __future__ import annotations
 
+import os
 import random
 import re
 from collections.abc import Iterable, Sequence
@@ -103,8 +104,23 @@ def read_ranklists(path: str | Path, strict: bool = False) -> tuple[list[RankLis
     return parse_ranklists(data, str(path), strict=strict)
 
 
-def _one_line(text: str) -> str:
-    return re.sub(r"\s+", " ", text).strip()  # tabs and newlines would break the format
+def one_line(text: str) -> str:
+    """``text`` as a rank-list field: tabs, newlines and runs of whitespace become one space."""
+    # the reader drops a byte-order mark, so one kept here would not read back as written
+    return re.sub(r"\s+", " ", text.replace("\ufeff", "")).strip()
+
+
+def format_ranklist(texts: Sequence[str]) -> str:
+    """One rank-list line (newline included) from texts best first, each put on one line.
+
+    Raises :class:`RankListError` when the line would not parse back as the same list: fewer
+    than 2 texts, or a text empty or repeated once tabs, newlines and runs of spaces are one space.
+    """
+    line = "\t".join(one_line(text) for text in texts)
+    parsed = _parse_line(line.encode("utf-8"), 1)
+    if isinstance(parsed, LineProblem):
+        raise RankListError(f"not a valid rank list: {parsed.reason}", [parsed])
+    return line + "\n"
 
 
 def write_ranklists(path: str | Path, lists: Iterable[RankList | Sequence[str]]) -> int:
@@ -112,9 +128,30 @@ def write_ranklists(path: str | Path, lists: Iterable[RankList | Sequence[str]])
     lines = []
     for ranklist in lists:
         texts = ranklist.texts if isinstance(ranklist, RankList) else ranklist
-        lines.append("\t".join(_one_line(text) for text in texts) + "\n")
+        lines.append("\t".join(one_line(text) for text in texts) + "\n")
     Path(path).write_text("".join(lines), encoding="utf-8")
     return len(lines)
+
+
+def append_ranklist(path: str | Path, texts: Sequence[str]) -> str:
+    """Append one rank list (best first) to ``path`` and fsync it; returns the line written.
+
+    The file is only ever appended to, never rewritten, so lists saved earlier survive a crash
+    mid-write. A last line without its newline (e.g. edited by hand) gets one first, so the new
+    list does not glue onto it. Raises :class:`RankListError` before touching the file if
+    ``texts`` is not a valid list (see :func:`format_ranklist`).
+    """
+    line = format_ranklist(texts)
+    with open(path, "ab") as f:
+        if f.tell() > 0:
+            with open(path, "rb") as existing:
+                existing.seek(-1, 2)
+                if existing.read(1) != b"\n":
+                    line = "\n" + line
+        f.write(line.encode("utf-8"))
+        f.flush()
+        os.fsync(f.fileno())
+    return line.lstrip("\n")
 
 
 # --- Starter rank lists -------------------------------------------------------------------
