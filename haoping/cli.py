@@ -1,4 +1,4 @@
-"""`haoping` command line: bootstrap, run, serve, generate, score, train-reward-model."""
+"""`haoping` command line: bootstrap, run, serve, generate, score, train-reward-model, evaluate, label."""
 from __future__ import annotations
 
 import argparse
@@ -120,10 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_score)
 
     from haoping.evaluate import add_cli as add_evaluate_cli
+    from haoping.labeling import add_cli as add_labeling_cli
     from haoping.reward_model import add_cli as add_reward_model_cli
 
     add_evaluate_cli(sub)
     add_reward_model_cli(sub)
+    add_labeling_cli(sub)
     return parser
 
 
