@@ -72,7 +72,12 @@ class SnowNLPScorer:
 
 
 def build_scorer(backend: str, model_ref: str, device="cpu", dtype=torch.float32, normalize: str = "none"):
-    """The one place a scorer backend is chosen: ``classifier``, ``reward-model`` or ``snownlp``."""
+    """The one place a scorer backend is chosen: ``classifier``, ``reward-model``, ``snownlp``
+    or ``human`` (a person rates the texts on a web page; ``model_ref`` is not used)."""
+    if backend == "human":
+        from haoping.human_scorer import HumanScorer
+
+        return HumanScorer()
     if backend == "snownlp":
         return SnowNLPScorer()
     if backend == "classifier":
@@ -81,4 +86,4 @@ def build_scorer(backend: str, model_ref: str, device="cpu", dtype=torch.float32
         from haoping.reward_model import RewardModelScorer
 
         return RewardModelScorer(model_ref, device=device, dtype=dtype, normalize=normalize)
-    raise ValueError(f"unknown scorer backend {backend!r}; use classifier, reward-model or snownlp")
+    raise ValueError(f"unknown scorer backend {backend!r}; use classifier, reward-model, snownlp or human")

@@ -1,0 +1,190 @@
+"""Human reward: a person scores the texts of each Score request on a web page.
+
+:class:`HumanScorer` is the ``human`` scorer backend. Its :meth:`~HumanScorer.score` puts the
+texts in a queue of pending batches and blocks until :meth:`~HumanScorer.submit` brings a
+rating for every text, the timeout passes, or the caller is cancelled (the batch then leaves
+the queue). :class:`HumanScorePage` is the page that shows the oldest pending batch and
+submits the ratings.
+
+Ratings are 1-5 stars; the reward is ``(stars - 1) / 4``, so 0, 0.25, 0.5, 0.75 or 1, on the
+same [0, 1] scale as the classifier's positive probability; ``raw_score`` keeps the stars.
+"""
+from __future__ import annotations
+
+import html
+import json
+import math
+import secrets
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from haoping.labeling import BadRequest, Response, error_page, page, redirect
+from haoping.log import get_logger
+from haoping.scoring import ScoreResult
+
+log = get_logger(__name__)
+
+MAX_STARS = 5
+POLL_SECONDS = 0.1  # how often a waiting score() looks at its caller's cancellation and deadline
+
+
+def stars_to_score(stars: int) -> float:
+    return (stars - 1) / (MAX_STARS - 1)
+
+
+class ScoreTimeout(TimeoutError):
+    """Nobody rated the texts before the caller's deadline."""
+
+
+class ScoreCancelled(Exception):
+    """The caller went away before the texts were rated."""
+
+
+class TooManyPending(Exception):
+    """``max_pending`` batches are already waiting for a person."""
+
+
+class UnknownBatch(KeyError):
+    """No pending batch has this id: already rated, timed out or cancelled."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+@dataclass
+class PendingBatch:
+    id: str
+    texts: tuple[str, ...]
+    created: float = field(default_factory=time.monotonic)
+    stars: list[int] | None = None  # set by submit()
+
+
+class HumanScorer:
+    """Thread-safe queue of texts waiting for a person's ratings; the ``human`` scorer backend."""
+
+    backend = "human"
+    model_id = "human"
+
+    def __init__(self, max_pending: int = 256):
+        self.max_pending = max_pending
+        self._pending: dict[str, PendingBatch] = {}  # insertion order: oldest first
+        self._cond = threading.Condition()
+
+    def score(self, texts: Sequence[str], timeout: float | None = None,
+              is_cancelled: Callable[[], bool] = lambda: False) -> list[ScoreResult]:
+        """Block until a person rated every text. Raises :class:`ScoreTimeout` after ``timeout``
+        seconds (None: no limit), :class:`ScoreCancelled` once ``is_cancelled()`` is true,
+        :class:`TooManyPending` when the queue is full; the texts leave the page in all three cases."""
+        if not texts:
+            raise ValueError("no texts to score")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        batch = PendingBatch(secrets.token_hex(8), tuple(texts))
+        with self._cond:
+            if len(self._pending) >= self.max_pending:
+                raise TooManyPending(f"{len(self._pending)} batches already wait for a person")
+            self._pending[batch.id] = batch
+            log.info("%d text(s) wait for a person's rating (batch %s, %d batch(es) pending)",
+                     len(texts), batch.id, len(self._pending))
+            try:
+                while batch.stars is None:
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        raise ScoreTimeout(f"no rating for {len(texts)} text(s) within {timeout:.1f}s")
+                    if is_cancelled():
+                        raise ScoreCancelled("the caller cancelled before the texts were rated")
+                    self._cond.wait(POLL_SECONDS if remaining is None else min(POLL_SECONDS, remaining))
+            finally:
+                self._pending.pop(batch.id, None)
+                self._cond.notify_all()
+        return [ScoreResult(stars_to_score(s), "human", float(s)) for s in batch.stars]
+
+    def pending(self) -> list[PendingBatch]:
+        """The batches waiting for ratings, oldest first (copies)."""
+        with self._cond:
+            return [PendingBatch(b.id, b.texts, b.created) for b in self._pending.values()]
+
+    def submit(self, batch_id: str, stars: Sequence[int]) -> None:
+        """Rate a pending batch: one whole number of stars (1-5) per text, in the batch's order.
+        Raises :class:`UnknownBatch` or ValueError (nothing changes then)."""
+        with self._cond:
+            batch = self._pending.get(batch_id)
+            if batch is None:
+                raise UnknownBatch(f"no pending batch {batch_id!r}: already rated, timed out or cancelled")
+            if len(stars) != len(batch.texts):
+                raise ValueError(f"batch {batch_id} has {len(batch.texts)} texts, got {len(stars)} ratings")
+            for i, s in enumerate(stars):
+                if isinstance(s, bool) or not isinstance(s, int) or not 1 <= s <= MAX_STARS:
+                    raise ValueError(f"text {i + 1}: {s!r} is not a whole number of stars from 1 to {MAX_STARS}")
+            batch.stars = list(stars)
+            del self._pending[batch_id]  # off the page at once, before the caller wakes
+            self._cond.notify_all()
+
+
+def stars_from_form(form: dict[str, str], count: int) -> list[int]:
+    """Ratings from fields ``stars_0`` .. ``stars_<count-1>``; :class:`BadRequest` if any is missing or bad."""
+    given = sorted(name for name in form if name.startswith("stars_"))
+    expected = [f"stars_{i}" for i in range(count)]
+    extra = sorted(set(given) - set(expected))
+    if extra:
+        raise BadRequest(f"this batch has {count} texts; unexpected field(s) {', '.join(extra)}")
+    stars = []
+    for i, name in enumerate(expected):
+        raw = form.get(name, "").strip()
+        if not raw:
+            raise BadRequest(f"text {i + 1} has no rating; rate every text from 1 to {MAX_STARS} stars")
+        if not raw.isdecimal() or not 1 <= int(raw) <= MAX_STARS:
+            raise BadRequest(f"text {i + 1}: {raw!r} is not a whole number of stars from 1 to {MAX_STARS}")
+        stars.append(int(raw))
+    return stars
+
+
+@dataclass
+class HumanScorePage:
+    """GET / shows the oldest pending batch, POST /score rates it, GET /pending.json lists the queue."""
+    scorer: HumanScorer
+    refresh_seconds: int = 3  # an empty queue reloads itself; a page with a form never does (input would be lost)
+
+    def get(self, path: str) -> Response:
+        pending = self.scorer.pending()
+        if path == "/pending.json":
+            now = time.monotonic()
+            queue = [{"id": b.id, "texts": list(b.texts), "waiting_seconds": round(now - b.created, 1)}
+                     for b in pending]
+            return Response(json.dumps(queue, ensure_ascii=False), content_type="application/json")
+        if path != "/":
+            return Response(error_page(f"no page {path}"), status=404)
+        if not pending:
+            return Response(page("Rate the reviews", "<p>Nothing to rate right now; this page reloads itself.</p>",
+                                 self.refresh_seconds))
+        return Response(self.render(pending[0], len(pending)))
+
+    def post(self, path: str, form: dict[str, str]) -> Response:
+        if path != "/score":
+            return Response(error_page(f"no form at {path}"), status=404)
+        batch_id = form.get("batch", "")
+        batch = next((b for b in self.scorer.pending() if b.id == batch_id), None)
+        if batch is None:
+            raise BadRequest(f"no pending batch {batch_id!r}: already rated, timed out or cancelled")
+        try:
+            self.scorer.submit(batch_id, stars_from_form(form, len(batch.texts)))
+        except (UnknownBatch, ValueError) as err:  # e.g. the caller timed out meanwhile
+            raise BadRequest(str(err)) from None
+        return redirect("/")
+
+    def render(self, batch: PendingBatch, batches_waiting: int) -> str:
+        def stars_input(i: int) -> str:
+            return " ".join(f'<label><input type="radio" name="stars_{i}" value="{s}">{"★" * s}</label>'
+                            for s in range(1, MAX_STARS + 1))
+        items = "".join(f'<div class="item"><div class="text">{html.escape(text)}</div>{stars_input(i)}</div>'
+                        for i, text in enumerate(batch.texts))
+        waiting = math.floor(time.monotonic() - batch.created)
+        body = (f"<p>How good is each review? 1 star = bad, {MAX_STARS} stars = an excellent positive review. "
+                f"Training waits for your ratings.</p>"
+                f'<form method="post" action="/score" accept-charset="utf-8">'
+                f'<input type="hidden" name="batch" value="{batch.id}">{items}'
+                f'<p><button type="submit">Submit ratings</button></p></form>'
+                f'<p class="meta">{len(batch.texts)} text(s), waiting {waiting}s; '
+                f"{batches_waiting} batch(es) in the queue</p>")
+        return page("Rate the reviews", body)
