@@ -159,7 +159,7 @@ def ranking_from_form(form: dict[str, str], count: int) -> list[int]:
     Raises :class:`BadRequest` for a missing, extra, non-numeric, out-of-range or repeated rank."""
     given = sorted(name for name in form if name.startswith("rank_"))
     expected = [f"rank_{i}" for i in range(count)]
-    if sorted(given) != sorted(expected):
+    if given != sorted(expected):
         raise BadRequest(f"expected ranks for {count} texts (rank_0 .. rank_{count - 1}), got {len(given)} "
                          f"rank field(s): {', '.join(given) or 'none'}")
     ranks = []
@@ -343,6 +343,7 @@ def cmd_label(args) -> int:
 
             ensure_starter_models()
         draw = in_process_draw(args.policy, args.max_new_tokens, args.min_new_tokens, pick_device(args.device))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     seed = args.seed if args.seed >= 0 else int.from_bytes(os.urandom(4), "little")
     app = RankingApp(draw, args.prompts or DEFAULT_PROMPTS, Path(args.out), k=args.k, seed=seed)
     server = start_web_server(app, args.host, args.port)

@@ -16,7 +16,7 @@ import pytest
 
 from haoping.human_scorer import (HumanScorePage, HumanScorer, ScoreCancelled, ScoreTimeout, TooManyPending,
                                   UnknownBatch, stars_to_score)
-from haoping.labeling import RankingApp, draw_group, in_process_draw, start_web_server
+from haoping.labeling import RankingApp, draw_group, generator_service_draw, in_process_draw, start_web_server
 from haoping.ranklists import RankListError, append_ranklist, format_ranklist, read_ranklists
 
 PROMPT = "刚收到货，感觉"
@@ -215,6 +215,20 @@ def test_in_process_policy_draws_seeded_texts_that_start_with_the_prompt(tiny_po
     assert all(t.startswith(PROMPT) and len(t) > len(PROMPT) for t in texts)
     assert draw_group(draw, PROMPT, 4, seed=3) == texts
     assert draw_group(draw, PROMPT, 4, seed=4) != texts
+
+
+@pytest.mark.slow
+def test_generator_service_draws_the_same_seeded_texts_as_the_in_process_policy(tiny_policy, tmp_path):
+    from services.coordinator.run import start_service, stop_services
+
+    (tmp_path / "logs").mkdir()
+    generator = start_service("generator", ["--model", str(tiny_policy), "--device", "cpu"], tmp_path, timeout=120)
+    try:
+        texts = draw_group(generator_service_draw(generator.address, 6, 6), PROMPT, 4, seed=3)
+    finally:
+        stop_services([generator])
+    assert len(texts) == 4 and all(t.startswith(PROMPT) for t in texts)
+    assert texts == draw_group(in_process_draw(str(tiny_policy), 6, 6), PROMPT, 4, seed=3)
 
 
 # --- human scorer -------------------------------------------------------------------------
