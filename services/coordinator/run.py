@@ -235,7 +235,7 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--eval-samples", 64, int, "samples in samples_before/after.jsonl")
     add_flag(parser, "--seed", 0, int, "seed for rollouts and PPO")
     add_flag(parser, "--policy", "starter:policy", help="initial policy: starter:policy, a dir or a hub ID")
-    add_flag(parser, "--scorer-backend", "classifier", help="classifier or reward-model")
+    add_flag(parser, "--scorer-backend", "classifier", help="classifier, reward-model or human")
     add_flag(parser, "--scorer-model", "starter:classifier", help="scorer model: starter:classifier, a dir or a hub ID")
     add_flag(parser, "--scorer-normalize", "none", help="reward-model backend: none, sigmoid or running")
     add_flag(parser, "--ppo-config", "", help="JSON object of PPO options passed to the trainer")
