@@ -40,6 +40,9 @@ def test_compose_publishes_and_health_checks_each_services_default_ports():
         assert f"127.0.0.1:{defaults.port}:{defaults.port}" in service["ports"]
         assert f"127.0.0.1:{defaults.metrics_port}:{defaults.metrics_port}" in service["ports"]
         assert service["healthcheck"]["test"][-1] == f"127.0.0.1:{defaults.port}"
+    scorer = _defaults("scorer")
+    assert f"127.0.0.1:{scorer.human_port}:{scorer.human_port}" in compose["scorer"]["ports"]
+    assert compose["scorer"]["environment"]["HAOPING_HUMAN_HOST"] == "0.0.0.0"
     coordinator = compose["coordinator"]["environment"]
     assert coordinator["HAOPING_TRAINER_ADDRESS"] == f"trainer:{_defaults('trainer').port}"
     assert coordinator["HAOPING_GENERATOR_ADDRESSES"] == f"generator:{_defaults('generator').port}"
