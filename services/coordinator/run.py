@@ -238,6 +238,8 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--scorer-backend", "classifier", help="classifier, reward-model or human")
     add_flag(parser, "--scorer-model", "starter:classifier", help="scorer model: starter:classifier, a dir or a hub ID")
     add_flag(parser, "--scorer-normalize", "none", help="reward-model backend: none, sigmoid or running")
+    add_flag(parser, "--score-timeout", 600.0, float,
+             "seconds each Score request may take (the human backend waits for a person's ratings)")
     add_flag(parser, "--ppo-config", "", help="JSON object of PPO options passed to the trainer")
     add_flag(parser, "--resume", "", help="trainer checkpoint dir to resume from (e.g. runs/latest/checkpoint)")
     add_flag(parser, "--generator-replicas", 1, int,
@@ -331,7 +333,8 @@ def run(args) -> int:
             connect_to = trainer_service.address, [g.address for g in generator_services], scorer_service.address
         trainer_address, generator_addresses, scorer_address = connect_to
         with GeneratorReplicas([GeneratorClient(a) for a in generator_addresses]) as generator, \
-                ScorerClient(scorer_address) as scorer, TrainerClient(trainer_address) as trainer:
+                ScorerClient(scorer_address, timeout=args.score_timeout) as scorer, \
+                TrainerClient(trainer_address) as trainer:
             synced = generator.load_weights(trainer_address)  # a resumed trainer's policy, or the same start
             start_cycle = _cycles_done(run_dir) if args.resume else 0
             log.info("%d generator(s) at policy version %d; running %d cycles", len(generator_addresses),
