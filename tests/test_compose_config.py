@@ -92,3 +92,11 @@ def test_coordinator_uses_running_services_only_with_all_three_addresses():
     with pytest.raises(ValueError, match="--ppo-config"):
         running_services(_run_args("--trainer-address", "t:1", "--generator-addresses", "g:1",
                                    "--scorer-address", "s:1", "--ppo-config", '{"learning_rate": 1e-4}'))
+
+
+def test_a_bad_set_of_service_addresses_exits_2_before_any_run_dir_is_written(tmp_path, capsys):
+    from services.coordinator.run import run
+
+    assert run(_run_args("--runs-dir", str(tmp_path), "--name", "x", "--trainer-address", "t:1")) == 2
+    assert "go together" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # no run dir, and runs/latest still points where it did

@@ -301,6 +301,11 @@ def run(args) -> int:
     if args.generator_replicas < 1:
         print(f"error: --generator-replicas must be >= 1, got {args.generator_replicas}", file=sys.stderr)
         return 2
+    try:
+        connect_to = running_services(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if args.resume and not (Path(args.resume) / "trainer_state.json").exists():
         print(f"error: --resume {args.resume} is not a trainer checkpoint (no trainer_state.json)", file=sys.stderr)
         return 2
@@ -312,11 +317,6 @@ def run(args) -> int:
     settings = {k: v for k, v in vars(args).items() if k != "func"}
     (run_dir / "config.json").write_text(json.dumps(settings, indent=2, ensure_ascii=False))
 
-    try:
-        connect_to = running_services(args)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     from haoping.bootstrap import ensure_starter_models
 
     if connect_to is None and any(ref.startswith("starter:") for ref in (args.policy, args.scorer_model)):
