@@ -62,6 +62,11 @@ class _Client:
         return self.stub.GetInfo(pb.GetInfoRequest(), timeout=self.timeout)
 
 
+class HealthClient(_Client):
+    """Only the standard grpc.health.v1 service, which every haoping service answers."""
+    stub_class = health_pb2_grpc.HealthStub
+
+
 class GeneratorClient(_Client):
     stub_class = pb_grpc.GeneratorStub
 

@@ -230,3 +230,11 @@ def test_metrics_pass_promtool(api, tiny_policy, tmp_path):
     for name, body in bodies.items():
         checked = subprocess.run([promtool, "check", "metrics"], input=body, capture_output=True, text=True, timeout=60)
         assert checked.returncode == 0, f"{name}: {checked.stdout}{checked.stderr}"
+
+
+def test_the_container_healthcheck_says_serving_only_where_a_service_serves(api):
+    from services.common.healthcheck import main as healthcheck
+
+    assert healthcheck([api.generator.address]) == 0
+    assert healthcheck([api.scorer.address]) == 0
+    assert healthcheck(["127.0.0.1:1"]) == 1  # nothing listens there

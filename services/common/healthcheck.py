@@ -5,18 +5,7 @@ from __future__ import annotations
 
 import sys
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-
-def is_serving(address: str, timeout: float = 3.0) -> bool:
-    with grpc.insecure_channel(address) as channel:
-        try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""),
-                                                               timeout=timeout)
-        except grpc.RpcError:
-            return False
-    return reply.status == health_pb2.HealthCheckResponse.SERVING
+from haoping.client import HealthClient
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,7 +13,8 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 1:
         print("usage: python -m services.common.healthcheck HOST:PORT", file=sys.stderr)
         return 2
-    return 0 if is_serving(argv[0]) else 1
+    with HealthClient(argv[0]) as client:
+        return 0 if client.health_status() == "SERVING" else 1
 
 
 if __name__ == "__main__":
