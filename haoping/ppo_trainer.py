@@ -101,10 +101,8 @@ class PolicyWithValueHead(nn.Module):
 
     def forward(self, batch: "RolloutBatch") -> tuple[torch.Tensor, torch.Tensor]:
         """Response logits [B, R, V] and values [B, R], at the positions that predict response tokens."""
-        out = self.lm(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
-                      output_hidden_states=True, use_cache=False, logits_to_keep=batch.response_ids.shape[1] + 1)
-        hidden = out.hidden_states[-1][:, batch.query_width - 1:-1]
-        return out.logits[:, :-1], self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
+        logits, hidden = response_pass(self.lm, batch, want_hidden=True)
+        return logits, self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
 
 
 @dataclass
@@ -142,12 +140,54 @@ def build_rollout_batch(queries: list[list[int]], responses: list[list[int]], pa
     return RolloutBatch(input_ids, attention_mask, position_ids, input_ids[:, q_width:], response_mask, q_width)
 
 
-def response_logits(lm: nn.Module, batch: "RolloutBatch") -> torch.Tensor:
-    """The LM's logits that predict the response tokens [B, R, V]. Only those R positions go
-    through the vocabulary projection (``logits_to_keep``), the costliest matmul of a small model:
-    the query positions' logits were computed and thrown away before."""
-    return lm(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
-              use_cache=False, logits_to_keep=batch.response_ids.shape[1] + 1).logits[:, :-1]
+def shared_query_groups(batch: "RolloutBatch") -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Rows with the same query can share one forward pass over it (several samples per prompt).
+
+    Returns (a row holding each distinct query [U], each row's query index [B]), or None when
+    most queries are distinct and sharing would not pay for its second pass."""
+    q = batch.query_width
+    queries = torch.cat([batch.input_ids[:, :q], batch.attention_mask[:, :q]], 1)  # a real pad-id token is not padding
+    distinct, group = torch.unique(queries, dim=0, return_inverse=True)
+    rows = len(group)
+    if 2 * len(distinct) > rows:
+        return None
+    first = torch.full((len(distinct),), rows, dtype=torch.long, device=group.device)
+    first = first.scatter_reduce(0, group, torch.arange(rows, device=group.device), "amin")
+    return first, group
+
+
+def response_pass(lm: nn.Module, batch: "RolloutBatch", want_hidden: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The LM's logits that predict the response tokens [B, R, V], and with ``want_hidden`` the
+    last hidden states at those positions [B, R, H].
+
+    Only the R predicting positions go through the vocabulary projection, the costliest matmul of
+    a small model. When queries repeat, each distinct query runs once and its KV cache is
+    gathered per row (gradients flow back through the gather): with 16 samples per prompt that
+    is about a third fewer tokens through the model than one pass over [query | response] rows.
+    """
+    q, r = batch.query_width, batch.response_ids.shape[1]
+    groups = shared_query_groups(batch)
+    if groups is None:
+        out = lm(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                 use_cache=False, output_hidden_states=want_hidden, logits_to_keep=r + 1)
+        return out.logits[:, :-1], out.hidden_states[-1][:, q - 1:-1] if want_hidden else None
+    first, group = groups
+    prefix = lm(input_ids=batch.input_ids[first, :q], attention_mask=batch.attention_mask[first, :q],
+                position_ids=batch.position_ids[first, :q], use_cache=True, output_hidden_states=want_hidden,
+                logits_to_keep=1)
+    logits = [prefix.logits[group]]  # [B, 1, V]: the last query token predicts the first response token
+    hidden = [prefix.hidden_states[-1][group, -1:]] if want_hidden else []
+    if r > 1:
+        cache = prefix.past_key_values
+        cache.reorder_cache(group)  # [U, ...] -> [B, ...] by index_select
+        rest = lm(input_ids=batch.response_ids[:, :-1], attention_mask=batch.attention_mask[:, :-1],
+                  position_ids=batch.position_ids[:, q:-1], past_key_values=cache, use_cache=True,
+                  output_hidden_states=want_hidden)
+        logits.append(rest.logits)
+        if want_hidden:
+            hidden.append(rest.hidden_states[-1])
+    return torch.cat(logits, 1), torch.cat(hidden, 1) if want_hidden else None
 
 
 def mask_early_eos(logits: torch.Tensor, eos_id: int | None, min_tokens: int) -> torch.Tensor:
@@ -247,7 +287,7 @@ class PPOTrainer:
     def _ref_logprobs(self, part: RolloutBatch) -> torch.Tensor:
         """The frozen reference model's log-probs of the response tokens [B, R]."""
         with self._autocast():
-            ref_logits = response_logits(self.ref_model, part)
+            ref_logits, _ = response_pass(self.ref_model, part)
         ref_logits = mask_early_eos(ref_logits, self.eos_id, self.config.min_response_tokens)
         return ppo.logprobs_from_logits(ref_logits, part.response_ids)
 

@@ -28,6 +28,18 @@ def test_gpt2_tanh_gelu_loads_as_the_fused_kernel_with_the_same_outputs(tiny_pol
         torch.testing.assert_close(fused(ids).logits, plain(ids).logits, atol=1e-5, rtol=1e-5)
 
 
+def test_lm_head_gets_a_contiguous_copy_of_the_kept_positions_with_the_same_logits(tiny_policy):
+    model = load_causal_lm(str(tiny_policy))
+    seen = []
+    model.get_output_embeddings().register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    ids = torch.tensor([[1, 5, 9, 12, 7, 3], [1, 6, 8, 2, 4, 3]])
+    with torch.no_grad():
+        kept = model(ids, logits_to_keep=3).logits
+        full = model(ids).logits
+    assert seen[0].is_contiguous() and seen[0].shape[1] == 3
+    torch.testing.assert_close(kept, full[:, -3:], atol=1e-6, rtol=1e-6)
+
+
 def test_decode_clean_has_no_spaces_or_special_tokens(tiny_policy):
     tokenizer = load_tokenizer(str(tiny_policy))
     ids = encode_prompt(tokenizer, "刚收到货，感觉很好 ipad mini 256g") + [tokenizer.sep_token_id, tokenizer.pad_token_id]

@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from haoping.ppo_trainer import PPOConfig, PPOTrainer, build_rollout_batch, lr_factor
+from haoping import ppo_trainer
+from haoping.ppo_trainer import PPOConfig, PPOTrainer, build_rollout_batch, lr_factor, shared_query_groups
 
 QUERIES = [[2, 10, 11], [2, 12], [2, 13, 14, 15]]
 RESPONSES = [[20, 21, 3], [22, 23, 24, 25], [26]]
@@ -127,6 +128,44 @@ def test_whole_batch_minibatch_reuses_the_rollout_forward_with_the_same_result(t
             assert fused[key] == pytest.approx(plain[key], rel=1e-4, abs=1e-6), key
     for a, b in zip(fused_params, plain_params):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+SHARED_QUERIES = [QUERIES[0], QUERIES[1], QUERIES[0], QUERIES[2], QUERIES[1], QUERIES[0]]
+SHARED_RESPONSES = [[20, 21, 3], [22, 23, 24, 25], [27, 3], [26], [28, 29], [30, 31, 32, 33]]
+
+
+def test_repeated_queries_are_grouped_and_distinct_ones_are_not():
+    batch = build_rollout_batch(SHARED_QUERIES, SHARED_RESPONSES, pad_id=0)
+    first, group = shared_query_groups(batch)
+    g = group.tolist()
+    assert g[0] == g[2] == g[5] and g[1] == g[4] and len({g[0], g[1], g[3]}) == 3
+    assert sorted(first.tolist()) == [0, 1, 3]  # each group's first row
+    assert all(group[first[k]] == k for k in range(3))
+    # a pad-id token inside a query is not padding: such a query is its own group
+    assert len(shared_query_groups(build_rollout_batch([[0, 5], [5], [0, 5], [5]], [[6]] * 4, pad_id=0))[0]) == 2
+    assert shared_query_groups(build_rollout_batch(QUERIES, RESPONSES, pad_id=0)) is None  # nothing to share
+
+
+def test_shared_query_pass_gives_the_logits_values_and_gradients_of_one_pass_per_row(tiny_policy, monkeypatch):
+    trainer = PPOTrainer(str(tiny_policy))
+    batch = build_rollout_batch(SHARED_QUERIES, SHARED_RESPONSES, trainer.pad_id)
+    results = []
+    for shared in (True, False):
+        if not shared:
+            monkeypatch.setattr(ppo_trainer, "shared_query_groups", lambda batch: None)
+        trainer.model.zero_grad()
+        logits, values = trainer.model(batch)
+        mask = batch.response_mask
+        ((logits.log_softmax(-1).amax(-1) * mask).sum() + (values * mask).sum()).backward()
+        grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+        results.append((logits.detach(), values.detach(), grads))
+    (logits, values, grads), (plain_logits, plain_values, plain_grads) = results
+    real = batch.response_mask.bool()
+    torch.testing.assert_close(logits[real], plain_logits[real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(values[real], plain_values[real], atol=1e-5, rtol=1e-5)
+    assert grads.keys() == plain_grads.keys() and grads
+    for name in grads:
+        torch.testing.assert_close(grads[name], plain_grads[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_lr_schedules():
