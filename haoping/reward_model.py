@@ -208,9 +208,15 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
 
 
 def train_reward_model(train_lists: Sequence[RankList], dev_lists: Sequence[RankList], out: str | Path,
-                       config: TrainConfig = TrainConfig(), extra_metrics: dict | None = None) -> dict:
-    """Train, keep the checkpoint with the best dev pairwise accuracy, and write it with its
-    tokenizer, ``metrics.json``, ``loss.png`` and ``accuracy.png`` to ``out``.
+                       config: TrainConfig = TrainConfig(), extra_metrics: dict | None = None,
+                       select_lists: Sequence[RankList] | None = None) -> dict:
+    """Train, keep the checkpoint with the best pairwise accuracy (whole-list accuracy breaks
+    ties) on ``select_lists``, and write it with its tokenizer, ``metrics.json``, ``loss.png``
+    and ``accuracy.png`` to ``out``.
+
+    ``select_lists`` is a held-out slice of the training data, so the dev lists only measure
+    the model; without it the checkpoint is chosen on the dev lists themselves, and the dev
+    figures are then a little optimistic.
 
     ``out`` is replaced only after everything was written to a temp dir beside it, so a
     failed run never loses an earlier good model. Returns the metrics dict.
@@ -219,6 +225,8 @@ def train_reward_model(train_lists: Sequence[RankList], dev_lists: Sequence[Rank
         raise ValueError(f"unknown loss {config.loss!r}; choose one of {', '.join(LOSS_KINDS)}")
     if not train_lists or not dev_lists:
         raise ValueError("need at least one training and one dev rank list")
+    if select_lists is not None and not select_lists:
+        raise ValueError("the checkpoint-selection set holds no rank lists")
     if config.steps < 1 or config.eval_every < 1 or config.lists_per_batch < 1:
         raise ValueError("steps, eval_every and lists_per_batch must be positive")
     out = Path(out)
@@ -247,9 +255,11 @@ def train_reward_model(train_lists: Sequence[RankList], dev_lists: Sequence[Rank
                  baseline["pairwise_accuracy"], baseline["list_accuracy"])
     del base_classifier
 
-    def evaluate() -> dict:
-        scores = score_in_chunks(model, tokenizer, dev_texts, max_length, device, autocast_dtype=compute_dtype)
-        return evaluate_lists(scores, dev_lists, config.loss)
+    select_texts = [text for r in select_lists for text in r.texts] if select_lists is not None else None
+
+    def evaluate(lists: Sequence[RankList], texts: list[str]) -> dict:
+        scores = score_in_chunks(model, tokenizer, texts, max_length, device, autocast_dtype=compute_dtype)
+        return evaluate_lists(scores, lists, config.loss)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -257,19 +267,27 @@ def train_reward_model(train_lists: Sequence[RankList], dev_lists: Sequence[Rank
     batches = _batches(train_lists, config.lists_per_batch, random.Random(config.seed))
     history: dict[str, list] = {"train_step": [], "train_loss": [], "train_pairwise_accuracy": [],
                                 "eval_step": [], "dev_loss": [], "dev_pairwise_accuracy": [], "dev_list_accuracy": []}
+    if select_lists is not None:
+        history.update(select_loss=[], select_pairwise_accuracy=[], select_list_accuracy=[])
 
-    def record_eval(step: int) -> dict:
-        metrics = evaluate()
-        for key, value in (("eval_step", step), ("dev_loss", metrics["loss"]),
-                           ("dev_pairwise_accuracy", metrics["pairwise_accuracy"]),
-                           ("dev_list_accuracy", metrics["list_accuracy"])):
-            history[key].append(value)
-        return metrics
+    def record_eval(step: int) -> tuple[dict, dict]:
+        """(dev metrics, metrics the checkpoint is chosen on: the selection set's, or dev's)"""
+        history["eval_step"].append(step)
+        metrics = evaluate(dev_lists, dev_texts)
+        chosen_on = metrics
+        if select_lists is not None:
+            chosen_on = evaluate(select_lists, select_texts)
+            for name in ("loss", "pairwise_accuracy", "list_accuracy"):
+                history[f"select_{name}"].append(chosen_on[name])
+        for name in ("loss", "pairwise_accuracy", "list_accuracy"):
+            history[f"dev_{name}"].append(metrics[name])
+        return metrics, chosen_on
 
-    initial = record_eval(0)
+    initial, initial_chosen_on = record_eval(0)
     log.info("step 0 (untrained head): dev pairwise %.3f, whole-list %.3f",
              initial["pairwise_accuracy"], initial["list_accuracy"])
-    best = {"step": 0, "metrics": initial, "state": copy.deepcopy(model.state_dict())}
+    best = {"step": 0, "metrics": initial, "chosen_on": initial_chosen_on, "state": copy.deepcopy(model.state_dict())}
+    select_name = "held-out" if select_lists is not None else "dev"
     pairs_right = pairs_seen = 0
     bar = tqdm(range(1, config.steps + 1), desc="reward model", unit="step")
     for step in bar:
@@ -294,13 +312,16 @@ def train_reward_model(train_lists: Sequence[RankList], dev_lists: Sequence[Rank
         history["train_loss"].append(loss.item())
         history["train_pairwise_accuracy"].append(pairs_right / pairs_seen)
         if step % config.eval_every == 0 or step == config.steps:
-            metrics = record_eval(step)
-            if (metrics["pairwise_accuracy"], metrics["list_accuracy"]) > \
-                    (best["metrics"]["pairwise_accuracy"], best["metrics"]["list_accuracy"]):
-                best = {"step": step, "metrics": metrics, "state": copy.deepcopy(model.state_dict())}
-            tqdm.write(f"step {step}: train loss {loss.item():.4f}, dev loss {metrics['loss']:.4f}, "
+            metrics, chosen_on = record_eval(step)
+            if (chosen_on["pairwise_accuracy"], chosen_on["list_accuracy"]) > \
+                    (best["chosen_on"]["pairwise_accuracy"], best["chosen_on"]["list_accuracy"]):
+                best = {"step": step, "metrics": metrics, "chosen_on": chosen_on,
+                        "state": copy.deepcopy(model.state_dict())}
+            held_out = "" if select_lists is None else \
+                f"held-out pairwise {chosen_on['pairwise_accuracy']:.3f}, whole-list {chosen_on['list_accuracy']:.3f}; "
+            tqdm.write(f"step {step}: train loss {loss.item():.4f}, dev loss {metrics['loss']:.4f}, {held_out}"
                        f"dev pairwise {metrics['pairwise_accuracy']:.3f}, whole-list {metrics['list_accuracy']:.3f}"
-                       f" (best {best['metrics']['pairwise_accuracy']:.3f} at step {best['step']})")
+                       f" (best {select_name} {best['chosen_on']['pairwise_accuracy']:.3f} at step {best['step']})")
             pairs_right = pairs_seen = 0
         bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
@@ -311,6 +332,9 @@ def train_reward_model(train_lists: Sequence[RankList], dev_lists: Sequence[Rank
     result = {
         "dev": {"reward_model": best["metrics"], "baseline": baseline},
         "best_step": best["step"],
+        # where the kept checkpoint was chosen: "held-out" (select_lists) or "dev" (the dev lists)
+        "selected_on": select_name,
+        "select": None if select_lists is None else {"lists": len(select_lists), "reward_model": best["chosen_on"]},
         "last_step": {"step": last["step"], "pairwise_accuracy": last["metrics"]["dev_pairwise_accuracy"],
                       "list_accuracy": last["metrics"]["dev_list_accuracy"]},
         "untrained": initial,
@@ -410,6 +434,9 @@ def plot_curves(history: dict, out_dir: Path) -> None:
               label="train pairwise (since last eval)")
     axes.plot(history["eval_step"], history["dev_pairwise_accuracy"], "o-", color="tab:orange", label="dev pairwise")
     axes.plot(history["eval_step"], history["dev_list_accuracy"], "s-", color="tab:green", label="dev whole-list")
+    if history.get("select_pairwise_accuracy"):
+        axes.plot(history["eval_step"], history["select_pairwise_accuracy"], "o--", color="tab:red",
+                  label="held-out pairwise (chooses the checkpoint)")
     axes.set(xlabel="step", ylabel="accuracy", ylim=(0, 1), title="Reward model accuracy")
     axes.legend(loc="lower right")
     figure.tight_layout()
@@ -418,7 +445,8 @@ def plot_curves(history: dict, out_dir: Path) -> None:
 
 def _print_summary(result: dict) -> None:
     ours, baseline = result["dev"]["reward_model"], result["dev"]["baseline"]
-    print(f"dev ({ours['n_lists']} lists, {ours['n_pairs']} pairs), best step {result['best_step']}:")
+    chosen = "on held-out lists" if result.get("selected_on") == "held-out" else "on dev"
+    print(f"dev ({ours['n_lists']} lists, {ours['n_pairs']} pairs), step {result['best_step']} (chosen {chosen}):")
     print(f"  reward model            pairwise {ours['pairwise_accuracy']:.3f}  whole-list {ours['list_accuracy']:.3f}")
     if baseline:
         print(f"  baseline P(positive)    pairwise {baseline['pairwise_accuracy']:.3f}  "
@@ -521,6 +549,49 @@ def load_ranklist_source(source: str, strict: bool, starter_split: str, starter_
                    "skipped_lines": [{"line": p.line, "reason": p.reason} for p in problems]}
 
 
+SELECT_KINDS = ("auto", "dev", "slice", STARTER)  # or a rank-list TSV
+MIN_LISTS_TO_SLICE = 10
+
+
+def selection_lists(select: str, train_source: str, train: Sequence[RankList], strict: bool, fraction: float,
+                    starter_count: int, seed: int) -> tuple[list[RankList], list[RankList] | None, dict]:
+    """(training lists, lists that choose the checkpoint or None for dev, info for metrics.json).
+
+    ``auto`` is ``starter`` when the training lists are starter lists, else ``slice``.
+    ``starter``: starter lists built from the corpus' held-out reviews, which no training list uses.
+    ``slice``: a seeded random ``fraction`` of the training lists, left out of training (with fewer
+    than 10 training lists there is nothing to spare: the checkpoint is then chosen on dev).
+    ``dev``: the dev lists choose (the dev figures are then optimistic). Anything else: a TSV file.
+    """
+    train = list(train)
+    if select == "auto":
+        select = STARTER if train_source == STARTER else "slice"
+    if select == "dev":
+        return train, None, {"source": "dev"}
+    if select == STARTER:
+        lists = starter_ranklists("heldout", starter_count, seed)
+        log.info("checkpoint chosen on %d starter lists from the corpus' held-out reviews", len(lists))
+        return train, lists, {"source": "starter:heldout", "lists": len(lists)}
+    if select == "slice":
+        if not 0.0 < fraction < 1.0:
+            raise ValueError(f"--select-fraction must be between 0 and 1, not {fraction}")
+        if len(train) < MIN_LISTS_TO_SLICE:
+            log.warning("only %d training lists, too few to hold some out: the checkpoint is chosen on dev",
+                        len(train))
+            return train, None, {"source": "dev"}
+        order = list(range(len(train)))
+        random.Random(seed).shuffle(order)
+        held = set(order[:max(1, round(fraction * len(train)))])
+        kept = [r for i, r in enumerate(train) if i not in held]
+        chosen = [r for i, r in enumerate(train) if i in held]
+        log.info("checkpoint chosen on %d of the %d training lists, held out from training", len(chosen), len(train))
+        return kept, chosen, {"source": f"slice of --train ({fraction:g})", "lists": len(chosen)}
+    lists, problems = read_ranklists(select, strict=strict)
+    _report_problems(select, problems)
+    return train, lists, {"source": select, "lists": len(lists),
+                          "skipped_lines": [{"line": p.line, "reason": p.reason} for p in problems]}
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     config = TrainConfig(base=args.base, baseline=None if args.baseline.lower() == "none" else args.baseline,
                          loss=args.loss, steps=args.steps, lists_per_batch=args.lists_per_batch, lr=args.lr,
@@ -532,7 +603,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
         models.parse_dtype(config.dtype)
         train, train_info = load_ranklist_source(args.train, args.strict, "train", args.starter_lists, args.seed)
         dev, dev_info = load_ranklist_source(args.dev, args.strict, "heldout", args.starter_dev_lists, args.seed + 1)
-        train_reward_model(train, dev, args.out, config, extra_metrics={"data": {"train": train_info, "dev": dev_info}})
+        train, select, select_info = selection_lists(args.select, args.train, train, args.strict, args.select_fraction,
+                                                     args.starter_dev_lists, args.seed + 2)
+        train_info["lists_trained_on"] = len(train)
+        train_reward_model(train, dev, args.out, config, select_lists=select,
+                           extra_metrics={"data": {"train": train_info, "dev": dev_info, "select": select_info}})
     except (RankListError, models.ModelLoadError, ValueError, OSError) as err:
         print(f"train-reward-model: error: {err}", file=sys.stderr)
         return 2
@@ -574,6 +649,12 @@ def add_cli(subparsers) -> None:
     train.add_argument("--max-length", type=int, default=defaults.max_length, help="tokens per text")
     train.add_argument("--starter-lists", type=int, default=8000, help="lists built for --train starter")
     train.add_argument("--starter-dev-lists", type=int, default=400, help="lists built for --dev starter")
+    train.add_argument("--select", default="auto", metavar="{auto,dev,slice,starter,TSV}",
+                       help="lists that choose the checkpoint kept: 'starter' (lists from held-out corpus "
+                            "reviews), 'slice' (--select-fraction of the training lists, not trained on), 'dev', "
+                            "or a TSV file; 'auto' is 'starter' for --train starter, else 'slice' (default %(default)s)")
+    train.add_argument("--select-fraction", type=float, default=0.1,
+                       help="share of the training lists held out by --select slice (default %(default)s)")
     train.add_argument("--strict", action="store_true", help="reject a file with any bad line instead of skipping it")
     train.add_argument("--seed", type=int, default=defaults.seed)
     train.add_argument("--device", default=defaults.device, help="auto, cpu, cuda, cuda:1, ...")

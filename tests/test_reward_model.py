@@ -243,6 +243,54 @@ def test_untrained_scalar_head_is_the_classifier_logit_difference(tiny_base):
     torch.testing.assert_close(rewards, logits[:, 1] - logits[:, 0], rtol=1e-4, atol=1e-5)
 
 
+def test_the_checkpoint_is_chosen_on_the_selection_lists_and_dev_only_measures_it(tiny_base, tmp_path):
+    lists = synthetic_lists(32, seed=1)
+    # dev ranks the markers backwards, so the better the model, the worse its dev figures
+    backwards = [RankList(tuple(reversed(r.texts))) for r in lists]
+    config = tiny_config(tiny_base, steps=200, eval_every=50, baseline=None)
+    on_dev = train_reward_model(lists, backwards, tmp_path / "on_dev", config)
+    assert on_dev["selected_on"] == "dev" and on_dev["select"] is None
+    assert on_dev["best_step"] == 0  # dev picks the untrained model, the one that ranks worst
+
+    result = train_reward_model(lists, backwards, tmp_path / "held_out", config, select_lists=lists)
+    history = result["history"]
+    assert result["selected_on"] == "held-out" and result["best_step"] > 0
+    assert result["select"]["reward_model"]["pairwise_accuracy"] == 1.0
+    at = history["eval_step"].index(result["best_step"])
+    assert history["select_pairwise_accuracy"][at] == 1.0
+    # the dev figures reported are the chosen checkpoint's, however bad
+    assert result["dev"]["reward_model"]["pairwise_accuracy"] == history["dev_pairwise_accuracy"][at] == 0.0
+    metrics = json.loads((tmp_path / "held_out" / "metrics.json").read_text(encoding="utf-8"))
+    assert metrics["selected_on"] == "held-out" and len(metrics["history"]["select_list_accuracy"]) == 5
+    with pytest.raises(ValueError, match="selection set"):
+        train_reward_model(lists, lists, tmp_path / "none", config, select_lists=[])
+
+
+def test_selection_lists_hold_out_a_seeded_slice_or_use_held_out_starter_reviews(tmp_path):
+    lists = synthetic_lists(50, seed=4)
+    kept, chosen, info = reward_model.selection_lists("auto", "lists.tsv", lists, False, 0.1, 400, seed=2)
+    assert len(chosen) == 5 and len(kept) == 45 and info["lists"] == 5
+    assert sorted(kept + chosen, key=lists.index) == lists  # a split: nothing lost, nothing in both
+    assert reward_model.selection_lists("slice", "lists.tsv", lists, False, 0.1, 400, seed=2)[1] == chosen
+    assert reward_model.selection_lists("slice", "lists.tsv", lists, False, 0.1, 400, seed=3)[1] != chosen
+
+    assert reward_model.selection_lists("dev", "lists.tsv", lists, False, 0.1, 400, seed=2) == (lists, None, {"source": "dev"})
+    few = lists[:9]
+    assert reward_model.selection_lists("slice", "lists.tsv", few, False, 0.1, 400, seed=2)[:2] == (few, None)
+    with pytest.raises(ValueError, match="select-fraction"):
+        reward_model.selection_lists("slice", "lists.tsv", lists, False, 1.5, 400, seed=2)
+
+    kept, chosen, info = reward_model.selection_lists("auto", "starter", lists, False, 0.1, 30, seed=2)
+    assert kept == lists and len(chosen) == 30 and info["source"] == "starter:heldout"
+    train_reviews = {t for r in reward_model.starter_ranklists("train", 300, seed=0) for t in r.texts}
+    assert not train_reviews & {t for r in chosen for t in r.texts}  # held-out reviews only
+
+    path = tmp_path / "select.tsv"
+    path.write_text("好\t差\n很好\t一般\t很差\n", encoding="utf-8")
+    kept, chosen, info = reward_model.selection_lists(str(path), "lists.tsv", lists, False, 0.1, 400, seed=2)
+    assert kept == lists and [r.texts for r in chosen] == [("好", "差"), ("很好", "一般", "很差")]
+
+
 @pytest.fixture(scope="module")
 def trained_on_starter_lists(tiny_base, corpus_slice, tmp_path_factory):
     """A tiny reward model trained a few seconds on starter lists from the corpus slice."""
@@ -335,6 +383,9 @@ def test_cli_reports_bad_lines_and_strict_fails_without_touching_the_old_output(
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
     skipped = json.loads((out / "metrics.json").read_text())["data"]["train"]["skipped_lines"]
     assert [s["line"] for s in skipped] == [2, 3, 4, 5, 6]
+    # 2 good lists are too few to hold some out: dev chooses, and metrics.json says so
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["selected_on"] == "dev" and metrics["data"]["select"] == {"source": "dev"}
 
 
 def test_starter_ranklists_command_writes_a_readable_file(tmp_path):
