@@ -143,15 +143,23 @@ class DecodeBatch:
         if not specs:
             return []
         n, width = len(specs), max(len(s.prompt_ids) for s in specs)
-        input_ids = torch.full((n, width), self.pad_id, dtype=torch.long)
+        # a prompt that several rows share (samples per prompt, popular prompts) is prefilled once
+        distinct = list(dict.fromkeys(s.prompt_ids for s in specs))
+        input_ids = torch.full((len(distinct), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros_like(input_ids)
-        for i, spec in enumerate(specs):
-            input_ids[i, width - len(spec.prompt_ids):] = torch.tensor(spec.prompt_ids)
-            mask[i, width - len(spec.prompt_ids):] = 1
+        for i, prompt in enumerate(distinct):
+            input_ids[i, width - len(prompt):] = torch.tensor(prompt)
+            mask[i, width - len(prompt):] = 1
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
                          logits_to_keep=1)
+        logits = out.logits[:, -1]
+        if len(distinct) < n:  # each row gets its prompt's KV cache, mask and logits
+            row_of = {prompt: i for i, prompt in enumerate(distinct)}
+            index = torch.tensor([row_of[s.prompt_ids] for s in specs], device=self.device)
+            out.past_key_values.reorder_cache(index)
+            mask, positions, logits = mask[index], positions[index], logits[index]
         limits = [s.params.max_new_tokens for s in specs]
         # each row's uniform draws for all its steps up front: one RNG call per row, not per token
         # (a row draws exactly its own max_new_tokens values, so its stream ignores the rest of the batch)
@@ -169,7 +177,6 @@ class DecodeBatch:
         }
         rows = {name: value.to(self.device) for name, value in rows.items()}
         rows["uniforms"] = uniforms.to(self.device)
-        logits = out.logits[:, -1]
         if not self.keys:
             self._cache, self._mask, self._logits, self._rows = out.past_key_values, mask, logits, rows
         else:

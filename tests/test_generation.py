@@ -22,6 +22,26 @@ def test_sample_is_independent_of_batch_composition(tiny_policy):
         assert alone[0].response_ids == together[i].response_ids, prompt
 
 
+def test_rows_sharing_a_prompt_prefill_it_once_and_equal_their_samples_alone(tiny_policy):
+    gen = PolicyGenerator(str(tiny_policy))
+    prompts = ["这部电影很", "刚收到货，感觉", "这部电影很", "这部电影很", "刚收到货，感觉"]
+    specs = [SampleSpec(tuple(gen.encode(p)), SamplingParams(max_new_tokens=8), sample_seed(5, 0, i))
+             for i, p in enumerate(prompts)]
+    prefill_rows = []
+
+    def record_prefill(module, args, kwargs):
+        if kwargs.get("past_key_values") is None:
+            prefill_rows.append(kwargs["input_ids"].shape)
+
+    hook = gen.model.register_forward_pre_hook(record_prefill, with_kwargs=True)
+    together, _ = gen.generate(specs)
+    hook.remove()
+    assert prefill_rows == [(2, len(gen.encode("刚收到货，感觉")))]  # two distinct prompts, one pass
+    for spec, sample in zip(specs, together):
+        alone, _ = gen.generate([spec])
+        assert alone[0].response_ids == sample.response_ids
+
+
 def test_same_seed_same_samples_other_seed_differs(tiny_policy):
     gen = PolicyGenerator(str(tiny_policy))
     a, _ = gen.generate(_specs(gen, ["刚收到货，感觉"] * 4, seed=1))
