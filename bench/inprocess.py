@@ -61,7 +61,7 @@ class InProcessPipeline:
                                                         samples_per_prompt or a.samples_per_prompt))
         t1 = time.perf_counter()
         responses = [self.generator.decode(s.response_ids) for s in samples]
-        texts = [self.generator.decode(s.prompt_ids) + r for s, r in zip(samples, responses)]
+        texts = [self.generator.decode_prompt(s.prompt_ids) + r for s, r in zip(samples, responses)]
         scores = self.scorer.score(texts)
         t2 = time.perf_counter()
         rewards = [reward_for(r, s.score, a.empty_response_reward) for r, s in zip(responses, scores)]

@@ -6,6 +6,7 @@ it is generated alone or merged into a larger batch with other requests.
 """
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import dataclass
 from typing import Callable
@@ -75,21 +76,32 @@ def sample_next(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Te
     """One token per row [B] by inverse-CDF sampling with the row's own uniform draw [B].
 
     Rows without top-k/top-p skip the vocabulary sort (the costliest step of decoding on CPU);
-    each row takes the same path whatever else is in the batch.
+    each row takes the same path whatever else is in the batch. When every row is plain, the
+    vocabulary-wide gathers and scatters by row are skipped too (same values: they only select).
     """
-    tokens = logits.argmax(-1)
-    sampled = torch.empty_like(tokens)
     filtered = (top_k > 0) | (top_p < 1)
-    plain = ~filtered
-    if bool(plain.any()):
-        probs = torch.softmax(logits[plain].float() / temperature[plain].clamp(min=1e-6).unsqueeze(1), dim=-1)
-        picks = torch.searchsorted(probs.cumsum(-1), uniforms[plain].unsqueeze(1).float())
-        sampled[plain] = picks.squeeze(1).clamp(max=logits.shape[1] - 1)
-    if bool(filtered.any()):
+    if not bool(filtered.any()):
+        sampled = _plain_inverse_cdf(logits, temperature, uniforms)
+    else:
+        sampled = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+        plain = ~filtered
+        if bool(plain.any()):
+            sampled[plain] = _plain_inverse_cdf(logits[plain], temperature[plain], uniforms[plain])
         probs, index = filter_logits(logits[filtered], temperature[filtered], top_k[filtered], top_p[filtered])
         picks = torch.searchsorted(probs.cumsum(-1), uniforms[filtered].unsqueeze(1).to(probs.dtype))
         sampled[filtered] = index.gather(1, picks.clamp(max=logits.shape[1] - 1)).squeeze(1)
-    return torch.where(temperature > 0, sampled, tokens)
+    greedy = temperature <= 0
+    if bool(greedy.any()):
+        sampled = torch.where(greedy, logits.argmax(-1), sampled)
+    return sampled
+
+
+def _plain_inverse_cdf(logits: torch.Tensor, temperature: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    scaled = logits.float()
+    if not bool((temperature == 1).all()):  # dividing by 1 changes nothing: skip a vocabulary-wide pass
+        scaled = scaled / temperature.clamp(min=1e-6).unsqueeze(1)
+    picks = torch.searchsorted(torch.softmax(scaled, dim=-1).cumsum(-1), uniforms.unsqueeze(1).float())
+    return picks.squeeze(1).clamp(max=logits.shape[1] - 1)
 
 
 class Cancelled(Exception):
@@ -309,15 +321,22 @@ class PolicyGenerator:
         self.max_context = int(getattr(self.model.config, "n_positions", None)
                                or getattr(self.model.config, "max_position_embeddings", 1024))
         self.version = 0
+        # prompts repeat (samples per prompt, templates); the tokenizer never changes under a generator
+        self._encode_cached = functools.lru_cache(maxsize=4096)(lambda prompt: tuple(encode_prompt(self.tokenizer, prompt)))
+        self._decode_cached = functools.lru_cache(maxsize=4096)(lambda ids: decode_clean(self.tokenizer, list(ids)))
         self._weights = threading.Condition()
         self._holds = 0          # open batches reading the weights
         self._loads_waiting = 0  # weight loads waiting for them to close
 
     def encode(self, prompt: str) -> list[int]:
-        return encode_prompt(self.tokenizer, prompt)
+        return list(self._encode_cached(prompt))
 
     def decode(self, ids: list[int]) -> str:
         return decode_clean(self.tokenizer, ids)
+
+    def decode_prompt(self, ids: tuple[int, ...]) -> str:
+        """:meth:`decode` for prompts, which repeat: cached."""
+        return self._decode_cached(tuple(ids))
 
     @property
     def load_pending(self) -> bool:
