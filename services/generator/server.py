@@ -23,6 +23,7 @@ from services.common.server import Draining, serve
 
 log = get_logger(__name__)
 FINISH = {"eos": pb.FINISH_REASON_EOS, LENGTH: pb.FINISH_REASON_LENGTH}
+MAX_TRAINER_CHANNELS = 4
 
 
 class GeneratorService(pb_grpc.GeneratorServicer):
@@ -35,6 +36,8 @@ class GeneratorService(pb_grpc.GeneratorServicer):
         self.max_prompts = args.max_prompts
         self.trainer_address = args.trainer_address
         self.max_message_bytes = args.max_message_mb * 1024 * 1024
+        self._trainer_channels: dict[str, grpc.Channel] = {}
+        self._channels_lock = threading.Lock()
         self.batcher = ContinuousBatcher("generator", generator.open_batch, args.max_batch_size,
                                          args.max_wait_ms / 1000, args.max_queue)
         metrics.POLICY_VERSION.labels("generator").set(0)
@@ -86,7 +89,7 @@ class GeneratorService(pb_grpc.GeneratorServicer):
 
     def _sample_message(self, p_index, s_index, sample, version) -> pb.Sample:
         text = self.generator.decode(sample.response_ids)
-        prompt_text = self.generator.decode(sample.prompt_ids)
+        prompt_text = self.generator.decode_prompt(sample.prompt_ids)
         return pb.Sample(prompt_index=p_index, sample_index=s_index, prompt_token_ids=sample.prompt_ids,
                          response_token_ids=sample.response_ids, text=text, full_text=prompt_text + text,
                          finish_reason=FINISH[sample.finish_reason], policy_version=version)
@@ -166,14 +169,12 @@ class GeneratorService(pb_grpc.GeneratorServicer):
         if not address:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no trainer_address given and none configured")
         started = time.perf_counter()
-        limit = self.max_message_bytes
-        with grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", limit)]) as channel:
-            try:
-                chunks = list(pb_grpc.TrainerStub(channel).GetWeights(
-                    pb.GetWeightsRequest(version=request.version), timeout=300))
-            except grpc.RpcError as err:
-                context.abort(grpc.StatusCode.UNAVAILABLE if err.code() == grpc.StatusCode.UNAVAILABLE else err.code(),
-                              f"fetching weights from {address}: {err.details()}")
+        try:
+            chunks = list(pb_grpc.TrainerStub(self._trainer_channel(address)).GetWeights(
+                pb.GetWeightsRequest(version=request.version), timeout=300))
+        except grpc.RpcError as err:
+            context.abort(grpc.StatusCode.UNAVAILABLE if err.code() == grpc.StatusCode.UNAVAILABLE else err.code(),
+                          f"fetching weights from {address}: {err.details()}")
         data = assemble_weights(chunks, context)
         try:
             self.generator.load_weights(data, chunks[0].policy_version)
@@ -185,6 +186,19 @@ class GeneratorService(pb_grpc.GeneratorServicer):
         metrics.POLICY_VERSION.labels("generator").set(self.generator.version)
         log.info("loaded policy version %d (%.1f MB in %.2fs)", self.generator.version, len(data) / 1e6, seconds)
         return pb.LoadWeightsResponse(policy_version=self.generator.version, bytes=len(data), seconds=seconds)
+
+    def _trainer_channel(self, address: str) -> grpc.Channel:
+        """A channel kept open per trainer address (a few at most): a weight sync every PPO cycle
+        should not pay a new connection each time."""
+        with self._channels_lock:
+            channel = self._trainer_channels.pop(address, None)
+            if channel is None:
+                channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length",
+                                                                   self.max_message_bytes)])
+            self._trainer_channels[address] = channel  # most recently used last
+            while len(self._trainer_channels) > MAX_TRAINER_CHANNELS:
+                self._trainer_channels.pop(next(iter(self._trainer_channels))).close()
+            return channel
 
     def GetInfo(self, request, context):
         g = self.generator
