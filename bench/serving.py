@@ -16,7 +16,8 @@ Figures (ratio = ours / baseline; for grpc_cycle_overhead, lower is better):
   grpc_cycle_overhead  cycle seconds through the services vs in-process
   weight_sync          trainer -> generator over gRPC (GB/s) vs a raw safetensors save + load
   score_speedup        Score of 256 texts vs an HF pipeline called one text at a time
-  dynamic_batching     32 concurrent 1-prompt clients vs the same 32 requests serially
+  dynamic_batching     32 concurrent 1-prompt clients vs the same 32 requests serially, 16 new
+                       tokens each (dynamic_batching_eos: allowed to end at EOS, no target)
   peak_rss/<service>   VmHWM of each service process
 plus a scaling table: cycle time at batch 16, 64 and 256 with 1 and 2 generator replicas.
 Writes bench/results.json: figures, scaling, every timed cycle, checks and the machine info.
@@ -197,32 +198,41 @@ def measure_score(stack: Stack, reference: ReferencePipeline) -> Figure:
     return Figure(len(texts) / batched, len(texts) / one_by_one, "texts/s")
 
 
-def measure_dynamic_batching(stack: Stack) -> Figure:
+def measure_dynamic_batching(stack: Stack) -> dict[str, Figure]:
     """32 clients with one prompt each, at once (merged by the batcher) vs one after another.
+
+    ``dynamic_batching``: every request asks for exactly 16 new tokens (min_new_tokens=16), the
+    same work on both sides, as throughput benchmarks fix output lengths (vLLM's ignore_eos).
+    ``dynamic_batching_eos``: the same requests allowed to end at EOS (no target). The serial
+    side then gains from every sample the policy of the moment ends early, while a one-shot
+    burst still runs to its longest sample; so it moves with how far training has come.
 
     The 32 client threads exist before the clock starts (a client pool is not server work), and
     one untimed round of each side warms up the server's handler threads; then the two sides
     alternate, best of three each."""
     prompts = stack.args.prompts
+    figures = {}
     with stack.replicas(1) as generator, ThreadPoolExecutor(32) as clients:
         gen = generator.clients[0]
+        for name, min_new_tokens, target in (("dynamic_batching", 16, 8), ("dynamic_batching_eos", 0, None)):
 
-        def one(i: int):
-            return gen.generate([prompts[i % 4]], max_new_tokens=16, seed=i)
+            def one(i: int, min_new_tokens: int = min_new_tokens):
+                return gen.generate([prompts[i % 4]], max_new_tokens=16, min_new_tokens=min_new_tokens, seed=i)
 
-        def concurrent():
-            list(clients.map(one, range(32)))
+            def concurrent(one=one):
+                list(clients.map(one, range(32)))
 
-        def serial():
-            for i in range(32):
-                one(i)
+            def serial(one=one):
+                for i in range(32):
+                    one(i)
 
-        concurrent(), serial()
-        best_concurrent = best_serial = float("inf")
-        for _ in range(3):
-            best_concurrent = min(best_concurrent, timed(concurrent))
-            best_serial = min(best_serial, timed(serial))
-        return Figure(32 / best_concurrent, 32 / best_serial, "requests/s", 8)
+            concurrent(), serial()
+            best_concurrent = best_serial = float("inf")
+            for _ in range(3):
+                best_concurrent = min(best_concurrent, timed(concurrent))
+                best_serial = min(best_serial, timed(serial))
+            figures[name] = Figure(32 / best_concurrent, 32 / best_serial, "requests/s", target)
+    return figures
 
 
 def measure_scaling(stack: Stack) -> tuple[list[dict], bool]:
@@ -302,7 +312,7 @@ def measure_only(names: list[str]) -> int:
             elif name == "score_speedup":
                 figures[name] = measure_score(stack, ReferencePipeline(args))
             else:
-                figures[name] = measure_dynamic_batching(stack)
+                figures.update(measure_dynamic_batching(stack))
     print()
     print_figures(figures)
     print(f"machine: {machine_info()}")
@@ -329,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         print("weight sync, score, dynamic batching ...", flush=True)
         figures["weight_sync"] = measure_weight_sync(stack, in_process)
         figures["score_speedup"] = measure_score(stack, reference)
-        figures["dynamic_batching"] = measure_dynamic_batching(stack)
+        figures.update(measure_dynamic_batching(stack))
         scaling, replicas_same_samples = measure_scaling(stack)
         for service in services:
             figures[f"peak_rss/{service.name}"] = Figure(peak_rss_mb(service.process.pid), None, "MB")
