@@ -211,18 +211,17 @@ def measure_dynamic_batching(stack: Stack) -> dict[str, Figure]:
     one untimed round of each side warms up the server's handler threads; then the two sides
     alternate, best of three each."""
     prompts = stack.args.prompts
-    figures = {}
     with stack.replicas(1) as generator, ThreadPoolExecutor(32) as clients:
         gen = generator.clients[0]
-        for name, min_new_tokens, target in (("dynamic_batching", 16, 8), ("dynamic_batching_eos", 0, None)):
 
-            def one(i: int, min_new_tokens: int = min_new_tokens):
+        def figure(min_new_tokens: int, target: float | None) -> Figure:
+            def one(i: int):
                 return gen.generate([prompts[i % 4]], max_new_tokens=16, min_new_tokens=min_new_tokens, seed=i)
 
-            def concurrent(one=one):
+            def concurrent():
                 list(clients.map(one, range(32)))
 
-            def serial(one=one):
+            def serial():
                 for i in range(32):
                     one(i)
 
@@ -231,8 +230,9 @@ def measure_dynamic_batching(stack: Stack) -> dict[str, Figure]:
             for _ in range(3):
                 best_concurrent = min(best_concurrent, timed(concurrent))
                 best_serial = min(best_serial, timed(serial))
-            figures[name] = Figure(32 / best_concurrent, 32 / best_serial, "requests/s", target)
-    return figures
+            return Figure(32 / best_concurrent, 32 / best_serial, "requests/s", target)
+
+        return {"dynamic_batching": figure(16, 8), "dynamic_batching_eos": figure(0, None)}
 
 
 def measure_scaling(stack: Stack) -> tuple[list[dict], bool]:

@@ -322,8 +322,9 @@ class PolicyGenerator:
                                or getattr(self.model.config, "max_position_embeddings", 1024))
         self.version = 0
         # prompts repeat (samples per prompt, templates); the tokenizer never changes under a generator
-        self._encode_cached = functools.lru_cache(maxsize=4096)(lambda prompt: tuple(encode_prompt(self.tokenizer, prompt)))
-        self._decode_cached = functools.lru_cache(maxsize=4096)(lambda ids: decode_clean(self.tokenizer, list(ids)))
+        cache = functools.lru_cache(maxsize=4096)
+        self._encode_cached = cache(lambda prompt: tuple(encode_prompt(self.tokenizer, prompt)))
+        self._decode_cached = cache(lambda ids: decode_clean(self.tokenizer, list(ids)))
         self._weights = threading.Condition()
         self._holds = 0          # open batches reading the weights
         self._loads_waiting = 0  # weight loads waiting for them to close

@@ -146,7 +146,8 @@ def shared_query_groups(batch: "RolloutBatch") -> tuple[torch.Tensor, torch.Tens
     Returns (a row holding each distinct query [U], each row's query index [B]), or None when
     most queries are distinct and sharing would not pay for its second pass."""
     q = batch.query_width
-    queries = torch.cat([batch.input_ids[:, :q], batch.attention_mask[:, :q]], 1)  # a real pad-id token is not padding
+    # the mask too: a real pad-id token at a query's start is not padding
+    queries = torch.cat([batch.input_ids[:, :q], batch.attention_mask[:, :q]], 1)
     distinct, group = torch.unique(queries, dim=0, return_inverse=True)
     rows = len(group)
     if 2 * len(distinct) > rows:
