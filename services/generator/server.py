@@ -197,7 +197,9 @@ class GeneratorService(pb_grpc.GeneratorServicer):
                                                                    self.max_message_bytes)])
             self._trainer_channels[address] = channel  # most recently used last
             while len(self._trainer_channels) > MAX_TRAINER_CHANNELS:
-                self._trainer_channels.pop(next(iter(self._trainer_channels))).close()
+                # dropped, not closed: a LoadWeights on another thread may still be fetching through
+                # it; the channel closes once its last stub is gone
+                del self._trainer_channels[next(iter(self._trainer_channels))]
             return channel
 
     def GetInfo(self, request, context):
