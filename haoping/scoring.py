@@ -1,18 +1,10 @@
 """Texts in, rewards out. Pure of gRPC: the Scorer service is a thin adapter over these."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from haoping.models import load_sequence_classifier, load_tokenizer, positive_label_index
-
-
-@dataclass(frozen=True)
-class ScoreResult:
-    score: float      # the reward: positive probability, or a (normalized) reward-model scalar
-    label: str        # classifier: the argmax label; reward model: "reward"
-    raw_score: float  # classifier: positive-class logit; reward model: the unnormalized scalar
+from haoping.scorers.base import ScoreResult
 
 
 class ClassifierScorer:

@@ -1,0 +1,39 @@
+"""The one scorer interface. The scorer service talks to every backend through it alone."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol, Sequence, runtime_checkable
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    score: float      # the backend's score: positive probability, reward-model scalar, or stars mapped to [0, 1]
+    label: str        # classifier: the argmax label; reward model: "reward"; human: "human"
+    raw_score: float  # classifier: positive-class logit; reward model: the scalar; human: the stars
+
+
+class ScoreTimeout(TimeoutError):
+    """The deadline passed before every text had a score."""
+
+
+class ScoreCancelled(Exception):
+    """The caller went away (``is_cancelled()`` turned true) before every text had a score."""
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    backend: str          # "classifier", "reward-model", "human", ...
+    model_id: str
+    max_length: int       # longest input in tokens the backend reads (0: no token limit)
+    batchable: bool       # True: concurrent requests may be merged into one score() call
+
+    def start(self) -> None:
+        """Acquire what serving needs beyond loading (e.g. a web page); idempotent."""
+
+    def stop(self) -> None:
+        """Release what start() acquired; idempotent."""
+
+    def score(self, texts: Sequence[str], timeout: float | None = None,
+              is_cancelled: Callable[[], bool] = lambda: False) -> list[ScoreResult]:
+        """One result per text, in order. Raises ScoreTimeout after ``timeout`` seconds (None: no
+        limit) and ScoreCancelled once ``is_cancelled()`` is true; a fast backend may ignore both."""
