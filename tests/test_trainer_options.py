@@ -60,7 +60,7 @@ def test_typed_flags_override_the_json_and_only_given_flags_count(monkeypatch):
     assert options == {"learning_rate": 0.1, "ppo_epochs": 2, "algorithm": "grpo", "reward_clip": None,
                        "adaptive_kl": False}
     config = PPOConfig.from_dict(options)
-    assert config.ppo_epochs == 2 and config.init_kl_coef == 0.1  # the grpo preset fills the rest
+    assert config.ppo_epochs == 2 and config.init_kl_coef == 0.03  # the grpo preset fills the rest
     assert trainer_server.ppo_options(trainer_server.build_parser().parse_args([])) == {}
     monkeypatch.setenv("HAOPING_ALGORITHM", "rloo")
     monkeypatch.setenv("HAOPING_ADAPTIVE_KL", "false")
