@@ -26,6 +26,7 @@ log = get_logger(__name__)
 
 DEFAULT_PROMPTS = ["刚收到货，感觉", "这部电影很", "说实话，真的很", "这次购物总的来说体验很"]
 SAMPLES_SEED = 20240601  # before/after samples: same prompts, same seed
+EVAL_CHUNK = 64
 
 
 @dataclass
@@ -125,8 +126,11 @@ class Coordinator:
 
     def write_samples(self, name: str) -> list[dict]:
         n = max(1, -(-self.args.eval_samples // len(self.prompts)))
-        response, scores = self._sample(SAMPLES_SEED, n)
-        records = sample_records(response, scores, self.prompts)
+        records = []
+        # requests of at most EVAL_CHUNK samples a prompt (the generator's default bound), each with its own seed
+        for chunk, start in enumerate(range(0, n, EVAL_CHUNK)):
+            response, scores = self._sample(SAMPLES_SEED + chunk, min(EVAL_CHUNK, n - start))
+            records += sample_records(response, scores, self.prompts)
         write_jsonl(self.run_dir / name, records)
         return records
 
