@@ -11,6 +11,7 @@ import time
 
 import grpc
 
+from haoping.client import make_channel, read_token_file
 from haoping.errors import Cancelled
 from haoping.generation import LENGTH, PolicyGenerator, SampleSpec, SamplingParams, sample_seed
 from haoping.log import get_logger, setup_logging
@@ -20,6 +21,7 @@ from haoping.v1 import haoping_pb2_grpc as pb_grpc
 from services.common import metrics
 from services.common.batching import ContinuousBatcher, QueueFull
 from services.common.config import add_batching_flags, add_common_server_flags, add_flag
+from services.common.security import client_tls
 from services.common.server import Draining, serve
 
 log = get_logger(__name__)
@@ -35,8 +37,11 @@ class GeneratorService(pb_grpc.GeneratorServicer):
         self.max_new_tokens_limit = min(args.max_new_tokens_limit, generator.max_context - 1)
         self.max_samples_per_prompt = args.max_samples_per_prompt
         self.max_prompts = args.max_prompts
-        self.trainer_address = args.trainer_address
+        # the only peers LoadWeights dials: the trainer(s) this generator was started with
+        self.trainer_addresses = [a.strip() for a in args.trainer_address.split(",") if a.strip()]
         self.max_message_bytes = args.max_message_mb * 1024 * 1024
+        self._peer_token = read_token_file(args.auth_token_file) if args.auth_token_file else None
+        self._peer_tls = client_tls(args)
         self._trainer_channels: dict[str, grpc.Channel] = {}
         self._channels_lock = threading.Lock()
         self.batcher = ContinuousBatcher("generator", generator.open_batch, args.max_batch_size,
@@ -166,9 +171,7 @@ class GeneratorService(pb_grpc.GeneratorServicer):
     def LoadWeights(self, request, context):
         if self.draining:
             context.abort(grpc.StatusCode.UNAVAILABLE, "generator is draining")
-        address = request.trainer_address or self.trainer_address
-        if not address:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no trainer_address given and none configured")
+        address = self._allowed_peer(request.trainer_address, context)
         started = time.perf_counter()
         try:
             chunks = list(pb_grpc.TrainerStub(self._trainer_channel(address)).GetWeights(
@@ -180,6 +183,8 @@ class GeneratorService(pb_grpc.GeneratorServicer):
         try:
             self.generator.load_weights(data, chunks[0].policy_version)
         except ValueError as err:
+            metrics.WEIGHT_LOADS_REFUSED.labels("unfit").inc()
+            log.warning("refused weights from %s: %s; version %d keeps serving", address, err, self.generator.version)
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
         seconds = time.perf_counter() - started
         metrics.WEIGHT_LOAD_DURATION.observe(seconds)
@@ -188,14 +193,29 @@ class GeneratorService(pb_grpc.GeneratorServicer):
         log.info("loaded policy version %d (%.1f MB in %.2fs)", self.generator.version, len(data) / 1e6, seconds)
         return pb.LoadWeightsResponse(policy_version=self.generator.version, bytes=len(data), seconds=seconds)
 
+    def _allowed_peer(self, requested: str, context) -> str:
+        """The trainer to pull from: the request may only pick one of --trainer-address, and
+        anything else is refused before any connection is made (no probing ports through us)."""
+        if not self.trainer_addresses:
+            metrics.WEIGHT_LOADS_REFUSED.labels("peer").inc()
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          "this generator was started without --trainer-address, so it loads no weights")
+        if not requested:
+            return self.trainer_addresses[0]
+        if requested not in self.trainer_addresses:
+            metrics.WEIGHT_LOADS_REFUSED.labels("peer").inc()
+            context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                          f"trainer_address {requested[:100]!r} is not one this generator was started with "
+                          f"(--trainer-address {','.join(self.trainer_addresses)}); leave it empty for the first")
+        return requested
+
     def _trainer_channel(self, address: str) -> grpc.Channel:
         """A channel kept open per trainer address (a few at most): a weight sync every PPO cycle
         should not pay a new connection each time."""
         with self._channels_lock:
             channel = self._trainer_channels.pop(address, None)
             if channel is None:
-                channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length",
-                                                                   self.max_message_bytes)])
+                channel = make_channel(address, self._peer_token, self._peer_tls, self.max_message_bytes)
             self._trainer_channels[address] = channel  # most recently used last
             while len(self._trainer_channels) > MAX_TRAINER_CHANNELS:
                 # dropped, not closed: a LoadWeights on another thread may still be fetching through
@@ -231,7 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="haoping serve generator", description=__doc__)
     add_common_server_flags(parser, port=50051, metrics_port=9101)
     add_flag(parser, "--model", "starter:policy", help="policy: starter:policy, a local dir or a hub ID")
-    add_flag(parser, "--trainer-address", "", help="trainer host:port that LoadWeights pulls from")
+    add_flag(parser, "--trainer-address", "",
+             help="trainer host:port (a comma list for several) that LoadWeights pulls from, with this "
+                  "service's own token and TLS settings; LoadWeights refuses any other address")
     add_flag(parser, "--default-max-new-tokens", 16, int, "max_new_tokens when a request leaves it unset")
     add_flag(parser, "--max-new-tokens-limit", 256, int, "largest max_new_tokens a request may ask for")
     add_flag(parser, "--max-samples-per-prompt", 64, int, "largest samples_per_prompt")
