@@ -94,3 +94,12 @@ def add_listening_port(server: grpc.Server, address: str, security: ServerSecuri
 def write_token_file(path: str | Path) -> Path:
     """A fresh random token in ``path``, mode 0600 from its first byte."""
     return atomic_write_bytes(path, (secrets.token_urlsafe(32) + "\n").encode(), mode=0o600)
+
+
+def check_security_flags(parser, args) -> None:
+    """Exit 2 with the parser's usage when the access flags cannot serve safely, before a
+    service spends time loading its model."""
+    try:
+        ServerSecurity.from_args(args)
+    except SecurityConfigError as err:
+        parser.error(str(err))
