@@ -63,3 +63,12 @@ def add_batching_flags(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--gil-switch-ms", 1.0, float,
              "Python's thread switch interval (sys.setswitchinterval; Python's default is 5): lower "
              "lets the batcher thread get the GIL back sooner from many request-handler threads")
+
+
+def add_client_access_flags(parser: argparse.ArgumentParser, token_help: str = "") -> None:
+    """How a command reaches running services: their token file and TLS files."""
+    add_flag(parser, "--auth-token-file", "",
+             help=token_help or "file holding the services' token (sent as 'authorization: Bearer <token>')")
+    add_flag(parser, "--tls-ca", "", help="services over TLS: the CA that signed their certificates")
+    add_flag(parser, "--tls-cert", "", help="services with mutual TLS: this client's certificate")
+    add_flag(parser, "--tls-key", "", help="services with mutual TLS: this client's key")

@@ -103,3 +103,9 @@ def check_security_flags(parser, args) -> None:
         ServerSecurity.from_args(args)
     except SecurityConfigError as err:
         parser.error(str(err))
+
+
+def client_access(args) -> dict:
+    """Client keyword arguments (token_file, tls) from :func:`add_client_access_flags`' flags."""
+    tls = TLSFiles(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key) if (args.tls_ca or args.tls_cert) else None
+    return {"token_file": args.auth_token_file or None, "tls": tls}

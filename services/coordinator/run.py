@@ -15,13 +15,13 @@ from datetime import datetime
 from pathlib import Path
 
 from haoping import text_metrics
-from haoping.client import GeneratorClient, GeneratorReplicas, ScorerClient, TLSFiles, TrainerClient
+from haoping.client import GeneratorClient, GeneratorReplicas, ScorerClient, TrainerClient
 from haoping.log import get_logger
 from haoping.plots import plot_reward_kl
 from haoping.prompts import DEFAULT_PROMPTS
 from haoping.v1 import haoping_pb2 as pb
-from services.common.config import add_flag
-from services.common.security import write_token_file
+from services.common.config import add_client_access_flags, add_flag
+from services.common.security import client_access, write_token_file
 
 log = get_logger(__name__)
 
@@ -263,12 +263,8 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
                   "--scorer-address, e.g. under docker compose) instead of starting them")
     add_flag(parser, "--generator-addresses", "", help="comma-separated host:port of running generators")
     add_flag(parser, "--scorer-address", "", help="host:port of a running scorer")
-    add_flag(parser, "--auth-token-file", "",
-             help="the running services' token file (default: the services this run starts get a fresh "
-                  "random token in <run dir>/auth-token, mode 0600)")
-    add_flag(parser, "--tls-ca", "", help="running services over TLS: the CA that signed their certificates")
-    add_flag(parser, "--tls-cert", "", help="running services with mutual TLS: this client's certificate")
-    add_flag(parser, "--tls-key", "", help="running services with mutual TLS: this client's key")
+    add_client_access_flags(parser, token_help="the running services' token file (default: the services this run "
+                                               "starts get a fresh random token in <run dir>/auth-token, mode 0600)")
     parser.add_argument("--prompts", nargs="+", default=DEFAULT_PROMPTS, help="rollout prompts")
 
 
@@ -350,7 +346,7 @@ def run(args) -> int:
             trainer_service, generator_services, scorer_service = split_services(services)
             connect_to = trainer_service.address, [g.address for g in generator_services], scorer_service.address
         trainer_address, generator_addresses, scorer_address = connect_to
-        access = dict(token_file=token_file, tls=client_tls_files(args))
+        access = {**client_access(args), "token_file": token_file}
         with GeneratorReplicas([GeneratorClient(a, **access) for a in generator_addresses]) as generator, \
                 ScorerClient(scorer_address, timeout=args.score_timeout, **access) as scorer, \
                 TrainerClient(trainer_address, **access) as trainer:
@@ -365,13 +361,6 @@ def run(args) -> int:
         return 0
     finally:
         stop_services(services)
-
-
-def client_tls_files(args) -> TLSFiles | None:
-    """TLS toward running services when --tls-ca or --tls-cert is given."""
-    if not (args.tls_ca or args.tls_cert):
-        return None
-    return TLSFiles(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key)
 
 
 def trainer_ppo_config(args) -> dict:

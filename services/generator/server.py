@@ -196,8 +196,11 @@ class GeneratorService(pb_grpc.GeneratorServicer):
             chunks = list(pb_grpc.TrainerStub(self._trainer_channel(address)).GetWeights(
                 pb.GetWeightsRequest(version=request.version), timeout=300))
         except grpc.RpcError as err:
-            context.abort(grpc.StatusCode.UNAVAILABLE if err.code() == grpc.StatusCode.UNAVAILABLE else err.code(),
-                          f"fetching weights from {address}: {err.details()}")
+            code = err.code()
+            if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                # the trainer refused this generator's token, not the caller's: say so
+                code = grpc.StatusCode.FAILED_PRECONDITION
+            context.abort(code, f"fetching weights from {address}: {err.details()}")
         data = assemble_weights(chunks, context)
         try:
             self.generator.load_weights(data, chunks[0].policy_version)
