@@ -543,3 +543,35 @@ def test_a_service_refuses_flags_that_cannot_serve_safely_before_loading_a_model
             main(["--model", str(tmp_path / "no-such-model"), *flags])  # it would fail to load: never reached
         assert exited.value.code == 2, flags
         assert words in capsys.readouterr().err, flags
+
+
+def test_haoping_run_says_what_is_wrong_with_a_token_file_and_exits_2(tmp_path, capsys):
+    import argparse
+
+    from services.coordinator.run import add_run_flags, run
+
+    parser = argparse.ArgumentParser()
+    add_run_flags(parser)
+    args = parser.parse_args(["--runs-dir", str(tmp_path), "--name", "x", "--auth-token-file", str(tmp_path / "nope"),
+                              "--trainer-address", "t:1", "--generator-addresses", "g:1", "--scorer-address", "s:1"])
+    assert run(args) == 2
+    assert "--auth-token-file" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # nothing written, nothing started
+
+
+def test_haoping_run_against_running_services_with_a_wrong_token_exits_2(secured, tmp_path, capsys):
+    import argparse
+
+    from services.coordinator.run import add_run_flags, run
+
+    wrong = tmp_path / "wrong-token"
+    wrong.write_text("not-the-token\n")
+    parser = argparse.ArgumentParser()
+    add_run_flags(parser)
+    args = parser.parse_args(["--runs-dir", str(tmp_path / "runs"), "--name", "x", "--auth-token-file", str(wrong),
+                              "--trainer-address", secured.trainer.address,
+                              "--generator-addresses", secured.generator.address,
+                              "--scorer-address", secured.scorer.address])
+    assert run(args) == 2
+    err = capsys.readouterr().err
+    assert "UNAUTHENTICATED" in err and "--auth-token-file" in err and "not-the-token" not in err

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+import grpc
+
 from haoping import text_metrics
 from haoping.client import GeneratorClient, GeneratorReplicas, ScorerClient, TrainerClient
 from haoping.log import get_logger
@@ -316,6 +318,9 @@ def run(args) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.auth_token_file and not os.access(args.auth_token_file, os.R_OK):
+        print(f"error: --auth-token-file {args.auth_token_file} cannot be read", file=sys.stderr)
+        return 2
     if args.resume and not (Path(args.resume) / "trainer_state.json").exists():
         print(f"error: --resume {args.resume} is not a trainer checkpoint (no trainer_state.json)", file=sys.stderr)
         return 2
@@ -350,7 +355,14 @@ def run(args) -> int:
         with GeneratorReplicas([GeneratorClient(a, **access) for a in generator_addresses]) as generator, \
                 ScorerClient(scorer_address, timeout=args.score_timeout, **access) as scorer, \
                 TrainerClient(trainer_address, **access) as trainer:
-            synced = generator.load_weights(trainer_address)  # a resumed trainer's policy, or the same start
+            try:
+                synced = generator.load_weights(trainer_address)  # a resumed trainer's policy, or the same start
+            except grpc.RpcError as err:
+                if err.code() not in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                    raise
+                print(f"error: {err.code().name}: {err.details()}\n(pass the services' token file with "
+                      "--auth-token-file)", file=sys.stderr)
+                return 2
             start_cycle = _cycles_done(run_dir) if args.resume else 0
             log.info("%d generator(s) at policy version %d; running %d cycles", len(generator_addresses),
                      synced.policy_version, args.cycles)
