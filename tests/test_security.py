@@ -268,7 +268,7 @@ def test_bad_rollouts_are_invalid_arguments_that_name_the_rollout(secured, name,
     assert "rollout 1" in refused.value.details() and words in refused.value.details(), refused.value.details()
 
 
-def test_score_refuses_empty_and_oversized_texts_before_scoring(secured):
+def test_score_and_generate_refuse_empty_and_oversized_texts_before_tokenizing(secured):
     with ScorerClient(secured.scorer.address, token=secured.token) as scorer:
         for texts, words in (([" "], "text 0 is empty"), (["好", "好" * 257], "text 1 has 257 characters")):
             with pytest.raises(grpc.RpcError) as refused:
@@ -279,6 +279,12 @@ def test_score_refuses_empty_and_oversized_texts_before_scoring(secured):
             scorer.score(["好" * 1_000_000])
         assert time.monotonic() - started < 2  # rejected by size, not after tokenizing a megabyte
         assert scorer.info().limits["max_text_chars"] == 256
+    with GeneratorClient(secured.generator.address) as generator:
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as refused:
+            generator.generate(["好" * 1_000_000], max_new_tokens=2)
+        assert time.monotonic() - started < 2  # a megabyte prompt is refused by size, untokenized
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "at most 256" in refused.value.details()
 
 
 # ------------------------------------------------------------------ text as sent
