@@ -327,7 +327,7 @@ def test_empty_responses_earn_the_empty_response_reward_in_the_trainer(tiny_poli
 
 def test_target_reward_lowers_the_policy_learning_rate_while_reached(tiny_policy):
     trainer = PPOTrainer(str(tiny_policy), PPOConfig.from_dict({"algorithm": "grpo", "target_reward": 0.6,
-                                                                "target_reward_lr_factor": 0.0}))
+                                                                "learning_rate": 1e-3, "target_reward_lr_factor": 0.0}))
     assert trainer.step(QUERIES, RESPONSES, [0.5, 0.5, 0.5])["ppo/learning_rate"] == pytest.approx(1e-3)
     before = [p.detach().clone() for p in trainer.model.lm.parameters()]
     high = trainer.step(QUERIES, RESPONSES, [0.9, 0.9, 0.9])  # mean of the last batches 0.7 >= 0.6: hold
