@@ -15,6 +15,7 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
 from haoping import reward_model
+from haoping.atomic import atomic_directory
 from haoping.corpus import build_char_vocab, load_reviews
 from haoping.rank_loss import (
     batch_rank_loss,
@@ -24,7 +25,9 @@ from haoping.rank_loss import (
     ranking_metrics,
 )
 from haoping.ranklists import RankList, RankListError, build_starter_ranklists, parse_ranklists, read_ranklists
-from haoping.reward_model import RewardModelScorer, TrainConfig, load_reward_base, train_reward_model
+from haoping.reward_model import TrainConfig, load_reward_base, train_reward_model
+from haoping.scorers.reward_model import RewardModelScorer
+from services.reward_model_cli import add_cli
 
 CLEARLY_POSITIVE = "非常好，质量很好，很满意，物流也快，推荐购买！"
 CLEARLY_NEGATIVE = "太差了，质量很差，非常失望，不会再买了，差评！"
@@ -76,7 +79,7 @@ def tiny_config(base: str, **overrides) -> TrainConfig:
 
 def cli(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="haoping")
-    reward_model.add_cli(parser.add_subparsers(required=True))
+    add_cli(parser.add_subparsers(required=True))
     args = parser.parse_args(argv)
     return args.func(args)
 
@@ -361,8 +364,8 @@ def test_cli_reports_bad_lines_and_strict_fails_without_touching_the_old_output(
     lists = tmp_path / "lists.tsv"
     lists.write_bytes(BAD_FILE)
     out = tmp_path / "rm"
-    out.mkdir()
-    (out / "keep.txt").write_text("an earlier good model")
+    with atomic_directory(out) as earlier:  # a complete earlier output, as a run writes it
+        (earlier / "keep.txt").write_text("an earlier good model")
     common = ["train-reward-model", "--train", str(lists), "--dev", str(lists), "--base", tiny_base,
               "--baseline", tiny_base, "--out", str(out), "--steps", "2", "--eval-every", "1",
               "--lists-per-batch", "2", "--device", "cpu"]
