@@ -13,10 +13,17 @@ Item = TypeVar("Item")
 
 def warmup_cosine_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
                            min_lr_rate: float = 0.1) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up over ``warmup_steps`` ((step + 1) / warmup), then cosine decay to
-    ``min_lr_rate`` of the peak at ``total_steps``; call ``.step()`` after each optimizer step."""
-    return get_scheduler("cosine_with_min_lr", optimizer, num_warmup_steps=warmup_steps,
-                         num_training_steps=total_steps, scheduler_specific_kwargs={"min_lr_rate": min_lr_rate})
+    """Linear warm-up over ``warmup_steps``, then cosine decay to ``min_lr_rate`` of the peak at
+    ``total_steps``; call ``.step()`` after each optimizer step.
+
+    The factors are transformers.get_scheduler's ``cosine_with_min_lr``, except that warm-up counts
+    the step about to run as done ((step + 1) / warmup), so the first step learns at 1/warmup of
+    the peak rather than not at all."""
+    dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    factor = get_scheduler("cosine_with_min_lr", dummy, num_warmup_steps=warmup_steps, num_training_steps=total_steps,
+                           scheduler_specific_kwargs={"min_lr_rate": min_lr_rate}).lr_lambdas[0]
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: factor(step + 1) if step < warmup_steps else factor(step))
 
 
 def endless_batches(items: Sequence[Item], batch_size: int, rng: random.Random,
