@@ -212,13 +212,13 @@ def train_reward_model(train_lists: Sequence[RankList], dev_lists: Sequence[Rank
         texts = [t for r in batch for t in r.texts]
         transfer_indices = next(transfer_batches) if transfer_batches is not None else []
         with models.autocast(device, compute_dtype):
-            # ranked and unlabeled texts in one forward pass: [Σ n_l + texts_per_batch]
-            scores = forward_scores(model, tokenizer, texts + [transfer_texts[i] for i in transfer_indices],
-                                    max_length, device)
-        per_list = split_per_list(scores[:len(texts)], batch)
+            scores = forward_scores(model, tokenizer, texts, max_length, device)  # [Σ n_l]
+            # unlabeled texts in a pass of their own, padded to their own longest: [texts_per_batch]
+            student = forward_scores(model, tokenizer, [transfer_texts[i] for i in transfer_indices],
+                                     max_length, device) if transfer_indices else None
+        per_list = split_per_list(scores, batch)
         loss = batch_rank_loss(per_list, config.loss)
         if transfer_indices:
-            student = scores[len(texts):]
             partner = torch.randperm(len(transfer_indices), device=student.device)
             teacher = teacher_scores[transfer_indices].to(student.device)
             loss = loss + config.distill_weight * soft_pair_distillation_loss(student, teacher, partner)
