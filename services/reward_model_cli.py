@@ -42,7 +42,8 @@ def add_config_flags(parser: argparse.ArgumentParser, cls=TrainConfig) -> list[s
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         kind = _none_or(args[0]) if args and len(args) < len(typing.get_args(hint)) else hint
         extra = {"choices": list(f.metadata["choices"])} if f.metadata.get("choices") else {}
-        add_flag(parser, "--" + f.name.replace("_", "-"), f.default, kind, f.metadata.get("help", ""), **extra)
+        add_flag(parser, "--" + f.name.replace("_", "-"), f.default, kind,
+                 f.metadata.get("help", "").replace("%", "%%"), **extra)  # argparse expands %
         names.append(f.name)
     return names
 

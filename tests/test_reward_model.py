@@ -487,3 +487,25 @@ def test_an_output_directory_not_written_by_a_run_is_refused_and_left_alone(tiny
                 "--eval-every", "1", "--device", "cpu"]) == 2
     assert "not written by haoping" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def test_every_training_option_is_a_typed_flag_with_help_and_an_environment_fallback(capsys, monkeypatch):
+    import dataclasses
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli(["train-reward-model", "--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for field in dataclasses.fields(TrainConfig):
+        flag = "--" + field.name.replace("_", "-")
+        assert flag in text and f"HAOPING_{field.name.upper()}" in text, flag
+    parser = argparse.ArgumentParser(prog="haoping")
+    add_cli(parser.add_subparsers(required=True))
+    args = parser.parse_args(["train-reward-model", "--steps", "7", "--baseline", "none", "--no-linear-baseline"])
+    assert (args.steps, args.baseline, args.linear_baseline, args.lr) == (7, None, False, TrainConfig().lr)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train-reward-model", "--steps", "many"])  # typed: not an int
+    monkeypatch.setenv("HAOPING_LISTS_PER_BATCH", "5")
+    parser = argparse.ArgumentParser(prog="haoping")
+    add_cli(parser.add_subparsers(required=True))
+    assert parser.parse_args(["train-reward-model"]).lists_per_batch == 5
