@@ -509,3 +509,17 @@ def test_every_training_option_is_a_typed_flag_with_help_and_an_environment_fall
     parser = argparse.ArgumentParser(prog="haoping")
     add_cli(parser.add_subparsers(required=True))
     assert parser.parse_args(["train-reward-model"]).lists_per_batch == 5
+
+
+def test_soft_pair_distillation_pulls_the_student_towards_the_teacher_order():
+    from haoping.reward_model.training import soft_pair_distillation_loss
+
+    teacher = torch.tensor([2.0, -1.0, 0.5])
+    partner = torch.tensor([1, 2, 0])  # pairs (0, 1), (1, 2), (2, 0)
+    student = torch.zeros(3, requires_grad=True)
+    loss = soft_pair_distillation_loss(student, teacher, partner)
+    torch.testing.assert_close(loss, torch.log(torch.tensor(2.0)))  # at s = 0 every pair's BCE is log 2
+    loss.backward()
+    assert student.grad[0] < 0 < student.grad[1]  # descent raises the teacher's best, lowers its worst
+    agreeing = soft_pair_distillation_loss(teacher * 3, teacher, partner)
+    assert agreeing < soft_pair_distillation_loss(-teacher * 3, teacher, partner)
