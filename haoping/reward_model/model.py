@@ -69,10 +69,15 @@ def _init_head_from_classifier(reward: PreTrainedModel, classifier: PreTrainedMo
 def load_classifier_or_none(ref: str) -> PreTrainedModel | None:
     """The base as saved (its own head), or None when it is not a sequence classifier."""
     try:
-        return models.load_sequence_classifier(ref)
+        model = models.load_sequence_classifier(ref)
     except (models.ModelLoadError, ValueError, KeyError) as err:
         log.info("%s does not load as a sequence classifier (%s); the scalar head starts random", ref, err)
         return None
+    # a language model loads too, with a random head of 2 labels: nothing to start ours from
+    if not any(name.endswith("ForSequenceClassification") for name in model.config.architectures or ()):
+        log.info("%s was not saved as a sequence classifier; the scalar head starts random", ref)
+        return None
+    return model
 
 
 def text_max_length(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, wanted: int | None = None) -> int:
