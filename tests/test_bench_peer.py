@@ -119,3 +119,17 @@ def test_measured_kl_is_the_trainers_objective_kl(tiny_policy):
     stats = trainer.step(queries, responses, [0.9, 0.1, 0.5, 0.3])
     assert abs(stats["objective/kl"]) > 1e-3
     assert sum(measured) / len(measured) == pytest.approx(stats["objective/kl"], rel=1e-4, abs=1e-6)
+
+
+def test_heldout_samples_are_the_same_for_the_same_policy_and_split_over_the_prompts(tiny_policy, tiny_classifier):
+    from bench.peer.heldout import evaluate
+    from haoping.scoring import ClassifierScorer
+
+    scorer = ClassifierScorer(str(tiny_classifier))
+    prompts = ["刚收到货", "这部电影很"]
+    first = evaluate(str(tiny_policy), scorer, prompts, 6, max_new_tokens=4, min_new_tokens=2)
+    again = evaluate(str(tiny_policy), scorer, prompts, 6, max_new_tokens=4, min_new_tokens=2)
+    other_seed = evaluate(str(tiny_policy), scorer, prompts, 6, max_new_tokens=4, min_new_tokens=2, seed=1)
+    assert first["samples"] == 6 and first == again
+    assert other_seed["examples"] != first["examples"]
+    assert [e[:2] for e in first["examples"]] == ["刚收", "这部", "刚收", "这部"]

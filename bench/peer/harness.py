@@ -20,6 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from bench.peer import metrics
+from haoping.atomic import atomic_write_json
 from services.common.config import add_flag
 
 REPO = Path(__file__).resolve().parents[2]
@@ -60,7 +61,10 @@ def haoping_algorithms() -> tuple[list[str], str, bool]:
     add_run_flags(parser)
     for action in parser._actions:
         if "--algorithm" in action.option_strings:
-            return list(action.choices or [action.default]), action.default, True
+            from haoping.ppo_trainer import PPOConfig
+
+            default = PPOConfig().algorithm if action.default == argparse.SUPPRESS else action.default
+            return list(action.choices or [default]), default, True
     return ["ppo"], "ppo", False
 
 
@@ -116,7 +120,7 @@ def run_trl(name: str, run_dir: Path, settings: dict, args) -> dict:
     else:
         config.update(samples_per_step=args.ppo_samples_per_step, kl_coef=args.ppo_kl_coef, ppo_epochs=4,
                       ppo_minibatches=max(1, args.ppo_samples_per_step // 64))
-    (run_dir / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
+    atomic_write_json(run_dir / "config.json", config)
     command = [str(python), "-m", TRL_MODULES[name], "--config", str(run_dir / "config.json")]
     _run(command, run_dir, args.threads, cwd=REPO)
     result = json.loads((run_dir / "result.json").read_text())
@@ -124,15 +128,16 @@ def run_trl(name: str, run_dir: Path, settings: dict, args) -> dict:
     return {"steps": steps, "policy": str(run_dir / "policy"), "config": config, **result}
 
 
-def run_haoping(algorithm: str, run_dir: Path, args, with_flag: bool) -> dict:
-    learning = shlex.split(args.learning_args) + ["--max-seconds", str(args.budget_seconds),
-                                                  "--seed", str(args.seed)]
+def run_haoping(algorithm: str, run_dir: Path, args, with_flag: bool, peer_seconds_to_0_90: float | None) -> dict:
+    out = run_dir / "bench-learning"
+    learning = ["--run-dir", str(out)] + shlex.split(args.learning_args) + [
+        "--max-seconds", str(args.budget_seconds), "--seed", str(args.seed)]
+    if peer_seconds_to_0_90 is not None:  # bench.learning's own verdict then uses this run's TRL GRPO time
+        learning += ["--peer-seconds-to-0-90", f"{peer_seconds_to_0_90:.3f}"]
     if with_flag:
         learning += ["--algorithm", algorithm]
     command = [sys.executable, "-m", "bench.learning", *learning]
-    # bench.learning writes runs/bench-learning under its working directory: one per run here
-    _run(command, run_dir, args.threads, cwd=run_dir)
-    out = run_dir / "runs" / "bench-learning"
+    _run(command, run_dir, args.threads, cwd=REPO)
     return {"steps": haoping_steps(out / "cycles.jsonl"), "policy": str(out / "checkpoint" / "policy"),
             "config": {"command": command}, "bench_learning_summary": json.loads((out / "summary.json").read_text())}
 
@@ -168,7 +173,9 @@ def main(argv: list[str] | None = None) -> int:
                 "policy": resolve_model("starter:policy"), "classifier": resolve_model("starter:classifier")}
     root = Path(args.run_dir)
     started = datetime.now(timezone.utc)
+    load_start = load_average()
     results: dict[str, dict] = {}
+    failures: dict[str, str] = {}
     for name in runs:
         run_dir = (root / name).resolve()
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -176,10 +183,18 @@ def main(argv: list[str] | None = None) -> int:
             (run_dir / stale).unlink(missing_ok=True)
         load_before, t0 = load_average(), time.perf_counter()
         print(f"\n== {name}: {args.budget_seconds:.0f} s of training (load {load_before})", flush=True)
-        if name in TRL_VENVS:
-            result = run_trl(name, run_dir, settings, args)
-        else:
-            result = run_haoping(name.removeprefix("haoping-"), run_dir, args, with_flag)
+        try:
+            if name in TRL_VENVS:
+                result = run_trl(name, run_dir, settings, args)
+            else:
+                grpo = metrics.summarize(results["trl-grpo"]["steps"]) if "trl-grpo" in results else None
+                peer_t90 = ((grpo or {}).get("reached") or {}).get("0.90")
+                result = run_haoping(name.removeprefix("haoping-"), run_dir, args, with_flag,
+                                     peer_t90["seconds"] if peer_t90 else None)
+        except (RuntimeError, OSError, ValueError, KeyError) as err:  # one broken run must not void the rest
+            print(f"== {name} FAILED: {err}", flush=True)
+            failures[name] = str(err)
+            continue
         result.update(load_before=load_before, load_after=load_average(), wall_seconds=time.perf_counter() - t0)
         results[name] = result
         s = metrics.summarize(result["steps"])
@@ -209,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": started.isoformat(timespec="seconds"),
         "label": args.label,
         "machine": machine(),
-        "load_start": results[runs[0]]["load_before"] if runs else None,
+        "load_start": load_start,
         "load_end": load_average(),
         "budget_seconds": args.budget_seconds,
         "settings": {k: v for k, v in settings.items() if k not in ("policy", "classifier")},
@@ -219,10 +234,11 @@ def main(argv: list[str] | None = None) -> int:
                         "steps": [{k: v for k, v in s.items() if k != "examples"} for s in result["steps"]],
                         **{k: v for k, v in result.items() if k not in ("steps",)}}
                  for name, result in results.items()},
+        "failed": failures,
         "table": table,
         "verdict": [{"target": what, "measured": value, "met": met} for what, value, met in verdict],
     }
-    Path(args.out).write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    atomic_write_json(args.out, report)
     print(f"\n{args.label + ': ' if args.label else ''}{report['date']}, {report['machine']['cpu']}, "
           f"{report['machine']['cores']} cores; load {report['load_start']} at the start, {report['load_end']} at the end")
     print(f"held-out start (starter policy): reward {heldout_start['reward_mean']:.3f}, "
@@ -231,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     for what, value, met in verdict:
         print(f"{'MET ' if met else 'MISS'} {what}: {value}")
+    for name, err in failures.items():
+        print(f"FAILED {name}: {err.splitlines()[0]}")
     print(f"\nresults: {args.out}; runs: {root}")
-    return 0
+    return 1 if failures else 0
 

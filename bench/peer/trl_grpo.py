@@ -7,7 +7,6 @@ trl_common.haoping_kl) while the clock is paused.
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -20,6 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
+
+    from haoping.atomic import atomic_write_json
 
     config = load_config(argv)
     run_dir = Path(config["run_dir"])
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                              if k in ("learning_rate", "beta", "loss_type", "scale_rewards", "epsilon",
                                       "num_iterations", "num_generations", "per_device_train_batch_size",
                                       "max_grad_norm", "adam_epsilon", "weight_decay", "lr_scheduler_type")}}
-    (run_dir / "result.json").write_text(json.dumps(result, indent=2))
+    atomic_write_json(run_dir / "result.json", result)
     return 0
 
 

@@ -10,7 +10,6 @@ the texts and measures KL by haoping's definition, with the clock paused.
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -56,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
                               GenerationConfig, TrainerCallback)
     from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+    from haoping.atomic import atomic_write_json
 
     config = load_config(argv)
     run_dir = Path(config["run_dir"])
@@ -157,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                              if k in ("learning_rate", "kl_coef", "kl_estimator", "num_ppo_epochs",
                                       "num_mini_batches", "per_device_train_batch_size", "cliprange", "vf_coef",
                                       "whiten_rewards", "gamma", "lam", "adam_epsilon", "lr_scheduler_type")}}
-    (run_dir / "result.json").write_text(json.dumps(result, indent=2))
+    atomic_write_json(run_dir / "result.json", result)
     return 0
 
 
