@@ -81,6 +81,15 @@ def test_verdict_checks_each_target_against_the_peers_in_the_same_run():
     assert not missing[0][2] and not missing[-1][2]
 
 
+def test_guards_hold_only_with_all_three_within_bounds():
+    ok = {"kl": 5.9, "distinct2_ratio": 0.6, "repetition_rate": 0.05}
+    assert metrics.guards_hold(ok)
+    assert not metrics.guards_hold({**ok, "kl": 6.1})
+    assert not metrics.guards_hold({**ok, "distinct2_ratio": 0.4})
+    assert not metrics.guards_hold({**ok, "repetition_rate": 0.11})
+    assert not metrics.guards_hold(None)
+
+
 def test_table_has_a_row_per_run_and_dashes_where_a_threshold_was_never_reached():
     summaries = {"haoping-ppo": _summary(1.0, 300), "trl-ppo": metrics.summarize(steps_from([0.5, 0.6]))}
     text = metrics.table(summaries)
