@@ -1,9 +1,14 @@
-"""The PPO trainer: a causal LM with a value head, a frozen reference model, and the
+"""The policy trainer: a causal LM with a value head, a frozen reference model, and the
 update step. Pure of gRPC; ``services/trainer`` is a thin adapter over :class:`PPOTrainer`.
 
-One :meth:`PPOTrainer.step` takes a batch of scored rollouts (query ids, response ids,
-score), recomputes old log-probs and values, builds KL-penalized per-token rewards, runs
-GAE, then ``ppo_epochs`` passes of shuffled minibatches with clipped losses.
+One :meth:`PPOTrainer.step` takes a batch of scored rollouts (query ids, response ids, raw
+score), shapes the scores (:func:`haoping.algorithms.shape_rewards`), recomputes old log-probs
+and reference log-probs, then, by ``PPOConfig.algorithm``:
+* ``ppo``: values, KL-penalized per-token rewards, GAE, whitened advantages, clipped policy and
+  value losses;
+* ``grpo`` / ``rloo``: one advantage per rollout from the other samples of its prompt, clipped
+  policy loss plus beta * k3 KL to the reference; the value head never runs;
+and ``ppo_epochs`` passes of shuffled minibatches.
 """
 from __future__ import annotations
 
@@ -82,6 +87,10 @@ class PPOConfig:
                                     "Dr. GRPO, centering only)")
     min_response_tokens: int = option(0, "EOS was masked before this many tokens at sampling; mask it here too "
                                       "(a Step may carry its own)")
+    target_reward: float | None = option(
+        None, "once the mean raw score of the last 3 batches reaches this, the policy learns at "
+        "target_reward_lr_factor x its rate (until it falls below again): keep a reached reward, do not chase more")
+    target_reward_lr_factor: float = option(0.1, "learning-rate factor while target_reward is reached (0: hold)")
     stale_rollouts: str = option("count", "rollouts whose policy_version differs from the trainer's: count them "
                                  "in the statistics, or reject the Step", ("count", "reject"))
     # Freeze the token embeddings and the LM head (tied in GPT-2). Every vocabulary row gets a
@@ -293,6 +302,7 @@ class PPOTrainer:
         self._lr_factor = lr_schedule(config.lr_schedule, config.lr_warmup_steps, config.total_steps)
         self.version = 0
         self.steps_done = 0
+        self.recent_rewards: list[float] = []  # the last 3 batches' mean raw score (target_reward)
         self._weights_cache: tuple[int, bytes, str] | None = None
         self.fuse_first_forward = True  # see _rollout_forward_with_grad; tests compare both paths
 
@@ -307,13 +317,16 @@ class PPOTrainer:
                            "lr": c.value_learning_rate or c.learning_rate, "name": "value_head"})
         return torch.optim.AdamW(groups, eps=1e-5, weight_decay=0.0)  # decay would pull toward zero, not the reference
 
-    def _set_learning_rates(self) -> float:
+    def _set_learning_rates(self, reward_mean: float) -> float:
+        """Set this step's learning rates; ``reward_mean``: the batch's mean raw score."""
         c = self.config
         factor = self._lr_factor(self.steps_done)
         policy_frozen = self.steps_done < c.value_warmup_steps
+        self.recent_rewards = (self.recent_rewards + [reward_mean])[-3:]
+        policy_factor = ppo.target_reward_factor(self.recent_rewards, c.target_reward, c.target_reward_lr_factor)
         for group in self.optimizer.param_groups:
             if group["name"] == "policy":
-                group["lr"] = 0.0 if policy_frozen else c.learning_rate * factor
+                group["lr"] = 0.0 if policy_frozen else c.learning_rate * factor * policy_factor
             else:
                 group["lr"] = (c.value_learning_rate or c.learning_rate) * factor
         return self.optimizer.param_groups[0]["lr"]
@@ -429,7 +442,7 @@ class PPOTrainer:
                           if c.algorithm == "grpo" else algorithms.rloo_advantages(scores_t, groups))
             returns = None
 
-        learning_rate = self._set_learning_rates()
+        learning_rate = self._set_learning_rates(raw_scores.mean().item())
         mb_stats: list[dict[str, float]] = []
         micro = max(1, c.minibatch_size // c.gradient_accumulation_steps)
         for _ in range(c.ppo_epochs):
