@@ -125,7 +125,7 @@ def run_trl(name: str, run_dir: Path, settings: dict, args) -> dict:
     _run(command, run_dir, args.threads, cwd=REPO)
     result = json.loads((run_dir / "result.json").read_text())
     steps = [json.loads(line) for line in (run_dir / "steps.jsonl").read_text(encoding="utf-8").splitlines()]
-    return {"steps": steps, "policy": str(run_dir / "policy"), "config": config, **result}
+    return {**result, "steps": steps, "policy": str(run_dir / "policy"), "config": config}
 
 
 def run_haoping(algorithm: str, run_dir: Path, args, with_flag: bool, peer_seconds_to_0_90: float | None) -> dict:

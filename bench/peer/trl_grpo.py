@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     warm_up(trainer.model, tokenizer, reward, prompts, max_tokens)
     trainer.train()
     save_policy(trainer.model, config["policy"], run_dir / "policy")
-    result = {"steps": len(recorder.steps), "seconds": clock.elapsed(), "versions": versions(),
+    result = {"steps_done": len(recorder.steps), "train_seconds": clock.elapsed(), "versions": versions(),
               "trl_config": {k: v for k, v in args.to_dict().items()
                              if k in ("learning_rate", "beta", "loss_type", "scale_rewards", "epsilon",
                                       "num_iterations", "num_generations", "per_device_train_batch_size",

@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     except BudgetReached:
         pass
     save_policy(trainer.model.policy, config["policy"], run_dir / "policy")
-    result = {"steps": len(recorder.steps), "seconds": clock.elapsed(), "versions": versions(),
+    result = {"steps_done": len(recorder.steps), "train_seconds": clock.elapsed(), "versions": versions(),
               "trl_config": {k: v for k, v in args.to_dict().items()
                              if k in ("learning_rate", "kl_coef", "kl_estimator", "num_ppo_epochs",
                                       "num_mini_batches", "per_device_train_batch_size", "cliprange", "vf_coef",
