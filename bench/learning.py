@@ -175,7 +175,7 @@ def run_algorithm(run_args: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from haoping.cli import main as haoping_main
+    from services.cli import main as haoping_main
 
     argv = list(sys.argv[1:] if argv is None else argv)
     bench_args, run_args = build_parser().parse_known_args(argv)

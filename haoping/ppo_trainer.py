@@ -70,10 +70,14 @@ class PPOConfig:
     vf_coef: float = option(0.1, "value loss coefficient (ppo)")
     max_grad_norm: float = option(1.0, "gradient norm clip")
     adaptive_kl: bool = option(True, "move the KL coefficient so that KL tracks kl_target (Ziegler et al.)")
-    init_kl_coef: float = option(0.2, "KL coefficient at the start: in the reward (ppo), beta in the loss (grpo, rloo)")
+    init_kl_coef: float = option(0.2, "KL coefficient at the start: in the reward (ppo), beta in the loss or the "
+                                 "reward (grpo, rloo: kl_penalty)")
     kl_target: float = option(6.0, "KL target of the adaptive controller, nats per sequence")
     kl_horizon: int = option(10000, "adaptive KL horizon in rollouts: smaller reacts faster")
     kl_estimator: str = option("k1", "per-token KL estimator in the reward (ppo)", ("k1", "k3"))
+    kl_penalty: str = option("loss", "grpo, rloo: where the KL coefficient applies: beta * k3 per token in the loss, "
+                             "or kl_coef * the rollout's KL (kl_estimator, summed) subtracted from its score before "
+                             "the group advantages", ("loss", "reward"))
     kl_loss_coef: float = option(0.0, "ppo: > 0 adds a k3 KL-to-reference term in the loss, per token")
     empty_response_reward: float | None = option(
         0.0, "reward of a response with no visible text (none: its score): the prompt alone already scores high")
@@ -133,8 +137,13 @@ class PPOConfig:
 # Defaults per algorithm where the dataclass default (PPO's) does not suit it; an explicit option wins.
 ALGORITHM_PRESETS: dict[str, dict] = {
     "ppo": {},
-    "grpo": {"ppo_epochs": 1, "init_kl_coef": 0.1},
-    "rloo": {"ppo_epochs": 1, "init_kl_coef": 0.1},
+    # one pass over each batch (one Adam step of the whole batch, as TRL's GRPO takes), a larger
+    # learning rate than PPO's, and a fixed KL penalty in the reward: the rollout's KL, not only
+    # its score, ranks it within its prompt (docs/algorithms.md)
+    "grpo": {"ppo_epochs": 1, "learning_rate": 1.5e-3, "kl_penalty": "reward", "init_kl_coef": 0.03,
+             "adaptive_kl": False},
+    "rloo": {"ppo_epochs": 1, "learning_rate": 1.5e-3, "kl_penalty": "reward", "init_kl_coef": 0.03,
+             "adaptive_kl": False},
 }
 
 
@@ -436,12 +445,16 @@ class PPOTrainer:
                 advantages = ppo.whiten(advantages, mask)
         else:  # critic-free: one advantage per sequence [B], KL in the loss (beta = kl_coef)
             kl = ppo.kl_estimate(old["logp"], old["ref_logp"], c.kl_estimator) * mask
-            non_score = torch.zeros_like(kl)
+            in_reward = c.kl_penalty == "reward"
+            non_score = -kl_coef * kl if in_reward else torch.zeros_like(kl)
             groups = algorithms.group_ids(prompt_keys).to(self.device)
-            advantages = (algorithms.grpo_advantages(scores_t, groups, scale=c.scale_advantages)
-                          if c.algorithm == "grpo" else algorithms.rloo_advantages(scores_t, groups))
+            returns_t = scores_t + non_score.sum(1)  # [B]: the score, less the KL penalty when it is in the reward
+            advantages = (algorithms.grpo_advantages(returns_t, groups, scale=c.scale_advantages)
+                          if c.algorithm == "grpo" else algorithms.rloo_advantages(returns_t, groups))
             returns = None
 
+        # critic-free: beta of the k3 term in the loss (0 when the KL penalty is in the reward)
+        loss_kl_coef = kl_coef if not c.uses_value_head and c.kl_penalty == "loss" else 0.0
         learning_rate = self._set_learning_rates(raw_scores.mean().item())
         mb_stats: list[dict[str, float]] = []
         micro = max(1, c.minibatch_size // c.gradient_accumulation_steps)
@@ -458,11 +471,11 @@ class PPOTrainer:
                     weight = mask[index].sum() / mb_tokens
                     if first_forward is not None:  # the whole batch, before any update: same rows, same weights
                         index = torch.arange(n, device=self.device)
-                        parts.append(self._loss(batch, old, advantages, returns, index, weight, kl_coef, min_tokens,
+                        parts.append(self._loss(batch, old, advantages, returns, index, weight, loss_kl_coef, min_tokens,
                                                 first_forward))
                         first_forward = None
                         continue
-                    parts.append(self._loss(batch.rows(index), old, advantages, returns, index, weight, kl_coef,
+                    parts.append(self._loss(batch.rows(index), old, advantages, returns, index, weight, loss_kl_coef,
                                             min_tokens))
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.max_grad_norm)
                 self.optimizer.step()
@@ -508,7 +521,7 @@ class PPOTrainer:
             stats[key] = float(np.mean([s[key] for s in mb_stats]))
         return stats
 
-    def _loss(self, part: RolloutBatch, old: dict, advantages, returns, index, weight, kl_coef: float,
+    def _loss(self, part: RolloutBatch, old: dict, advantages, returns, index, weight, loss_kl_coef: float,
               min_tokens: int | None = None,
               forward: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> dict[str, float]:
         """Backward of one micro-batch's loss (scaled by ``weight``); returns its statistics."""
@@ -518,7 +531,7 @@ class PPOTrainer:
         logp = ppo.token_logprobs(logp_all, part.response_ids)
         if not c.uses_value_head:
             out = algorithms.critic_free_loss(logp, old["logp"][index], old["ref_logp"][index], advantages[index],
-                                              mask, c.cliprange, kl_coef)
+                                              mask, c.cliprange, loss_kl_coef)
             (out.loss * weight).backward()
             with torch.no_grad():
                 entropy = ppo.masked_mean(ppo.entropy_from_logprobs(logp_all), mask)

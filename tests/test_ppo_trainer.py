@@ -327,10 +327,28 @@ def test_empty_responses_earn_the_empty_response_reward_in_the_trainer(tiny_poli
 
 def test_target_reward_lowers_the_policy_learning_rate_while_reached(tiny_policy):
     trainer = PPOTrainer(str(tiny_policy), PPOConfig.from_dict({"algorithm": "grpo", "target_reward": 0.6,
-                                                                "target_reward_lr_factor": 0.0}))
+                                                                "learning_rate": 1e-3, "target_reward_lr_factor": 0.0}))
     assert trainer.step(QUERIES, RESPONSES, [0.5, 0.5, 0.5])["ppo/learning_rate"] == pytest.approx(1e-3)
     before = [p.detach().clone() for p in trainer.model.lm.parameters()]
     high = trainer.step(QUERIES, RESPONSES, [0.9, 0.9, 0.9])  # mean of the last batches 0.7 >= 0.6: hold
     assert high["ppo/learning_rate"] == 0.0
     assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.lm.parameters()))
     assert trainer.step(QUERIES, RESPONSES, [0.0, 0.0, 0.0])["ppo/learning_rate"] == pytest.approx(1e-3)
+
+
+def test_grpo_kl_penalty_in_the_reward_instead_of_the_loss(tiny_policy):
+    trainer = PPOTrainer(str(tiny_policy), PPOConfig.from_dict({"algorithm": "grpo", "kl_penalty": "reward",
+                                                                "init_kl_coef": 0.5, "adaptive_kl": False}))
+    noise = torch.Generator().manual_seed(2)
+    with torch.no_grad():  # away from the reference, so the rollouts have a KL
+        for p in trainer.model.lm.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=noise))
+    stats = trainer.step(GROUP_QUERIES, GROUP_RESPONSES, GROUP_SCORES)
+    assert abs(stats["objective/kl"]) > 1e-3
+    assert stats["objective/non_score_reward"] == pytest.approx(-0.5 * stats["objective/kl"], rel=1e-4)
+    assert stats["ppo/loss/total"] == pytest.approx(stats["ppo/loss/policy"])  # no k3 term in the loss
+    in_loss = PPOTrainer(str(tiny_policy), PPOConfig.from_dict({"algorithm": "grpo", "kl_penalty": "loss",
+                                                                "init_kl_coef": 0.5, "adaptive_kl": False}))
+    stats = in_loss.step(GROUP_QUERIES, GROUP_RESPONSES, GROUP_SCORES)
+    assert stats["objective/non_score_reward"] == 0.0
+    assert stats["ppo/loss/total"] == pytest.approx(stats["ppo/loss/policy"] + 0.5 * stats["ppo/loss/kl"], rel=1e-4)

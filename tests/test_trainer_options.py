@@ -36,7 +36,7 @@ def test_every_ppo_option_is_a_flag_with_its_help_in_both_commands():
 
 
 def test_cli_help_lists_the_options():
-    result = subprocess.run([sys.executable, "-m", "haoping.cli", "run", "--help"], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "services.cli", "run", "--help"], capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0 and "--algorithm" in result.stdout and "--kl-target" in result.stdout
 
@@ -60,7 +60,7 @@ def test_typed_flags_override_the_json_and_only_given_flags_count(monkeypatch):
     assert options == {"learning_rate": 0.1, "ppo_epochs": 2, "algorithm": "grpo", "reward_clip": None,
                        "adaptive_kl": False}
     config = PPOConfig.from_dict(options)
-    assert config.ppo_epochs == 2 and config.init_kl_coef == 0.1  # the grpo preset fills the rest
+    assert config.ppo_epochs == 2 and config.init_kl_coef == 0.03  # the grpo preset fills the rest
     assert trainer_server.ppo_options(trainer_server.build_parser().parse_args([])) == {}
     monkeypatch.setenv("HAOPING_ALGORITHM", "rloo")
     monkeypatch.setenv("HAOPING_ADAPTIVE_KL", "false")
@@ -89,7 +89,7 @@ def strict_trainer(tiny_policy, tmp_path_factory):
         services.append(start_service("trainer", ["--model", str(tiny_policy), "--device", "cpu", "--algorithm",
                                                   "grpo", "--stale-rollouts", "reject", "--min-response-tokens", "0"],
                                       run_dir, timeout=120))
-        yield SimpleNamespace(address=services[0].address)
+        yield SimpleNamespace(address=services[0].address, token_file=services[0].token_file)
     finally:
         stop_services(services)
 
@@ -102,7 +102,7 @@ def test_step_request_carries_the_eos_minimum(strict_trainer, tiny_policy):
     from haoping.models import TokenFormat, load_tokenizer
 
     eos = TokenFormat.of(load_tokenizer(str(tiny_policy))).eos_id
-    with TrainerClient(strict_trainer.address) as trainer:
+    with TrainerClient(strict_trainer.address, token_file=strict_trainer.token_file) as trainer:
         version = trainer.stub.GetInfo(pb.GetInfoRequest(), timeout=30).policy_version
         early_eos = [rollout([2, 10], [11, eos], version=version), rollout([2, 10], [12, 13], version=version)]
         with pytest.raises(grpc.RpcError) as err:
@@ -115,7 +115,7 @@ def test_step_request_carries_the_eos_minimum(strict_trainer, tiny_policy):
 
 
 def test_stale_rollouts_are_refused_with_failed_precondition(strict_trainer):
-    with TrainerClient(strict_trainer.address) as trainer:
+    with TrainerClient(strict_trainer.address, token_file=strict_trainer.token_file) as trainer:
         version = trainer.stub.GetInfo(pb.GetInfoRequest(), timeout=30).policy_version
         stale = [rollout([2, 10], [11, 12], version=version), rollout([2, 10], [12, 13], version=version + 5)]
         with pytest.raises(grpc.RpcError) as err:
