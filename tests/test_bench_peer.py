@@ -132,7 +132,7 @@ def test_measured_kl_is_the_trainers_objective_kl(tiny_policy):
 
 def test_heldout_samples_are_the_same_for_the_same_policy_and_split_over_the_prompts(tiny_policy, tiny_classifier):
     from bench.peer.heldout import evaluate
-    from haoping.scoring import ClassifierScorer
+    from haoping.scorers.classifier import ClassifierScorer
 
     scorer = ClassifierScorer(str(tiny_classifier))
     prompts = ["刚收到货", "这部电影很"]

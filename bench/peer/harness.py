@@ -28,8 +28,11 @@ VENVS = REPO / "bench" / "peer" / ".venvs"
 TRL_VENVS = {"trl-grpo": VENVS / "trl-1.16", "trl-ppo": VENVS / "trl-1.12"}
 TRL_MODULES = {"trl-grpo": "bench.peer.trl_grpo", "trl-ppo": "bench.peer.trl_ppo"}
 # bench-learning's settings (Makefile LEARNING_ARGS) unless --learning-args says otherwise
-DEFAULT_LEARNING_ARGS = ("--cycles 100000 --samples-per-prompt 32 "
-                         "--ppo-config '{\"learning_rate\": 0.001, \"minibatch_size\": 64, \"init_kl_coef\": 0.1}'")
+DEFAULT_LEARNING_ARGS = "--cycles 100000 --eval-samples 512"
+# PPO's bench-learning settings (Makefile: make bench-learning ALGORITHM_ARGS=...), used when PPO
+# is not the default algorithm whose tuned settings LEARNING_ARGS carries
+PPO_ARGS = ("--cycles 100000 --eval-samples 512 --algorithm ppo --samples-per-prompt 32 --minibatch-size 64 "
+            "--init-kl-coef 0.1 --learning-rate 0.001")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,7 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(parser, "--ppo-kl-coef", 0.1, float, "TRL PPO's KL coefficient (haoping PPO's initial one)")
     add_flag(parser, "--learning-rate", 1e-3, float, "TRL runs' learning rate (haoping's is in --learning-args)")
     add_flag(parser, "--learning-args", DEFAULT_LEARNING_ARGS,
-             help="arguments for python -m bench.learning; --max-seconds and --algorithm are appended")
+             help="python -m bench.learning arguments of the default algorithm's run (make: LEARNING_ARGS); "
+                  "another critic-free algorithm's run takes them with its own --algorithm")
+    add_flag(parser, "--ppo-args", PPO_ARGS, help="python -m bench.learning arguments of the PPO run when PPO is "
+             "not the default algorithm")
     add_flag(parser, "--run-dir", "bench/run/peer", help="where each run's directory goes")
     add_flag(parser, "--out", "bench/peer.json", help="the results file")
     add_flag(parser, "--label", "", help="a note stored with the results (e.g. 'reduced budget')")
@@ -128,9 +134,11 @@ def run_trl(name: str, run_dir: Path, settings: dict, args) -> dict:
     return {**result, "steps": steps, "policy": str(run_dir / "policy"), "config": config}
 
 
-def run_haoping(algorithm: str, run_dir: Path, args, with_flag: bool, peer_seconds_to_0_90: float | None) -> dict:
+def run_haoping(algorithm: str, run_dir: Path, args, with_flag: bool, peer_seconds_to_0_90: float | None,
+                default_algorithm: str) -> dict:
     out = run_dir / "bench-learning"
-    learning = ["--run-dir", str(out)] + shlex.split(args.learning_args) + [
+    chosen = args.ppo_args if algorithm == "ppo" and default_algorithm != "ppo" else args.learning_args
+    learning = ["--run-dir", str(out)] + shlex.split(chosen) + [
         "--max-seconds", str(args.budget_seconds), "--seed", str(args.seed)]
     if peer_seconds_to_0_90 is not None:  # bench.learning's own verdict then uses this run's TRL GRPO time
         learning += ["--peer-seconds-to-0-90", f"{peer_seconds_to_0_90:.3f}"]
@@ -159,6 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = build_parser().parse_args(argv)
     algorithms, default_algorithm, with_flag = haoping_algorithms()
+    from bench.learning import run_algorithm
+
+    # "haoping's default" is bench-learning's: the algorithm its LEARNING_ARGS choose
+    default_algorithm = run_algorithm(shlex.split(args.learning_args)) if with_flag else default_algorithm
     available = ["trl-grpo", "trl-ppo"] + [f"haoping-{a}" for a in algorithms]
     runs = [r.strip() for r in args.runs.split(",") if r.strip()] or available
     unknown = [r for r in runs if r not in available]
@@ -190,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
                 grpo = metrics.summarize(results["trl-grpo"]["steps"]) if "trl-grpo" in results else None
                 peer_t90 = ((grpo or {}).get("reached") or {}).get("0.90")
                 result = run_haoping(name.removeprefix("haoping-"), run_dir, args, with_flag,
-                                     peer_t90["seconds"] if peer_t90 else None)
+                                     peer_t90["seconds"] if peer_t90 else None, default_algorithm)
         except (RuntimeError, OSError, ValueError, KeyError) as err:  # one broken run must not void the rest
             print(f"== {name} FAILED: {err}", flush=True)
             failures[name] = str(err)
@@ -204,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\n== held-out: {args.heldout_samples} samples per policy, same prompts and seeds", flush=True)
     from bench.peer.heldout import evaluate
-    from haoping.scoring import ClassifierScorer
+    from haoping.scorers.classifier import ClassifierScorer
 
     scorer = ClassifierScorer(settings["classifier"])
 

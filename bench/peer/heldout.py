@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from haoping import text_metrics
 from haoping.generation import PolicyGenerator, SampleSpec, SamplingParams, sample_seed
-from haoping.scoring import ClassifierScorer
+from haoping.scorers.classifier import ClassifierScorer
 
 HELDOUT_SEED = 20240601  # services/coordinator/run.py SAMPLES_SEED: bench-learning's before/after samples
 

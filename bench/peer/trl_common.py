@@ -19,7 +19,7 @@ from bench.peer import metrics
 from haoping import text_metrics
 from haoping.models import TokenFormat, decode_clean, encode_prompt
 from haoping.ppo_trainer import build_rollout_batch, mask_early_eos, response_pass
-from haoping.scoring import ClassifierScorer
+from haoping.scorers.classifier import ClassifierScorer
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 
