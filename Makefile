@@ -7,13 +7,13 @@ REWARD_DEV ?= $(if $(wildcard ../shared/data/ranklists_sample.tsv),../shared/dat
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv run test proto bootstrap bench bench-learning bench-peer reward-model clean docker-wheels docker compose-test
+.PHONY: venv run test proto bootstrap bench bench-learning bench-peer reward-model run-rm clean docker-wheels docker compose-test
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	# torch first and pinned: the local CPU wheel, never the CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,linear]'
 	touch $@
 
 venv: $(VENV)/.installed
@@ -33,8 +33,27 @@ test: venv
 clean:
 	rm -rf $(VENV) runs
 
+# The JD rank lists when they are beside the repo, the starter lists from the corpus otherwise.
+REWARD_TRAIN ?= $(if $(wildcard ../shared/data/jd_ranklists_train.tsv),../shared/data/jd_ranklists_train.tsv,starter)
+# Recipe for real lists: twice the starter recipe's steps (the held-out slice still gains at 600).
+REWARD_LIST_RECIPE ?= --steps 800 --eval-every 100
+REWARD_ARGS ?= $(if $(filter starter,$(REWARD_TRAIN)),,$(REWARD_LIST_RECIPE))
+REWARD_THREADS ?= 1
 reward-model: venv
-	$(VENV)/bin/haoping train-reward-model --train starter --dev $(REWARD_DEV) --out runs/reward-model --threads 1
+	$(VENV)/bin/haoping bootstrap > /dev/null
+	$(VENV)/bin/haoping train-reward-model --train $(REWARD_TRAIN) --dev $(REWARD_DEV) --out runs/reward-model \
+		--threads $(REWARD_THREADS) $(REWARD_ARGS)
+
+# PPO against runs/reward-model (trained first if missing), then the starter classifier, which PPO
+# never saw, judges held-out samples of the policy before and after (runs/latest/judged.json).
+RM_RUN_ARGS ?= --cycles 1000 --max-seconds 240 --samples-per-prompt 32 --scorer-normalize sigmoid \
+	--ppo-config '{"learning_rate": 0.001, "minibatch_size": 64, "init_kl_coef": 0.1}'
+run-rm: venv
+	test -f runs/reward-model/metrics.json || $(MAKE) reward-model
+	$(VENV)/bin/haoping run --scorer-backend reward-model --scorer-model runs/reward-model $(RM_RUN_ARGS) $(RUN_ARGS)
+	$(VENV)/bin/haoping evaluate --before starter:policy --after runs/latest/checkpoint/policy \
+		--scorer-backend reward-model --scorer-model runs/reward-model \
+		--evaluator-backend classifier --evaluator-model starter:classifier --out runs/latest/judged.json
 
 # 300 s training budget (cycles never bind), 512 held-out samples. The default algorithm: GRPO,
 # 64 rollouts a cycle, one Adam step each, KL penalty 0.03 in the reward, learning rate x0.1 while
