@@ -7,7 +7,7 @@ REWARD_DEV ?= $(if $(wildcard ../shared/data/ranklists_sample.tsv),../shared/dat
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv run test proto bootstrap bench bench-learning reward-model run-rm clean docker-wheels docker compose-test
+.PHONY: venv run test proto bootstrap bench bench-learning bench-peer reward-model run-rm clean docker-wheels docker compose-test
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -67,6 +67,21 @@ bench-learning: venv
 
 bench: venv
 	$(PY) -m bench.serving
+
+# haoping vs TRL on the same task, back to back, 300 s of training each (~30 min; docs/peer.md).
+# Each TRL release gets its own venv beside ours, pinned in bench/peer/requirements-*.txt.
+PEER_VENVS := bench/peer/.venvs
+PEER_ARGS ?=
+$(PEER_VENVS)/%/.installed: bench/peer/requirements-%.txt
+	rm -rf $(PEER_VENVS)/$*
+	$(PYTHON) -m venv $(PEER_VENVS)/$*
+	$(PEER_VENVS)/$*/bin/python -m pip install --quiet -r $<
+	touch $@
+
+# the haoping runs take bench-learning's LEARNING_ARGS (through the environment: they hold quotes)
+bench-peer: export HAOPING_LEARNING_ARGS = $(LEARNING_ARGS)
+bench-peer: venv $(PEER_VENVS)/trl-1.16/.installed $(PEER_VENVS)/trl-1.12/.installed
+	$(PY) -m bench.peer $(PEER_ARGS)
 
 # docker compose: a wheelhouse built with this host's pip settings (CPU torch), then the images.
 # Where no registry is reachable: docker/build-base-image.sh, then BASE_IMAGE=local/debian-py:bookworm.
