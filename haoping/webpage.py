@@ -128,12 +128,14 @@ input[type=text] {{ font-size: 1em; width: 20em; }}
 
 
 def page(request: Request, strings: Strings, title: str, body: str, refresh_seconds: int = 0,
-         nav: str = "", script: str = "") -> str:
+         nav: str = "", script: str = "", switch_path: str = "") -> str:
     """A whole page: ``title`` and ``body`` are already in the request's language; ``nav`` is
-    extra links for the top bar; ``script`` runs at the end of the body."""
+    extra links for the top bar; ``script`` runs at the end of the body; the language switch
+    links to ``switch_path`` (default: this page)."""
     lang = request.lang
     other = "en" if lang == "zh" else "zh"
-    switch = f'<a class="lang" href="{html.escape(link(request.path, other))}">{strings(lang, "other_language")}</a>'
+    switch_to = link(switch_path or request.path, other)
+    switch = f'<a class="lang" href="{html.escape(switch_to)}">{strings(lang, "other_language")}</a>'
     refresh = f'<meta http-equiv="refresh" content="{refresh_seconds}">' if refresh_seconds else ""
     script = f"<script>{script}</script>" if script else ""
     return f"""<!doctype html>
@@ -150,7 +152,7 @@ def error_page(request: Request, strings: Strings, message: str, back: str = "/"
     lang = request.lang
     return page(request, strings, strings(lang, "not_saved"),
                 f'<p class="error">{html.escape(message)}</p><p>{strings(lang, "nothing_saved")} '
-                f'<a href="{html.escape(link(back, lang))}">{strings(lang, "back")}</a></p>')
+                f'<a href="{html.escape(link(back, lang))}">{strings(lang, "back")}</a></p>', switch_path=back)
 
 
 def parse_form(body: bytes) -> dict[str, str]:
