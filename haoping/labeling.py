@@ -66,6 +66,7 @@ STRINGS = Strings({
                        "Removed line {line}; it is kept in {removed_file}."),
     "bad_line": ("无法读取：{reason}", "cannot be read: {reason}"),
     "healthy": ("正常", "ok"),
+    "draw_failed": ("现在生成不了文本：{error}。稍后刷新页面再试。", "cannot generate texts now: {error}. Reload the page later."),
     # form errors (HTTP 400, nothing saved)
     "rank_fields": ("需要 {count} 条文本的名次（rank_0 到 rank_{last}），收到的名次字段：{fields}",
                     "expected ranks for {count} texts (rank_0 .. rank_{last}), got rank field(s): {fields}"),
@@ -80,6 +81,8 @@ STRINGS = Strings({
     "group_unknown": ("没有这一组（{group}）；刷新页面看当前的一组",
                       "unknown group {group!r}; reload the page to get the current one"),
     "action_unknown": ("未知操作 {action}；只能保存或跳过", "unknown action {action!r}; use save or skip"),
+    "prompt_action_unknown": ("未知操作 {action}；只能用输入的提示或随机提示",
+                              "unknown action {action!r}; use typed or random"),
     "prompt_empty": ("提示是空的；输入一段文字，或选随机提示", "the prompt is empty; type some text or pick a random prompt"),
     "prompt_too_long": ("提示有 {length} 个字，最多 {limit} 个", "the prompt has {length} characters; at most {limit}"),
     "no_annotator": ("页面不认识你（cookie 丢了？）；刷新页面再试", "this page does not know you (no cookie?); reload and try again"),
@@ -133,6 +136,10 @@ RANKING_SCRIPT = """
 """
 
 
+class DrawError(RuntimeError):
+    """The texts could not be drawn (e.g. the generator service is down); the page says so."""
+
+
 @dataclass(frozen=True)
 class Group:
     id: str
@@ -165,7 +172,7 @@ def draw_group(draw: Callable[[str, int, int], list[str]], prompt: str, k: int, 
         if len(texts) >= k:
             break
     if len(texts) < 2:
-        raise RuntimeError(f"the policy gave fewer than 2 distinct texts for {prompt!r} in {attempts} draws")
+        raise DrawError(f"the policy gave fewer than 2 distinct texts for {prompt!r} in {attempts} draws")
     return texts[:k]
 
 
@@ -275,6 +282,14 @@ class RankingApp:
     # --- routes ---
 
     def get(self, request: Request) -> Response:
+        try:
+            return self._get(request)
+        except DrawError as err:
+            log.warning("drawing a group failed: %s", err)
+            return Response(error_page(request, self.strings, self.strings(request.lang, "draw_failed", error=err)),
+                            status=503)
+
+    def _get(self, request: Request) -> Response:
         if request.path == "/healthz":
             return Response(self.strings(request.lang, "healthy"), content_type="text/plain; charset=utf-8")
         if request.path not in ("/", "/dataset"):
@@ -320,15 +335,22 @@ class RankingApp:
         annotator, _ = self._annotator(request, create=False)
         if annotator is None:
             raise BadRequest("no_annotator")
+        action = request.form.get("action", "typed")
+        if action not in ("typed", "random"):
+            raise BadRequest("prompt_action_unknown", action=action[:32])
         prompt = None
-        if request.form.get("action", "typed") != "random":
+        if action == "typed":
             prompt = one_line(request.form.get("prompt", ""))
             if not prompt:
                 raise BadRequest("prompt_empty")
             if len(prompt) > self.max_prompt_chars:
                 raise BadRequest("prompt_too_long", length=len(prompt), limit=self.max_prompt_chars)
         with annotator.lock:
-            self._new_group(annotator, prompt)
+            try:
+                self._new_group(annotator, prompt)
+            except DrawError as err:
+                return Response(error_page(request, self.strings,
+                                           self.strings(request.lang, "draw_failed", error=err)), status=503)
         return redirect(link("/", request.lang))
 
     def _post_remove(self, request: Request) -> Response:
@@ -422,14 +444,19 @@ class RankingApp:
 
 def generator_service_draw(address: str, max_new_tokens: int, min_new_tokens: int,
                            timeout: float = 60.0) -> Callable[[str, int, int], list[str]]:
-    """Samples from a running Generator service."""
+    """Samples from a running Generator service; :class:`DrawError` when it does not answer."""
+    import grpc
+
     from haoping.client import GeneratorClient
 
     client = GeneratorClient(address, timeout=timeout)
 
     def draw(prompt: str, n: int, seed: int) -> list[str]:
-        reply = client.generate([prompt], n=n, max_new_tokens=max_new_tokens, temperature=1.0, top_k=0,
-                                top_p=1.0, seed=seed, min_new_tokens=min_new_tokens)
+        try:
+            reply = client.generate([prompt], n=n, max_new_tokens=max_new_tokens, temperature=1.0, top_k=0,
+                                    top_p=1.0, seed=seed, min_new_tokens=min_new_tokens)
+        except grpc.RpcError as err:
+            raise DrawError(f"generator {address}: {err.code().name}: {err.details()}") from None
         return [s.full_text for s in reply.samples]
     return draw
 

@@ -284,6 +284,7 @@ def test_typed_and_random_prompts(labeler):
         status, page = person.post(url + "prompt?lang=en", {"prompt": prompt, "action": "typed"})
         assert status == 400 and message in page
         assert hidden(person.get(url)[1], "group") == typed_group  # unchanged
+    assert person.post(url + "prompt", {"prompt": "好", "action": "both"})[0] == 400
     status, page = person.post(url + "prompt", {"prompt": "", "action": "random"})
     assert status == 200 and shown_prompt(page) in POOL and hidden(page, "group") != typed_group
     assert Browser().post(url + "prompt", {"prompt": "好"})[0] == 400  # no cookie: not a known person
@@ -408,6 +409,19 @@ def test_concurrent_writers_in_threads_and_processes_never_lose_or_corrupt_a_lin
     log = [line.split("\t", 1)[1] for line in removed_path(path).read_text(encoding="utf-8").splitlines()]
     assert sorted(log) == sorted(raw.decode() for raw in removed)
     assert sorted(kept + log) == sorted(written)  # each line exactly once: kept or in the removed log
+
+
+def test_a_generator_that_does_not_answer_is_a_clear_503(tmp_path):
+    app = RankingApp(generator_service_draw(f"127.0.0.1:{free_port()}", 4, 2, timeout=2), POOL, tmp_path / "l.tsv")
+    server = start_web_server(app, "127.0.0.1", 0)
+    try:
+        status, page = Browser().get(server.url + "?lang=en")
+        assert status == 503 and "cannot generate texts now: generator 127.0.0.1:" in page and "UNAVAILABLE" in page
+        assert Browser().get(server.url + "healthz")[0] == 200
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert not (tmp_path / "l.tsv").exists()
 
 
 def test_draw_group_redraws_repeated_samples():
