@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import subprocess
 import sys
 import threading
 import time
@@ -185,12 +184,24 @@ def test_end_of_input_stops_cleanly_and_keeps_the_policy_then_ctrl_c_stops_too(t
     assert status == 130 and "Traceback" not in output, output
 
 
-def test_terminal_mode_refuses_without_a_terminal_or_the_human_backend(tmp_path):
-    base = [sys.executable, "-m", "services.cli", "run", "--runs-dir", str(tmp_path), "--name", "x",
-            "--human-ui", "terminal"]
-    done = subprocess.run(base + ["--scorer-backend", "human"], stdin=subprocess.DEVNULL, capture_output=True,
-                          text=True, timeout=60, cwd=ROOT)
-    assert done.returncode == 2 and "needs a terminal on standard input" in done.stderr
-    done = subprocess.run(base, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60, cwd=ROOT)
-    assert done.returncode == 2 and "needs --scorer-backend human" in done.stderr
+def test_terminal_mode_refuses_without_a_terminal_or_the_human_backend(tmp_path, capsys, monkeypatch):
+    import argparse
+
+    from services.coordinator.run import add_run_flags, run, running_services
+
+    def args(*argv):
+        parser = argparse.ArgumentParser()
+        add_run_flags(parser)
+        return parser.parse_args(["--runs-dir", str(tmp_path), "--name", "x", "--human-ui", "terminal", *argv])
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))  # not a terminal
+    assert run(args("--scorer-backend", "human")) == 2
+    assert "needs a terminal on standard input" in capsys.readouterr().err
+    assert run(args()) == 2 and "needs --scorer-backend human" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+    # with running services, the terminal takes the scorer's place: no --scorer-address
+    assert running_services(args("--scorer-backend", "human", "--trainer-address", "t:1",
+                                 "--generator-addresses", "g:1")) == ("t:1", ["g:1"], "")
+    with pytest.raises(ValueError, match="not used with --human-ui terminal"):
+        running_services(args("--scorer-backend", "human", "--trainer-address", "t:1", "--generator-addresses", "g:1",
+                              "--scorer-address", "s:1"))
