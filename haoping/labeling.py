@@ -245,7 +245,7 @@ class RankingApp:
             if annotator is not None:
                 self._annotators.move_to_end(annotator.id)
         cookies = [] if annotator is None or annotator.id == given else [
-            f"{ANNOTATOR_COOKIE}={annotator.id}; Path=/; Max-Age=31536000; HttpOnly; SameSite=Strict"]
+            f"{ANNOTATOR_COOKIE}={annotator.id}; Path=/; Max-Age=31536000; HttpOnly; SameSite=Lax"]
         return annotator, cookies
 
     def _new_group(self, annotator: Annotator, prompt: str | None) -> Group:
