@@ -356,16 +356,16 @@ class RankingApp:
     def _post_remove(self, request: Request) -> Response:
         annotator, _ = self._annotator(request, create=False)
         form = request.form
-        if annotator is None or not secrets.compare_digest(form.get("token", ""), annotator.id):
-            raise BadRequest("no_annotator")
+        if annotator is None or not secrets.compare_digest(form.get("token", "").encode(), annotator.id.encode()):
+            raise BadRequest("no_annotator", back="/dataset")
         raw_line, digest = form.get("line", "").strip(), form.get("digest", "").strip()
         if not (raw_line.isascii() and raw_line.isdecimal()) or int(raw_line) < 1:
-            raise BadRequest("remove_fields", problem=f"line {raw_line[:20]!r}")
+            raise BadRequest("remove_fields", problem=f"line {raw_line[:20]!r}", back="/dataset")
         if not re.fullmatch(r"[0-9a-f]{16}", digest):
-            raise BadRequest("remove_fields", problem=f"digest {digest[:20]!r}")
+            raise BadRequest("remove_fields", problem=f"digest {digest[:20]!r}", back="/dataset")
         removed = remove_line(self.out, int(raw_line), digest)
         if removed is None:
-            raise BadRequest("remove_gone", line=raw_line)
+            raise BadRequest("remove_gone", line=raw_line, back="/dataset")
         with self._lock:
             annotator.removed += 1
         log.info("removed line %d of %s into %s", removed.number, self.out, removed_path(self.out))

@@ -33,10 +33,10 @@ FONT_STACK = ('"Noto Sans CJK SC", "Source Han Sans SC", "PingFang SC", "Hiragin
 
 class BadRequest(ValueError):
     """A submission the page refuses with HTTP 400: ``key`` names the message in the page's
-    :class:`Strings`, ``params`` fill it in. Nothing was changed."""
+    :class:`Strings`, ``params`` fill it in, ``back`` is where the page's link goes. Nothing was changed."""
 
-    def __init__(self, key: str, **params):
-        self.key, self.params = key, params
+    def __init__(self, key: str, *, back: str = "/", **params):
+        self.key, self.params, self.back = key, params, back
         super().__init__(f"{key}: {params}" if params else key)
 
 
@@ -231,7 +231,8 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             response = handle()
         except BadRequest as err:
-            response = Response(error_page(request, strings, strings(request.lang, err.key, **err.params)), status=400)
+            response = Response(error_page(request, strings, strings(request.lang, err.key, **err.params), err.back),
+                                status=400)
         except Exception as err:  # noqa: BLE001 - the person sees it; the server keeps serving
             log.exception("%s %s failed", self.command, self.path)
             response = Response(error_page(request, strings, strings(request.lang, "server_error", error=err)),

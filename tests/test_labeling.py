@@ -341,10 +341,12 @@ def test_remove_moves_the_line_to_the_removed_log_and_rewrites_the_file(labeler)
     before = out.read_bytes()
     for fields, why in [({"token": token, "line": "2", "digest": digest}, "removed already"),
                         ({"token": "0" * 32, "line": "2", "digest": line_digest("好二\t差二".encode())}, "wrong token"),
+                        ({"token": "令牌", "line": "2", "digest": line_digest("好二\t差二".encode())}, "non-ASCII token"),
                         ({"token": token, "line": "x", "digest": digest}, "bad line number"),
                         ({"token": token, "line": "2", "digest": "zz"}, "bad digest")]:
         status, page = person.post(url + "remove?lang=en", fields)
         assert status == 400 and "Nothing was saved" in page, why
+        assert 'href="/dataset?lang=en">Back</a>' in page and 'href="/dataset">中文</a>' in page, why
         assert out.read_bytes() == before, why
     assert Browser().post(url + "remove", {"token": token, "line": "2", "digest": digest})[0] == 400  # no cookie
     assert removed_path(out).read_text(encoding="utf-8").count("\n") == 1
