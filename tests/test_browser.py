@@ -49,7 +49,8 @@ if _missing_browser():
 from selenium import webdriver  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.support.ui import Select  # noqa: E402
+from selenium.webdriver.support import expected_conditions  # noqa: E402
+from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -106,6 +107,14 @@ def texts_on(driver) -> list[str]:
     return [e.text for e in driver.find_elements(By.CSS_SELECTOR, ".item .text")]
 
 
+def navigates(driver, action) -> None:
+    """Do ``action`` (a click or a key that submits a form) and wait until the next page is loaded."""
+    old = driver.find_element(By.TAG_NAME, "html")
+    action()
+    WebDriverWait(driver, 20).until(expected_conditions.staleness_of(old))
+    WebDriverWait(driver, 20).until(lambda d: d.execute_script("return document.readyState") == "complete")
+
+
 def badges(driver) -> list[str]:
     return [e.text for e in driver.find_elements(By.CSS_SELECTOR, ".item .badge")]
 
@@ -138,8 +147,7 @@ def test_rank_save_refuse_remove_and_rate_in_a_real_browser(browser, services, t
             == ["2", "4", "1", "3"]
         shot(browser, "2_labeling_ranked")
         before = out.read_bytes()
-        body.send_keys("\ue007")  # Enter
-        wait_for(lambda: out.read_bytes() != before, "the ranking was saved")
+        navigates(browser, lambda: body.send_keys("\ue007"))  # Enter
         line = "\t".join([texts[2], texts[0], texts[3], texts[1]]) + "\n"
         assert out.read_bytes() == before + line.encode("utf-8")  # exactly that line, appended
         assert "你保存了 1 条" in browser.find_element(By.ID, "progress").text
@@ -148,7 +156,7 @@ def test_rank_save_refuse_remove_and_rate_in_a_real_browser(browser, services, t
         for i, rank in enumerate(["1", "2", "2", "4"]):
             Select(browser.find_element(By.NAME, f"rank_{i}")).select_by_value(rank)
         saved = out.read_bytes()
-        browser.find_element(By.ID, "save").click()
+        navigates(browser, browser.find_element(By.ID, "save").click)
         assert browser.find_element(By.TAG_NAME, "h1").text == "未保存"
         assert "名次 2 给了不止一条文本" in browser.find_element(By.CLASS_NAME, "error").text
         shot(browser, "3_duplicate_ranks_refused")
@@ -157,7 +165,7 @@ def test_rank_save_refuse_remove_and_rate_in_a_real_browser(browser, services, t
         # a typed prompt, and the English page
         browser.get(url)
         browser.find_element(By.ID, "prompt").send_keys("物流很快，")
-        browser.find_element(By.ID, "use_prompt").click()
+        navigates(browser, browser.find_element(By.ID, "use_prompt").click)
         assert all(t.startswith("物流很快，") for t in texts_on(browser)) and len(texts_on(browser)) == 4
         browser.get(url + "?lang=en")
         assert browser.find_element(By.TAG_NAME, "h1").text == "Rank the reviews"
@@ -169,7 +177,7 @@ def test_rank_save_refuse_remove_and_rate_in_a_real_browser(browser, services, t
         shot(browser, "5_dataset_zh")
         row = browser.find_element(By.ID, "line_2")
         assert [li.text for li in row.find_elements(By.TAG_NAME, "li")] == [texts[2], texts[0], texts[3], texts[1]]
-        row.find_element(By.CLASS_NAME, "remove").click()
+        navigates(browser, row.find_element(By.CLASS_NAME, "remove").click)
         assert "已删除第 2 行" in browser.find_element(By.ID, "notice").text
         shot(browser, "6_dataset_removed")
         assert out.read_bytes() == before  # the line is gone from the file ...
@@ -193,7 +201,7 @@ def test_rank_save_refuse_remove_and_rate_in_a_real_browser(browser, services, t
         browser.find_element(By.CSS_SELECTOR, 'input[name="stars_0"][value="5"]').click()
         browser.find_element(By.CSS_SELECTOR, 'input[name="stars_1"][value="2"]').click()
         shot(browser, "7_rating_zh")
-        browser.find_element(By.ID, "submit").click()
+        navigates(browser, browser.find_element(By.ID, "submit").click)
         reply = pending.result(timeout=30)
         assert [s.score for s in reply.scores] == [1.0, 0.25] and [s.raw_score for s in reply.scores] == [5.0, 2.0]
         assert browser.find_element(By.ID, "empty").text.startswith("现在没有要打分的文本")

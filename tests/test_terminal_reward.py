@@ -111,7 +111,10 @@ def rate(child: pexpect.spawn, entry: str) -> None:
 
 
 def finish(child: pexpect.spawn) -> tuple[int, str]:
-    child.expect(pexpect.EOF, timeout=120)
+    try:
+        child.expect(pexpect.EOF, timeout=120)
+    except pexpect.TIMEOUT:
+        raise AssertionError(f"haoping run did not end; its terminal:\n{child.before}") from None
     child.close()
     return child.exitstatus, child.before
 
