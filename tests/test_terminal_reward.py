@@ -80,6 +80,18 @@ def test_timeout_and_cancellation_are_honoured_while_waiting(typed):
         scorer.score(["好"], timeout=10, is_cancelled=cancelled.is_set)
 
 
+def test_ctrl_c_ends_the_prompt_line_and_reaches_the_caller(typed, monkeypatch):
+    scorer, _, output = typed
+
+    def interrupted(*_):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("haoping.scorers.terminal.select.select", interrupted)
+    with pytest.raises(KeyboardInterrupt):  # `haoping run` turns it into exit code 130
+        scorer.score(["好"], timeout=10)
+    assert output.getvalue().endswith("quit): \n")
+
+
 def test_local_client_answers_like_the_scorer_service(typed):
     scorer, type_, _ = typed
     type_("5\n2\n")
@@ -160,7 +172,7 @@ def test_haoping_run_takes_each_reward_from_the_terminal_and_steps_on_each_batch
 
 
 @pytest.mark.slow
-def test_end_of_input_stops_cleanly_and_keeps_the_policy_then_ctrl_c_stops_too(tiny_policy, tmp_path):
+def test_end_of_input_stops_cleanly_and_keeps_the_policy(tiny_policy, tmp_path):
     child = spawn(run_command(tiny_policy, tmp_path, cycles=5))
     try:
         for entry in ("3", "3", "4", "4"):  # the samples before, then cycle 0
@@ -176,15 +188,6 @@ def test_end_of_input_stops_cleanly_and_keeps_the_policy_then_ctrl_c_stops_too(t
     run_dir = tmp_path / "terminal"
     assert [json.loads(line)["cycle"] for line in (run_dir / "cycles.jsonl").read_text().splitlines()] == [0]
     assert json.loads((run_dir / "checkpoint" / "trainer_state.json").read_text())["version"] == 1
-
-    child = spawn(run_command(tiny_policy, tmp_path, cycles=1, name="interrupted"))
-    try:
-        child.expect(ASK)
-        child.sendintr()  # Ctrl-C
-        status, output = finish(child)
-    finally:
-        child.terminate(force=True)
-    assert status == 130 and "Traceback" not in output, output
 
 
 def test_terminal_mode_refuses_without_a_terminal_or_the_human_backend(tmp_path, capsys, monkeypatch):
