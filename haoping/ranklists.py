@@ -4,16 +4,27 @@ Format: one rank list per line, UTF-8, its texts separated by tabs, best first, 
 texts. A bad line (fewer than 2 texts, an empty field, the same text twice, bytes that are
 not UTF-8) is reported with its 1-based line number and skipped, or, with ``strict=True``,
 rejected: :class:`RankListError` lists every bad line.
+
+Several writers may share one file (two people labeling at once): every append and every
+rewrite holds an exclusive ``fcntl.flock`` on ``<file>.lock`` (a lock file beside it, since a
+rewrite replaces the file itself), and readers that must not see half a line hold it shared.
+Removing a line never loses it: it is appended with a timestamp to ``<file>.removed`` and
+fsynced before the file is rewritten atomically without it.
 """
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import os
 import random
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
+from haoping.atomic import atomic_write_bytes
 from haoping.corpus import Review
 
 
@@ -133,16 +144,38 @@ def write_ranklists(path: str | Path, lists: Iterable[RankList | Sequence[str]])
     return len(lines)
 
 
+def lock_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path.with_name(path.name + ".lock")
+
+
+def removed_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path.with_name(path.name + ".removed")
+
+
+@contextmanager
+def ranklist_lock(path: str | Path, shared: bool = False) -> Iterator[None]:
+    """Hold ``<path>.lock``: exclusive to change ``path``, shared to read it whole."""
+    with open(lock_path(path), "a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
 def append_ranklist(path: str | Path, texts: Sequence[str]) -> str:
     """Append one rank list (best first) to ``path`` and fsync it; returns the line written.
 
-    The file is only ever appended to, never rewritten, so lists saved earlier survive a crash
-    mid-write. A last line without its newline (e.g. edited by hand) gets one first, so the new
-    list does not glue onto it. Raises :class:`RankListError` before touching the file if
-    ``texts`` is not a valid list (see :func:`format_ranklist`).
+    Lists saved earlier survive a crash mid-write: the file is appended to, and only
+    :func:`remove_line` rewrites it (atomically). A last line without its newline (e.g. edited
+    by hand) gets one first, so the new list does not glue onto it. Holds the file's lock, so
+    concurrent writers never interleave. Raises :class:`RankListError` before touching the file
+    if ``texts`` is not a valid list (see :func:`format_ranklist`).
     """
     line = format_ranklist(texts)
-    with open(path, "ab") as f:
+    with ranklist_lock(path), open(path, "ab") as f:
         if f.tell() > 0:
             with open(path, "rb") as existing:
                 existing.seek(-1, 2)
@@ -152,6 +185,71 @@ def append_ranklist(path: str | Path, texts: Sequence[str]) -> str:
         f.flush()
         os.fsync(f.fileno())
     return line.lstrip("\n")
+
+
+def line_digest(raw: bytes) -> str:
+    """A short fingerprint of one line's bytes (newline excluded): names the line a person
+    asked to remove even when lines above it came or went meanwhile."""
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class FileLine:
+    number: int               # 1-based
+    raw: bytes                # without its newline
+    parsed: RankList | LineProblem
+
+    @property
+    def digest(self) -> str:
+        return line_digest(self.raw)
+
+
+def _split_lines(data: bytes) -> list[bytes]:
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    return lines
+
+
+def read_lines(path: str | Path) -> list[FileLine]:
+    """Every line of a rank-list file, parsed (a bad line keeps its :class:`LineProblem`);
+    [] for a missing file. Holds the lock shared, so no half-written line is ever read."""
+    with ranklist_lock(path, shared=True):
+        try:
+            data = Path(path).read_bytes()
+        except FileNotFoundError:
+            return []
+    return [FileLine(n, raw, _parse_line(raw, n)) for n, raw in enumerate(_split_lines(data), start=1)]
+
+
+def remove_line(path: str | Path, number: int, digest: str) -> FileLine | None:
+    """Move one line of ``path`` to ``<path>.removed``; returns it, or None when no line has
+    ``digest`` (already removed, or never there). The line at ``number`` is taken if its digest
+    matches, else the nearest line that has it (lines above it may have gone meanwhile).
+
+    The removed line is appended as ``<UTC time>\t<line>`` to ``<path>.removed`` and fsynced
+    first; then ``path`` is rewritten atomically without it. A crash in between leaves the line
+    in both files, never in neither. The lock is held throughout."""
+    path = Path(path)
+    with ranklist_lock(path):
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        lines = _split_lines(data)
+        matches = [i for i, raw in enumerate(lines) if line_digest(raw) == digest]
+        if not matches:
+            return None
+        index = min(matches, key=lambda i: abs(i + 1 - number))
+        removed = FileLine(index + 1, lines[index], _parse_line(lines[index], index + 1))
+        stamp = datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+        with open(removed_path(path), "ab") as log:
+            log.write(stamp.encode() + b"\t" + removed.raw + b"\n")
+            log.flush()
+            os.fsync(log.fileno())
+        kept = lines[:index] + lines[index + 1:]
+        atomic_write_bytes(path, b"".join(raw + b"\n" for raw in kept))
+    return removed
 
 
 # --- Starter rank lists -------------------------------------------------------------------

@@ -50,6 +50,30 @@ def test_compose_publishes_and_health_checks_each_services_default_ports():
     assert compose["generator"]["environment"]["HAOPING_TRAINER_ADDRESS"] == coordinator["HAOPING_TRAINER_ADDRESS"]
 
 
+def _label_defaults() -> argparse.Namespace:
+    from services.labeler.cli import add_cli
+
+    parser = argparse.ArgumentParser()
+    add_cli(parser.add_subparsers())
+    return parser.parse_args(["label"])
+
+
+def test_compose_runs_the_labeling_page_on_the_generator_service():
+    compose = _compose()["services"]
+    labeler, label = compose["labeler"], _label_defaults()
+    assert labeler["command"] == ["label"]
+    assert labeler["image"] == compose["generator"]["image"] == "haoping:latest"  # the one haoping image
+    env = labeler["environment"]
+    assert env["HAOPING_HOST"] == "0.0.0.0"
+    assert env["HAOPING_GENERATOR"] == f"generator:{_defaults('generator').port}"
+    assert labeler["ports"] == [f"127.0.0.1:{label.port}:{label.port}"]  # published on loopback only
+    assert f"http://127.0.0.1:{label.port}/healthz" in labeler["healthcheck"]["test"][-1]
+    assert labeler["depends_on"]["generator"]["condition"] == "service_healthy"
+    volume = env["HAOPING_OUT"].rsplit("/", 1)[0]
+    assert any(v.endswith(":" + volume) for v in labeler["volumes"])  # the lists outlive the container
+    assert set(v.split(":")[0] for v in labeler["volumes"]) <= set(_compose()["volumes"])
+
+
 def test_every_service_and_the_coordinator_take_the_token_from_the_compose_secret():
     config = _compose()
     assert "file" in config["secrets"]["auth_token"]

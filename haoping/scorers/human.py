@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 
 import urllib.request
 
-from haoping.labeling import BadRequest, Response, WebServer, error_page, page, redirect, start_web_server
+from haoping.webpage import (BadRequest, Request, Response, Strings, WebServer, choices_from_form, error_page, link,
+                             page, redirect, start_web_server)
 from haoping.log import get_logger
 from haoping.scorers.base import ScoreCancelled, ScorerBusy, ScoreResult, ScoreTimeout
 
@@ -138,22 +139,35 @@ class HumanScorer:
             self._cond.notify_all()
 
 
+STRINGS = Strings({
+    "title": ("给评论打分", "Rate the reviews"),
+    "nothing_to_rate": ("现在没有要打分的文本；这个页面会自动刷新。", "Nothing to rate right now; this page reloads itself."),
+    "how_to": ("每条评论有多好？1 星 = 差，{max_stars} 星 = 非常好的好评。训练在等你的评分。",
+               "How good is each review? 1 star = bad, {max_stars} stars = an excellent positive review. "
+               "Training waits for your ratings."),
+    "stars_title": ("{stars} 星", "{stars} star(s)"),
+    "submit": ("提交评分", "Submit ratings"),
+    "queue": ("{texts} 条文本，已等待 {waiting} 秒；队列中共有 {batches} 批",
+              "{texts} text(s), waiting {waiting}s; {batches} batch(es) in the queue"),
+    # form errors (HTTP 400, nothing saved)
+    "stars_fields": ("这一批有 {count} 条文本（stars_0 到 stars_{last}），收到的评分字段：{fields}",
+                     "this batch has {count} texts (stars_0 .. stars_{last}); got rating field(s): {fields}"),
+    "stars_missing": ("第 {text} 条还没有评分；每条都要打 1 到 {highest} 星",
+                      "text {text} has no rating; rate every text from 1 to {highest} stars"),
+    "stars_bad": ("第 {text} 条：{value} 不是 1 到 {highest} 的整数星数",
+                  "text {text}: {value!r} is not a whole number of stars from 1 to {highest}"),
+    "batch_gone": ("没有待评分的这一批（{batch}）：已经评过、超时或被取消了",
+                   "no pending batch {batch!r}: already rated, timed out or cancelled"),
+})
+
+
 def stars_from_form(form: dict[str, str], count: int) -> list[int]:
-    """Ratings from fields ``stars_0`` .. ``stars_<count-1>``; :class:`BadRequest` if any is missing or bad."""
-    given = sorted(name for name in form if name.startswith("stars_"))
-    expected = [f"stars_{i}" for i in range(count)]
-    extra = sorted(set(given) - set(expected))
-    if extra:
-        raise BadRequest(f"this batch has {count} texts; unexpected field(s) {', '.join(extra)}")
-    stars = []
-    for i, name in enumerate(expected):
-        raw = form.get(name, "").strip()
-        if not raw:
-            raise BadRequest(f"text {i + 1} has no rating; rate every text from 1 to {MAX_STARS} stars")
-        if not raw.isdecimal() or not 1 <= int(raw) <= MAX_STARS:
-            raise BadRequest(f"text {i + 1}: {raw!r} is not a whole number of stars from 1 to {MAX_STARS}")
-        stars.append(int(raw))
-    return stars
+    """Ratings from fields ``stars_0`` .. ``stars_<count-1>``; :class:`BadRequest` if any is missing, extra or bad."""
+    try:
+        return choices_from_form(form, "stars", count, MAX_STARS, distinct=False)
+    except BadRequest as err:
+        err.params.setdefault("last", count - 1)
+        raise
 
 
 @dataclass
@@ -161,46 +175,50 @@ class HumanScorePage:
     """GET / shows the oldest pending batch, POST /score rates it, GET /pending.json lists the queue."""
     scorer: HumanScorer
     refresh_seconds: int = 3  # an empty queue reloads itself; a page with a form never does (input would be lost)
+    strings: Strings = STRINGS
 
-    def get(self, path: str) -> Response:
+    def get(self, request: Request) -> Response:
+        t, lang = self.strings, request.lang
         pending = self.scorer.pending()
-        if path == "/pending.json":
+        if request.path == "/pending.json":
             now = time.monotonic()
             queue = [{"id": b.id, "texts": list(b.texts), "waiting_seconds": round(now - b.created, 1)}
                      for b in pending]
             return Response(json.dumps(queue, ensure_ascii=False), content_type="application/json")
-        if path != "/":
-            return Response(error_page(f"no page {path}"), status=404)
+        if request.path != "/":
+            return Response(error_page(request, t, t(lang, "no_page", path=request.path)), status=404)
         if not pending:
-            return Response(page("Rate the reviews", "<p>Nothing to rate right now; this page reloads itself.</p>",
+            return Response(page(request, t, t(lang, "title"), f'<p id="empty">{t(lang, "nothing_to_rate")}</p>',
                                  self.refresh_seconds))
-        return Response(self.render(pending[0], len(pending)))
+        return Response(self.render(request, pending[0], len(pending)))
 
-    def post(self, path: str, form: dict[str, str]) -> Response:
-        if path != "/score":
-            return Response(error_page(f"no form at {path}"), status=404)
-        batch_id = form.get("batch", "")
+    def post(self, request: Request) -> Response:
+        t, lang = self.strings, request.lang
+        if request.path != "/score":
+            return Response(error_page(request, t, t(lang, "no_form", path=request.path)), status=404)
+        batch_id = request.form.get("batch", "")
         batch = next((b for b in self.scorer.pending() if b.id == batch_id), None)
         if batch is None:
-            raise BadRequest(f"no pending batch {batch_id!r}: already rated, timed out or cancelled")
+            raise BadRequest("batch_gone", batch=batch_id[:32])
         try:
-            self.scorer.submit(batch_id, stars_from_form(form, len(batch.texts)))
-        except (UnknownBatch, ValueError) as err:  # e.g. the caller timed out meanwhile
-            raise BadRequest(str(err)) from None
-        return redirect("/")
+            self.scorer.submit(batch_id, stars_from_form(request.form, len(batch.texts)))
+        except UnknownBatch:  # e.g. the caller timed out meanwhile
+            raise BadRequest("batch_gone", batch=batch_id[:32]) from None
+        return redirect(link("/", lang))
 
-    def render(self, batch: PendingBatch, batches_waiting: int) -> str:
+    def render(self, request: Request, batch: PendingBatch, batches_waiting: int) -> str:
+        t, lang = self.strings, request.lang
+
         def stars_input(i: int) -> str:
-            return " ".join(f'<label><input type="radio" name="stars_{i}" value="{s}">{"★" * s}</label>'
+            return " ".join(f'<label title="{html.escape(t(lang, "stars_title", stars=s))}">'
+                            f'<input type="radio" name="stars_{i}" value="{s}">{"★" * s}</label>'
                             for s in range(1, MAX_STARS + 1))
         items = "".join(f'<div class="item"><div class="text">{html.escape(text)}</div>{stars_input(i)}</div>'
                         for i, text in enumerate(batch.texts))
         waiting = math.floor(time.monotonic() - batch.created)
-        body = (f"<p>How good is each review? 1 star = bad, {MAX_STARS} stars = an excellent positive review. "
-                f"Training waits for your ratings.</p>"
-                f'<form method="post" action="/score" accept-charset="utf-8">'
+        body = (f"<p>{html.escape(t(lang, 'how_to', max_stars=MAX_STARS))}</p>"
+                f'<form method="post" action="{html.escape(link("/score", lang))}" accept-charset="utf-8">'
                 f'<input type="hidden" name="batch" value="{batch.id}">{items}'
-                f'<p><button type="submit">Submit ratings</button></p></form>'
-                f'<p class="meta">{len(batch.texts)} text(s), waiting {waiting}s; '
-                f"{batches_waiting} batch(es) in the queue</p>")
-        return page("Rate the reviews", body)
+                f'<p><button type="submit" id="submit">{t(lang, "submit")}</button></p></form>'
+                f'<p class="meta">{html.escape(t(lang, "queue", texts=len(batch.texts), waiting=waiting, batches=batches_waiting))}</p>')
+        return page(request, t, t(lang, "title"), body)

@@ -21,8 +21,10 @@ from haoping.client import GeneratorClient, GeneratorReplicas, ScorerClient, Tra
 from haoping.log import get_logger
 from haoping.plots import plot_reward_kl
 from haoping.prompts import DEFAULT_PROMPTS
-from haoping.v1 import haoping_pb2 as pb
+from haoping.scorers import ScoreTimeout
+from haoping.scorers.terminal import HumanStopped, LocalScorerClient, TerminalScorer
 from haoping.ppo_trainer import PPOConfig
+from haoping.v1 import haoping_pb2 as pb
 from services.common.config import add_client_access_flags, add_dataclass_flags, add_flag, dataclass_flag_values
 from services.common.security import client_access, write_token_file
 
@@ -242,6 +244,9 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--seed", 0, int, "seed for rollouts and PPO")
     add_flag(parser, "--policy", "starter:policy", help="initial policy: starter:policy, a dir or a hub ID")
     add_flag(parser, "--scorer-backend", "classifier", help="classifier, reward-model or human")
+    add_flag(parser, "--human-ui", "web", choices=("web", "terminal"),
+             help="human backend: web (the scorer service's rating page) or terminal (this terminal; "
+                  "no scorer service)")
     add_flag(parser, "--scorer-model", "starter:classifier", help="scorer model: starter:classifier, a dir or a hub ID")
     add_flag(parser, "--scorer-normalize", "none",
              help="older name of --reward-normalization (none, sigmoid or running), applied by the trainer")
@@ -278,16 +283,28 @@ SERVICE_FLAGS = ("policy", "scorer_backend", "scorer_model", "scorer_normalize",
                  "generator_replicas", "device", "dtype")
 
 
+def human_in_terminal(args) -> bool:
+    """True when this process itself asks the person for the rewards (no scorer service)."""
+    return args.human_ui == "terminal"
+
+
 def running_services(args) -> tuple[str, list[str], str] | None:
-    """(trainer, generators, scorer) addresses when the run uses running services, else None.
-    Raises ValueError for a partial set, or with flags that only configure services it would start."""
-    given = [args.trainer_address, args.generator_addresses, args.scorer_address]
+    """(trainer, generators, scorer) addresses when the run uses running services, else None
+    (the scorer's is "" when the person rates in this terminal). Raises ValueError for a partial
+    set, or with flags that only configure services it would start."""
+    terminal = human_in_terminal(args)
+    if terminal and args.scorer_address:
+        raise ValueError("--scorer-address is not used with --human-ui terminal: the person rates in this terminal")
+    given = [args.trainer_address, args.generator_addresses] + ([] if terminal else [args.scorer_address])
     if not any(given):
         return None
     if not all(given):
-        raise ValueError("--trainer-address, --generator-addresses and --scorer-address go together")
+        raise ValueError("--trainer-address, --generator-addresses" + ("" if terminal else " and --scorer-address")
+                         + " go together")
     defaults = vars(build_parser_defaults())
-    changed = [f"--{name.replace('_', '-')}" for name in SERVICE_FLAGS if getattr(args, name) != defaults[name]]
+    own = ("scorer_backend",) if terminal else ()  # the terminal scorer is this process's, not a service's
+    changed = [f"--{name.replace('_', '-')}" for name in SERVICE_FLAGS
+               if name not in own and getattr(args, name) != defaults[name]]
     changed += [f"--{name.replace('_', '-')}" for name in dataclass_flag_values(args, PPO_OPTION_NAMES)]
     if changed:
         raise ValueError(f"{', '.join(changed)} configure services this run starts; running services take "
@@ -317,6 +334,13 @@ def run(args) -> int:
     if args.generator_replicas < 1:
         print(f"error: --generator-replicas must be >= 1, got {args.generator_replicas}", file=sys.stderr)
         return 2
+    if human_in_terminal(args):
+        if args.scorer_backend != "human":
+            print("error: --human-ui terminal needs --scorer-backend human", file=sys.stderr)
+            return 2
+        if not sys.stdin.isatty():
+            print("error: --human-ui terminal needs a terminal on standard input to ask the person", file=sys.stderr)
+            return 2
     try:
         connect_to = running_services(args)
     except ValueError as err:
@@ -338,7 +362,8 @@ def run(args) -> int:
 
     from haoping.bootstrap import ensure_starter_models
 
-    if connect_to is None and any(ref.startswith("starter:") for ref in (args.policy, args.scorer_model)):
+    models = (args.policy,) if args.scorer_backend == "human" else (args.policy, args.scorer_model)
+    if connect_to is None and any(ref.startswith("starter:") for ref in models):
         ensure_starter_models()  # once, here, with progress bars, before the services race for it
     # services this run starts get a fresh token; running ones take the token they were given
     token_file = Path(args.auth_token_file) if args.auth_token_file else None
@@ -353,12 +378,14 @@ def run(args) -> int:
                 log.info("%s serving at %s (metrics http://%s:%d/metrics)", s.name, s.address,
                          s.address.split(":")[0], s.metrics_port)
             trainer_service, generator_services, scorer_service = split_services(services)
-            connect_to = trainer_service.address, [g.address for g in generator_services], scorer_service.address
+            connect_to = trainer_service.address, [g.address for g in generator_services], \
+                scorer_service.address if scorer_service else ""
         trainer_address, generator_addresses, scorer_address = connect_to
         access = {**client_access(args), "token_file": token_file}
+        scorer_client = (LocalScorerClient(TerminalScorer(), timeout=args.score_timeout) if human_in_terminal(args)
+                         else ScorerClient(scorer_address, timeout=args.score_timeout, **access))
         with GeneratorReplicas([GeneratorClient(a, **access) for a in generator_addresses]) as generator, \
-                ScorerClient(scorer_address, timeout=args.score_timeout, **access) as scorer, \
-                TrainerClient(trainer_address, **access) as trainer:
+                scorer_client as scorer, TrainerClient(trainer_address, **access) as trainer:
             try:
                 synced = generator.load_weights(trainer_address)  # a resumed trainer's policy, or the same start
             except grpc.RpcError as err:
@@ -370,7 +397,14 @@ def run(args) -> int:
             start_cycle = _cycles_done(run_dir) if args.resume else 0
             log.info("%d generator(s) at policy version %d; running %d cycles", len(generator_addresses),
                      synced.policy_version, args.cycles)
-            records = Coordinator(args, generator, scorer, trainer, trainer_address, run_dir).run(start_cycle)
+            try:
+                records = Coordinator(args, generator, scorer, trainer, trainer_address, run_dir).run(start_cycle)
+            except (HumanStopped, ScoreTimeout) as stop:  # the person stopped, or gave no rating in time
+                saved = trainer.save_checkpoint(str(run_dir / "checkpoint"))
+                print(f"stopped: {stop}; {_cycles_done(run_dir) - start_cycle} cycle(s) done, in "
+                      f"{run_dir / 'cycles.jsonl'}; policy version {saved.policy_version} saved to {saved.directory}",
+                      flush=True)
+                return 0 if isinstance(stop, HumanStopped) else 1
         first, last = records[:5], records[-5:]
         print(f"mean reward, first {len(first)} cycles {_mean(r['reward_mean'] for r in first):.3f} -> "
               f"last {len(last)} cycles {_mean(r['reward_mean'] for r in last):.3f}; run dir {run_dir}")
@@ -407,13 +441,16 @@ def start_services(args, run_dir: Path, services: list[ServiceProcess], token_fi
     for replica in range(args.generator_replicas):
         label = "generator" if replica == 0 else f"generator-{replica + 1}"
         services.append(start_service("generator", generator_args, run_dir, label=label, token_file=token_file))
-    services.append(start_service("scorer", ["--backend", args.scorer_backend, "--model", args.scorer_model,
-                                             *common], run_dir, token_file=token_file))
+    if not human_in_terminal(args):
+        services.append(start_service("scorer", ["--backend", args.scorer_backend, "--model", args.scorer_model,
+                                                 *common], run_dir, token_file=token_file))
 
 
-def split_services(services: list[ServiceProcess]) -> tuple[ServiceProcess, list[ServiceProcess], ServiceProcess]:
-    """(trainer, generators, scorer) from the list :func:`start_services` filled."""
-    return services[0], services[1:-1], services[-1]
+def split_services(services: list[ServiceProcess]) -> tuple[ServiceProcess, list[ServiceProcess], ServiceProcess | None]:
+    """(trainer, generators, scorer or None) from the list :func:`start_services` filled."""
+    if services[-1].name == "scorer":
+        return services[0], services[1:-1], services[-1]
+    return services[0], services[1:], None
 
 
 def _cycles_done(run_dir: Path) -> int:
