@@ -18,7 +18,7 @@ from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import DEFAULT
 
 from services.cli import build_parser as cli_parser
 from services.common.config import env_name
-from services.coordinator.run import add_run_flags, running_services
+from services.coordinator.run import SERVICE_FLAGS, add_run_flags, running_services
 from services.generator.server import build_parser as generator_parser
 from services.scorer.server import build_parser as scorer_parser
 from services.trainer.server import build_parser as trainer_parser
@@ -108,6 +108,9 @@ def _parse(factory, argv: list[str], env: dict[str, str], monkeypatch):
     landing = {env_name(flag) for flag in LANDING_FLAGS if flag not in flags}
     unknown = {n for n in env if n.startswith("HAOPING_")} - fallbacks - landing
     assert not unknown, f"no flag reads {sorted(unknown)}"
+    # each flag spelt out: argparse would also take a prefix, which a new flag can make ambiguous
+    given = {arg.split("=", 1)[0] for arg in argv if arg.startswith("--")}
+    assert given <= flags, f"no such flag: {sorted(given - flags)}"
     return parser.parse_args(argv)
 
 
@@ -317,6 +320,9 @@ def test_the_coordinator_runs_against_the_services_dns_names(rendered, monkeypat
     container = _container(pod, "coordinator")
     run = _run_args(container, monkeypatch)
     trainer, generators, scorer = running_services(run)  # raises on a partial set or on service flags
+    # running_services compares with defaults that include the environment, so it cannot see these
+    service_flags = {env_name("--" + flag.replace("_", "-")) for flag in SERVICE_FLAGS}
+    assert not service_flags & _env(container).keys(), "the services take these from their own flags"
     assert _address(objects, trainer)[0] == "trainer"
     assert [_address(objects, g)[0] for g in generators] == ["generator"]
     assert _address(objects, scorer)[0] == "scorer"
