@@ -114,12 +114,16 @@ def _parse(factory, argv: list[str], env: dict[str, str], monkeypatch):
     return parser.parse_args(argv)
 
 
+def _cli(argv: list[str]) -> argparse.Namespace:
+    """The image's entrypoint is `haoping`: which command the container's args run."""
+    return cli_parser().parse_args(argv)
+
+
 def _service_args(container: dict, service: str, monkeypatch) -> argparse.Namespace:
     """The container runs `haoping serve <service> ...`: parse it the way services.cli does."""
-    env = _env(container)
-    cli = _parse(cli_parser, container["args"], {}, monkeypatch)
+    cli = _cli(container["args"])
     assert (cli.command, cli.service) == ("serve", service)
-    return _parse(PARSERS[service], cli.service_args, env, monkeypatch)
+    return _parse(PARSERS[service], cli.service_args, _env(container), monkeypatch)
 
 
 def _run_args(container: dict, monkeypatch) -> argparse.Namespace:
@@ -128,8 +132,7 @@ def _run_args(container: dict, monkeypatch) -> argparse.Namespace:
         add_run_flags(parser)
         return parser
 
-    cli = _parse(cli_parser, container["args"], {}, monkeypatch)
-    assert cli.command == "run"
+    assert _cli(container["args"]).command == "run"
     return _parse(run_parser, container["args"][1:], _env(container), monkeypatch)
 
 
@@ -259,7 +262,7 @@ def test_starter_models_come_from_the_bootstrap_init_container_into_the_shared_c
     assert args.model.startswith("starter:")
     cache = _image_cache_dir()
     bootstrap = _container(pod, "bootstrap", init=True)
-    assert _parse(cli_parser, bootstrap["args"], {}, monkeypatch).command == "bootstrap"
+    assert _cli(bootstrap["args"]).command == "bootstrap"
     mount, _ = _mounts(pod, bootstrap)[cache]
     assert not mount.get("readOnly", False)
     assert _claim_mounted_at(pod, bootstrap, cache) == "haoping-cache"
