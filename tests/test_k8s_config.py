@@ -400,3 +400,29 @@ def test_the_cpu_overlay_fits_a_two_core_single_node_cluster(rendered):
     # a 2-core kind node keeps about 1 CPU for its own control plane
     assert sum(pod_request(p, "cpu") for p in pods) <= 1.0
     assert sum(pod_request(p, "memory") for p in pods) <= 4 * 2**30
+
+
+def _docs_yaml_block(containing: str) -> str:
+    """The one fenced yaml block of docs/kubernetes.md that contains `containing`."""
+    blocks = re.findall(r"```yaml\n(.*?)```", (ROOT / "docs/kubernetes.md").read_text(), re.S)
+    found = [b for b in blocks if containing in b]
+    assert len(found) == 1, containing
+    return found[0]
+
+
+@needs_kubectl
+def test_the_documented_readwritemany_patch_renders_and_validates(tmp_path, token):
+    tree = _copy_tree(tmp_path, token)
+    overlay = tree / "overlays/rwx"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources: [../cpu]\n"
+        + _docs_yaml_block("ReadWriteMany"))
+    done = _kustomize(tree, "rwx")
+    assert done.returncode == 0, done.stderr
+    claims = [o for o in yaml.safe_load_all(done.stdout) if o and o["kind"] == "PersistentVolumeClaim"]
+    assert len(claims) == 2
+    for claim in claims:
+        assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+        kubernetes_validate.validate(claim, SCHEMA_VERSIONS[-1], strict=True)
+
