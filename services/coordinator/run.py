@@ -14,13 +14,16 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+import grpc
+
 from haoping import text_metrics
 from haoping.client import GeneratorClient, GeneratorReplicas, ScorerClient, TrainerClient
 from haoping.log import get_logger
 from haoping.plots import plot_reward_kl
 from haoping.prompts import DEFAULT_PROMPTS
 from haoping.v1 import haoping_pb2 as pb
-from services.common.config import add_flag
+from services.common.config import add_client_access_flags, add_flag
+from services.common.security import client_access, write_token_file
 
 log = get_logger(__name__)
 
@@ -34,6 +37,7 @@ class ServiceProcess:
     address: str
     metrics_port: int
     log_path: Path
+    token_file: Path | None = None  # the token its protected RPCs take (see :func:`start_service`)
 
     def log_tail(self, lines: int = 30) -> str:
         try:
@@ -43,16 +47,22 @@ class ServiceProcess:
 
 
 def start_service(name: str, extra_args: list[str], run_dir: Path, timeout: float = 900.0,
-                  label: str = "") -> ServiceProcess:
+                  label: str = "", token_file: Path | None = None) -> ServiceProcess:
     """Start `python -m services.<name>` on a free loopback port and wait until it is SERVING.
 
-    ``label`` (default: the name) names its log and ready files, e.g. generator-2 for a replica."""
+    ``label`` (default: the name) names its log and ready files, e.g. generator-2 for a replica.
+    The service takes ``token_file`` (default: ``run_dir/auth-token``, made once with a random
+    token), so the services of one run dir share a token; clients pass ``token_file=``."""
     label = label or name
+    if token_file is None:
+        token_file = run_dir / "auth-token"
+        if not token_file.exists():
+            write_token_file(token_file)
     ready = run_dir / "logs" / f"{label}.ready"
     ready.unlink(missing_ok=True)
     log_path = run_dir / "logs" / f"{label}.log"
     command = [sys.executable, "-m", f"services.{name}", "--host", "127.0.0.1", "--port", "0",
-               "--metrics-port", "0", "--ready-file", str(ready), *extra_args]
+               "--metrics-port", "0", "--ready-file", str(ready), "--auth-token-file", str(token_file), *extra_args]
     with open(log_path, "ab") as log_file:
         process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=os.environ.copy())
     deadline = time.monotonic() + timeout
@@ -65,7 +75,7 @@ def start_service(name: str, extra_args: list[str], run_dir: Path, timeout: floa
             raise TimeoutError(f"{label} not ready after {timeout:.0f}s; see {log_path}")
         time.sleep(0.2)
     address, metrics_port = ready.read_text().split()
-    return ServiceProcess(label, process, address, int(metrics_port), log_path)
+    return ServiceProcess(label, process, address, int(metrics_port), log_path, token_file)
 
 
 def stop_services(services: list[ServiceProcess], timeout: float = 30.0) -> None:
@@ -255,6 +265,8 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
                   "--scorer-address, e.g. under docker compose) instead of starting them")
     add_flag(parser, "--generator-addresses", "", help="comma-separated host:port of running generators")
     add_flag(parser, "--scorer-address", "", help="host:port of a running scorer")
+    add_client_access_flags(parser, token_help="the running services' token file (default: the services this run "
+                                               "starts get a fresh random token in <run dir>/auth-token, mode 0600)")
     parser.add_argument("--prompts", nargs="+", default=DEFAULT_PROMPTS, help="rollout prompts")
 
 
@@ -306,6 +318,9 @@ def run(args) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.auth_token_file and not os.access(args.auth_token_file, os.R_OK):
+        print(f"error: --auth-token-file {args.auth_token_file} cannot be read", file=sys.stderr)
+        return 2
     if args.resume and not (Path(args.resume) / "trainer_state.json").exists():
         print(f"error: --resume {args.resume} is not a trainer checkpoint (no trainer_state.json)", file=sys.stderr)
         return 2
@@ -321,21 +336,33 @@ def run(args) -> int:
 
     if connect_to is None and any(ref.startswith("starter:") for ref in (args.policy, args.scorer_model)):
         ensure_starter_models()  # once, here, with progress bars, before the services race for it
+    # services this run starts get a fresh token; running ones take the token they were given
+    token_file = Path(args.auth_token_file) if args.auth_token_file else None
+    if connect_to is None and token_file is None:
+        token_file = write_token_file(run_dir / "auth-token")
     services: list[ServiceProcess] = []
     try:
         if connect_to is None:
             log.info("starting services (logs in %s)", run_dir / "logs")
-            start_services(args, run_dir, services)
+            start_services(args, run_dir, services, token_file)
             for s in services:
                 log.info("%s serving at %s (metrics http://%s:%d/metrics)", s.name, s.address,
                          s.address.split(":")[0], s.metrics_port)
             trainer_service, generator_services, scorer_service = split_services(services)
             connect_to = trainer_service.address, [g.address for g in generator_services], scorer_service.address
         trainer_address, generator_addresses, scorer_address = connect_to
-        with GeneratorReplicas([GeneratorClient(a) for a in generator_addresses]) as generator, \
-                ScorerClient(scorer_address, timeout=args.score_timeout) as scorer, \
-                TrainerClient(trainer_address) as trainer:
-            synced = generator.load_weights(trainer_address)  # a resumed trainer's policy, or the same start
+        access = {**client_access(args), "token_file": token_file}
+        with GeneratorReplicas([GeneratorClient(a, **access) for a in generator_addresses]) as generator, \
+                ScorerClient(scorer_address, timeout=args.score_timeout, **access) as scorer, \
+                TrainerClient(trainer_address, **access) as trainer:
+            try:
+                synced = generator.load_weights(trainer_address)  # a resumed trainer's policy, or the same start
+            except grpc.RpcError as err:
+                if err.code() not in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                    raise
+                print(f"error: {err.code().name}: {err.details()}\n(pass the services' token file with "
+                      "--auth-token-file)", file=sys.stderr)
+                return 2
             start_cycle = _cycles_done(run_dir) if args.resume else 0
             log.info("%d generator(s) at policy version %d; running %d cycles", len(generator_addresses),
                      synced.policy_version, args.cycles)
@@ -356,23 +383,25 @@ def trainer_ppo_config(args) -> dict:
     return ppo_config
 
 
-def start_services(args, run_dir: Path, services: list[ServiceProcess]) -> None:
+def start_services(args, run_dir: Path, services: list[ServiceProcess], token_file: Path | None = None) -> None:
     """Start the trainer, ``--generator-replicas`` generators and the scorer, appending each to
-    ``services`` as soon as it serves (so the caller can stop whatever did start)."""
+    ``services`` as soon as it serves (so the caller can stop whatever did start); all take
+    ``token_file``."""
     common = ["--device", args.device, "--dtype", args.dtype]
     trainer_args = ["--model", args.policy, "--ppo-config", json.dumps(trainer_ppo_config(args)),
                     "--checkpoint-dir", str(run_dir / "checkpoint"), *common]
     if args.resume:
         trainer_args += ["--resume", args.resume]
-    services.append(start_service("trainer", trainer_args, run_dir))
+    services.append(start_service("trainer", trainer_args, run_dir, token_file=token_file))
     # replicas keep torch's default threads: the same thread count gives bit-identical samples,
     # so a rollout does not depend on how many replicas share it
     generator_args = ["--model", args.policy, *common, "--trainer-address", services[0].address]
     for replica in range(args.generator_replicas):
         label = "generator" if replica == 0 else f"generator-{replica + 1}"
-        services.append(start_service("generator", generator_args, run_dir, label=label))
+        services.append(start_service("generator", generator_args, run_dir, label=label, token_file=token_file))
     services.append(start_service("scorer", ["--backend", args.scorer_backend, "--model", args.scorer_model,
-                                             "--normalize", args.scorer_normalize, *common], run_dir))
+                                             "--normalize", args.scorer_normalize, *common], run_dir,
+                                  token_file=token_file))
 
 
 def split_services(services: list[ServiceProcess]) -> tuple[ServiceProcess, list[ServiceProcess], ServiceProcess]:
