@@ -30,9 +30,6 @@ OVERLAYS = {"cpu": {"device": "cpu", "dtype": "float32", "image": "haoping:lates
             "gpu": {"device": "cuda", "dtype": "bfloat16", "image": "haoping:cuda", "gpus": 1}}
 # the oldest Kubernetes these manifests are checked against (gRPC probes are GA from 1.27) and the newest
 SCHEMA_VERSIONS = ["1.30.0", kubernetes_validate.utils.latest_version()]
-# flags that the services gain in a change landing beside this one: accepted while a parser lacks
-# them, and checked like every other flag once it has them
-LANDING_FLAGS = {"--auth-token-file"}
 # peak RSS of each process in a 5-cycle `haoping run` on the starter models, and of `haoping bootstrap`
 # (docs/kubernetes.md)
 MEASURED_PEAK_MIB = {"generator": 475, "scorer": 390, "trainer": 613, "coordinator": 383, "bootstrap": 1429}
@@ -106,8 +103,7 @@ def _parse(factory, argv: list[str], env: dict[str, str], monkeypatch):
     parser = factory()
     flags = {option for action in parser._actions for option in action.option_strings}
     fallbacks = {env_name(flag) for flag in flags if flag.startswith("--")}
-    landing = {env_name(flag) for flag in LANDING_FLAGS if flag not in flags}
-    unknown = {n for n in env if n.startswith("HAOPING_")} - fallbacks - landing
+    unknown = {n for n in env if n.startswith("HAOPING_")} - fallbacks
     assert not unknown, f"no flag reads {sorted(unknown)}"
     # each flag spelt out: argparse would also take a prefix, which a new flag can make ambiguous
     given = {arg.split("=", 1)[0] for arg in argv if arg.startswith("--")}
@@ -159,6 +155,12 @@ def _quantity(value) -> float:
     assert match, value
     scale = {None: 1, "m": 1e-3, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}[match.group(2)]
     return float(match.group(1)) * scale
+
+
+def _compose_scrape_jobs() -> set[str]:
+    """The dashboard selects each service's series by job: the job names of deploy/prometheus.yml."""
+    config = yaml.safe_load((ROOT / "deploy/prometheus.yml").read_text())
+    return {job["job_name"] for job in config["scrape_configs"]}
 
 
 def _image_cache_dir() -> str:
@@ -234,6 +236,8 @@ def test_ports_probes_and_metrics_agree_with_each_services_parser(rendered, serv
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[probe]["grpc"]["port"] == args.port, probe  # grpc.health.v1 on the gRPC port
         assert container[probe].get("grpc", {}).get("service", "") == ""  # the overall status
+    # the compose Prometheus job of this service has its name; docs/kubernetes.md relabels job from it
+    assert pod["metadata"]["labels"]["app.kubernetes.io/name"] == service in _compose_scrape_jobs()
     annotations = pod["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true"
     assert annotations["prometheus.io/port"] == str(args.metrics_port)
