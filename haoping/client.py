@@ -242,8 +242,9 @@ class ScorerClient(_Client):
 class TrainerClient(_Client):
     stub_class = pb_grpc.TrainerStub
 
-    def step(self, rollouts: list[pb.Rollout]) -> pb.StepResponse:
-        return self.stub.Step(pb.StepRequest(rollouts=rollouts), timeout=self.timeout)
+    def step(self, rollouts: list[pb.Rollout], min_new_tokens: int | None = None) -> pb.StepResponse:
+        """One update; ``min_new_tokens``: the EOS minimum the rollouts were sampled with."""
+        return self.stub.Step(pb.StepRequest(rollouts=rollouts, min_new_tokens=min_new_tokens), timeout=self.timeout)
 
     def save_checkpoint(self, directory: str = "") -> pb.SaveCheckpointResponse:
         return self.stub.SaveCheckpoint(pb.SaveCheckpointRequest(directory=directory), timeout=self.timeout)

@@ -4,19 +4,20 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import grpc
 
 from haoping.log import get_logger, setup_logging
 from haoping.models import parse_dtype, pick_device
-from haoping.ppo_trainer import PPOConfig, PPOTrainer
+from haoping.ppo_trainer import PPOConfig, PPOTrainer, StaleRolloutsError
 from haoping.v1 import haoping_pb2 as pb
 from haoping.v1 import haoping_pb2_grpc as pb_grpc
 from services.common import metrics
-from services.common.config import add_common_server_flags, add_flag
+from services.common.config import add_common_server_flags, add_dataclass_flags, add_flag, dataclass_flag_values
 from services.common.security import check_security_flags
 from services.common.server import Draining, serve
 
@@ -48,9 +49,13 @@ class TrainerService(pb_grpc.TrainerServicer):
         queries = [list(r.query_token_ids) for r in rollouts]
         responses = [list(r.response_token_ids) for r in rollouts]
         rewards = [r.reward for r in rollouts]
+        min_tokens = request.min_new_tokens if request.HasField("min_new_tokens") else None
         with self._lock:
             try:
-                stats = self.trainer.step(queries, responses, rewards)
+                stats = self.trainer.step(queries, responses, rewards, min_tokens,
+                                          [r.policy_version for r in rollouts])
+            except StaleRolloutsError as err:
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
             except ValueError as err:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
             version = self.trainer.version
@@ -149,7 +154,8 @@ def record_step_metrics(stats: dict[str, float], version: int) -> None:
     metrics.TRAINER_KL.set(stats["objective/kl"])
     metrics.TRAINER_KL_COEF.set(stats["objective/kl_coef"])
     metrics.TRAINER_POLICY_LOSS.set(stats["ppo/loss/policy"])
-    metrics.TRAINER_VALUE_LOSS.set(stats["ppo/loss/value"])
+    if "ppo/loss/value" in stats:  # critic-free algorithms have no value loss
+        metrics.TRAINER_VALUE_LOSS.set(stats["ppo/loss/value"])
     metrics.TRAINER_STEPS.inc()
     metrics.TRAINER_STEP_DURATION.observe(stats["time/ppo/total"])
     metrics.POLICY_VERSION.labels("trainer").set(version)
@@ -166,8 +172,22 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(parser, "--max-step-tokens", 262144, int,
              "most query + response tokens over all rollouts of one Step (RESOURCE_EXHAUSTED beyond)")
     add_flag(parser, "--max-abs-reward", 100.0, float, "largest |reward| a rollout may carry (INVALID_ARGUMENT beyond)")
-    add_flag(parser, "--ppo-config", "", help="JSON object of PPO options (see PPOConfig), e.g. '{\"minibatch_size\": 16}'")
+    add_flag(parser, "--ppo-config", "", help="JSON object of PPO options (see PPOConfig), e.g. "
+             "'{\"minibatch_size\": 16}'; a typed option flag below overrides its key")
+    add_dataclass_flags(parser, PPOConfig, group_title="PPO options (PPOConfig)")
     return parser
+
+
+PPO_OPTION_NAMES = [f.name for f in fields(PPOConfig)]
+
+
+def ppo_options(args) -> dict:
+    """--ppo-config's JSON object, then every typed PPO option flag that was given."""
+    values = json.loads(args.ppo_config) if args.ppo_config else {}
+    if not isinstance(values, dict):
+        raise ValueError("--ppo-config must be a JSON object")
+    values.update(dataclass_flag_values(args, PPO_OPTION_NAMES))
+    return values
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,14 +196,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     check_security_flags(parser, args)
     try:
-        config = PPOConfig.from_dict(json.loads(args.ppo_config)) if args.ppo_config else PPOConfig()
+        options = ppo_options(args)
+        config = PPOConfig.from_dict(options)
     except (ValueError, TypeError) as err:
-        raise SystemExit(f"--ppo-config: {err}")
+        print(f"error: PPO options: {err}", file=sys.stderr)
+        return 2
     device, dtype = pick_device(args.device), parse_dtype(args.dtype)
     if args.resume:
         if not (Path(args.resume) / "trainer_state.json").exists():
             raise SystemExit(f"--resume {args.resume}: not a trainer checkpoint (no trainer_state.json)")
-        trainer = PPOTrainer.from_checkpoint(args.resume, device, dtype, config if args.ppo_config else None)
+        trainer = PPOTrainer.from_checkpoint(args.resume, device, dtype, config if options else None)
         log.info("resumed from %s at policy version %d", args.resume, trainer.version)
     else:
         trainer = PPOTrainer(args.model, config, device, dtype)
