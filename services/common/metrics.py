@@ -44,6 +44,11 @@ TRAINER_KL_COEF = Gauge("haoping_trainer_kl_coef", "KL penalty coefficient used 
 TRAINER_POLICY_LOSS = Gauge("haoping_trainer_policy_loss", "PPO clipped policy loss, latest batch")
 TRAINER_VALUE_LOSS = Gauge("haoping_trainer_value_loss", "PPO clipped value loss, latest batch")
 TRAINER_STEPS = Counter("haoping_trainer_steps", "PPO steps completed")
+TRAINER_NON_FINITE_STEPS = Counter("haoping_trainer_non_finite_steps",
+                                   "Steps rolled back because the loss, gradients or weights were non-finite")
+TRAINER_REPEATED_STEPS = Counter("haoping_trainer_repeated_steps", "Steps whose id was already applied (answered "
+                                 "from the stored response, no second update)")
+CHECKPOINTS_SAVED = Counter("haoping_checkpoints_saved", "Verified checkpoints written")
 TRAINER_STEP_DURATION = Histogram("haoping_trainer_step_duration_seconds", "PPO step wall time",
                                   buckets=LATENCY_BUCKETS)
 
