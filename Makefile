@@ -7,7 +7,7 @@ REWARD_DEV ?= $(if $(wildcard ../shared/data/ranklists_sample.tsv),../shared/dat
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv run test proto bootstrap bench bench-learning reward-model clean docker-wheels docker compose-test
+.PHONY: venv run test proto bootstrap bench bench-learning reward-model clean docker-wheels docker compose-test chaos
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,11 @@ bench-learning: venv
 
 bench: venv
 	$(PY) -m bench.serving
+
+# 60 cycles on the starter models, a random process SIGKILLed every ~10 s, beside an unfaulted run
+CHAOS_ARGS ?=
+chaos: venv
+	$(PY) -m bench.chaos $(CHAOS_ARGS)
 
 # docker compose: a wheelhouse built with this host's pip settings (CPU torch), then the images.
 # Where no registry is reachable: docker/build-base-image.sh, then BASE_IMAGE=local/debian-py:bookworm.

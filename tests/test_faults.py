@@ -151,15 +151,6 @@ def test_the_coordinator_killed_takes_its_services_and_the_same_command_continue
     assert_run_complete(run_dir)
 
 
-@pytest.fixture(scope="module")
-def finished_run(tiny_policy, tiny_classifier, tmp_path_factory):
-    runs_dir = tmp_path_factory.mktemp("finished")
-    done = subprocess.run(run_command(tiny_policy, tiny_classifier, runs_dir, 4), capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr
-    return runs_dir
-
-
 def _truncate(checkpoint: Path) -> Path:
     target = checkpoint / "policy" / "model.safetensors"
     with open(target, "r+b") as f:
@@ -180,24 +171,29 @@ def _fill_nan(checkpoint: Path) -> Path:
     return target
 
 
-@pytest.mark.parametrize("damage", [_truncate, _fill_nan], ids=["truncated", "nan-filled"])
-def test_a_damaged_newest_checkpoint_is_refused_and_the_previous_one_used(finished_run, tiny_policy,
-                                                                           tiny_classifier, tmp_path, damage):
-    shutil.copytree(finished_run, tmp_path, dirs_exist_ok=True, symlinks=True)
+def test_damaged_newest_checkpoints_are_refused_and_the_previous_good_one_used(tiny_policy, tiny_classifier,
+                                                                               tmp_path):
+    """A finished 6-cycle run (checkpoints 2, 4, 6); the newest truncated and the next NaN-filled:
+    continuing it to 8 cycles refuses both, each in one line, and resumes from cycle 2."""
     run_dir = tmp_path / "faulty"
-    damaged = damage(run_dir / "checkpoints" / "cycle-000004")
-    again = subprocess.run(run_command(tiny_policy, tiny_classifier, tmp_path, CYCLES), capture_output=True,
+    done = subprocess.run(run_command(tiny_policy, tiny_classifier, tmp_path), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    damaged = [_truncate(run_dir / "checkpoints" / "cycle-000006"), _fill_nan(run_dir / "checkpoints" / "cycle-000004")]
+    again = subprocess.run(run_command(tiny_policy, tiny_classifier, tmp_path, CYCLES + 2), capture_output=True,
                            text=True, timeout=300)
     output = again.stdout + again.stderr
     assert again.returncode == 0, output
     refusals = [line for line in output.splitlines() if "refused" in line]
-    assert len(refusals) == 1 and str(damaged) in refusals[0], output
+    assert len(refusals) == 2, output
+    assert str(damaged[0]) in refusals[0] and "size" in refusals[0]
+    assert str(damaged[1]) in refusals[1] and "non-finite" in refusals[1]
     assert "continuing run faulty from checkpoint" in again.stdout and "cycle-000002" in again.stdout
-    aside = [p.name for p in (run_dir / "checkpoints").iterdir() if ".refused-" in p.name]
-    assert len(aside) == 1 and aside[0].startswith("cycle-000004")  # moved aside, not deleted
+    aside = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if ".refused-" in p.name)
+    assert len(aside) == 2 and aside[0].startswith("cycle-000004") and aside[1].startswith("cycle-000006")
     superseded = [json.loads(line)["cycle"] for line in (run_dir / "cycles.superseded.jsonl").read_text().splitlines()]
-    assert superseded == [2, 3]
-    assert_run_complete(run_dir)
+    assert superseded == [2, 3, 4, 5]
+    assert_run_complete(run_dir, CYCLES + 2)
 
 
 def test_sigterm_during_a_long_stream_exits_0_and_the_stream_gets_unavailable(tiny_policy, tmp_path):

@@ -62,6 +62,11 @@ def start_service(name: str, extra_args: list[str], run_dir: Path, timeout: floa
     """Start `python -m services.<name>` on a free loopback port and wait until it is SERVING.
 
     ``label`` (default: the name) names its log and ready files, e.g. generator-2 for a replica."""
+    return wait_ready(launch_service(name, extra_args, run_dir, label), timeout)
+
+
+def launch_service(name: str, extra_args: list[str], run_dir: Path, label: str = "") -> ServiceProcess:
+    """Start `python -m services.<name>` without waiting; :func:`wait_ready` fills in its address."""
     label = label or name
     ready = run_dir / "logs" / f"{label}.ready"
     ready.unlink(missing_ok=True)
@@ -73,17 +78,24 @@ def start_service(name: str, extra_args: list[str], run_dir: Path, timeout: floa
         # its own session: a Ctrl-C in the terminal reaches the coordinator, which stops it after a checkpoint
         process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env,
                                    start_new_session=True)
+    return ServiceProcess(label, process, "", 0, log_path, name, list(extra_args))
+
+
+def wait_ready(service: ServiceProcess, timeout: float = 900.0) -> ServiceProcess:
+    """Wait until ``service`` wrote its ready file (it is SERVING); fills in address and metrics port."""
+    ready = service.log_path.with_suffix(".ready")
     deadline = time.monotonic() + timeout
     while not ready.exists():
-        if process.poll() is not None:
-            raise RuntimeError(f"{label} exited with code {process.returncode}; log {log_path}:\n"
-                               + ServiceProcess(label, process, "", 0, log_path).log_tail())
+        if service.process.poll() is not None:
+            raise RuntimeError(f"{service.name} exited with code {service.process.returncode}; log "
+                               f"{service.log_path}:\n" + service.log_tail())
         if time.monotonic() > deadline:
-            process.kill()
-            raise TimeoutError(f"{label} not ready after {timeout:.0f}s; see {log_path}")
-        time.sleep(0.2)
+            service.process.kill()
+            raise TimeoutError(f"{service.name} not ready after {timeout:.0f}s; see {service.log_path}")
+        time.sleep(0.1)
     address, metrics_port = ready.read_text().split()
-    return ServiceProcess(label, process, address, int(metrics_port), log_path, name, list(extra_args))
+    service.address, service.metrics_port = address, int(metrics_port)
+    return service
 
 
 def stop_services(services: list[ServiceProcess], timeout: float = 30.0) -> None:
@@ -617,15 +629,23 @@ def start_services(args, run_dir: Path, services: list[ServiceProcess], resume_f
     resume = resume_from or args.resume
     if resume:
         trainer_args += ["--resume", str(resume)]
-    services.append(start_service("trainer", trainer_args, run_dir))
-    # replicas keep torch's default threads: the same thread count gives bit-identical samples,
-    # so a rollout does not depend on how many replicas share it
-    generator_args = ["--model", args.policy, *common, "--trainer-address", services[0].address]
-    for replica in range(args.generator_replicas):
-        label = "generator" if replica == 0 else f"generator-{replica + 1}"
-        services.append(start_service("generator", generator_args, run_dir, label=label))
-    services.append(start_service("scorer", ["--backend", args.scorer_backend, "--model", args.scorer_model,
-                                             "--normalize", args.scorer_normalize, *common], run_dir))
+    # the trainer and the scorer start together, the generators once the trainer's address is known
+    services.append(launch_service("trainer", trainer_args, run_dir))
+    scorer = launch_service("scorer", ["--backend", args.scorer_backend, "--model", args.scorer_model,
+                                       "--normalize", args.scorer_normalize, *common], run_dir)
+    try:
+        wait_ready(services[0])
+        # replicas keep torch's default threads: the same thread count gives bit-identical samples,
+        # so a rollout does not depend on how many replicas share it
+        generator_args = ["--model", args.policy, *common, "--trainer-address", services[0].address]
+        for replica in range(args.generator_replicas):
+            label = "generator" if replica == 0 else f"generator-{replica + 1}"
+            services.append(launch_service("generator", generator_args, run_dir, label=label))
+        for generator in services[1:]:
+            wait_ready(generator)
+    finally:
+        services.append(scorer)  # last, as split_services expects; stopped with the rest on a failure
+    wait_ready(scorer)
 
 
 def split_services(services: list[ServiceProcess]) -> tuple[ServiceProcess, list[ServiceProcess], ServiceProcess]:
