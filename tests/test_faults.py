@@ -126,26 +126,37 @@ def test_a_service_killed_mid_request_is_restarted_and_the_run_finishes(tiny_pol
         assert superseded and min(superseded) >= 2
 
 
-def test_the_coordinator_killed_takes_its_services_and_the_same_command_continues(tiny_policy, tiny_classifier,
-                                                                                   tmp_path):
+def test_the_coordinator_stopped_or_killed_and_the_same_command_continues(tiny_policy, tiny_classifier, tmp_path):
     run_dir = tmp_path / "faulty"
     command = run_command(tiny_policy, tiny_classifier, tmp_path)
+    # SIGTERM: the cycle in progress finishes, a checkpoint is written, the services stop, exit 0
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 120
-    while cycles_logged(run_dir) < 3 and time.monotonic() < deadline:
+    while cycles_logged(run_dir) < 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0 and "stopped after" in output, output
+    stopped_at = cycles_logged(run_dir)
+    assert stopped_at < CYCLES and (run_dir / "checkpoints" / f"cycle-{stopped_at:06d}" / "manifest.json").exists()
+    assert run_processes(run_dir) == []
+    # kill -9 two cycles later: its services die with it (no orphans still listening)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while cycles_logged(run_dir) < min(stopped_at + 2, CYCLES - 1) and time.monotonic() < deadline:
         time.sleep(0.02)
     process.kill()
     process.wait(10)
-    # the services die with the coordinator (no orphans still listening)
     deadline = time.monotonic() + 15
     while run_processes(run_dir) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert run_processes(run_dir) == []
+    newest = max(p.name for p in (run_dir / "checkpoints").glob("cycle-*[0-9]"))
     before = (run_dir / "samples_before.jsonl").read_text()
     config = (run_dir / "config.json").read_text()
     again = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stdout + again.stderr
-    assert "continuing run faulty from checkpoint" in again.stdout and "cycle-000002" in again.stdout
+    assert "continuing run faulty from checkpoint" in again.stdout and newest in again.stdout
     assert (run_dir / "samples_before.jsonl").read_text() == before
     assert (run_dir / "config.json").read_text() == config
     assert_run_complete(run_dir)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -169,7 +170,7 @@ class RunState:
 class Coordinator:
     def __init__(self, args, generator: GeneratorClient | GeneratorReplicas, scorer: ScorerClient,
                  trainer: TrainerClient, trainer_address: str, run_dir: Path, state: RunState | None = None,
-                 supervisor: Supervisor | None = None, stop: threading.Event | None = None):
+                 supervisor: Supervisor | None = None, stop: threading.Event | None = None, label_prefix: str = ""):
         self.args = args
         self.generator, self.scorer, self.trainer = generator, scorer, trainer
         self.trainer_address = trainer_address
@@ -184,6 +185,7 @@ class Coordinator:
         self.resumed_from: Path | None = None  # set by the trainer restart: the checkpoint it loaded
         self._failures = 0
         self._checkpointed_at = -1
+        self.label_prefix = label_prefix
 
     def _sample(self, seed: int, n: int) -> tuple[pb.GenerateResponse, pb.ScoreResponse]:
         response = self.generator.generate(self.prompts, n=n, max_new_tokens=self.args.max_new_tokens,
@@ -307,7 +309,8 @@ class Coordinator:
 
     def checkpoint(self) -> pb.SaveCheckpointResponse:
         """The trainer's state and this coordinator's, as checkpoints/cycle-NNNNNN (cycles done)."""
-        saved = self.trainer.save_checkpoint(cycle_label(self.state.next_cycle), self.state.to_bytes())
+        saved = self.trainer.save_checkpoint(self.label_prefix + cycle_label(self.state.next_cycle),
+                                             self.state.to_bytes())
         atomic_write_json(self.run_dir / "coordinator_state.json", asdict(self.state))
         self._checkpointed_at = self.state.next_cycle
         log.info("checkpoint %s: %d cycles, policy version %d, %d updates applied", saved.label,
@@ -493,8 +496,10 @@ def run(args) -> int:
         with GeneratorReplicas([GeneratorClient(a, timeout=args.rpc_timeout) for a in generator_addresses]) as generator, \
                 ScorerClient(scorer_address, timeout=args.score_timeout) as scorer, \
                 TrainerClient(trainer_address, timeout=args.rpc_timeout) as trainer:
+            # running services may keep several runs' checkpoints in one folder: there, name them by run
+            prefix = "" if supervisor else re.sub(r"[^A-Za-z0-9._-]", "_", run_dir.name)[:40] + "."
             coordinator = Coordinator(args, generator, scorer, trainer, trainer_address, run_dir, state, supervisor,
-                                      stop)
+                                      stop, prefix)
             if supervisor is not None:
                 supervisor.restart = lambda dead: restart_service(dead, coordinator, run_dir)
             coordinator.cycle_log.rewind(state.next_cycle)
