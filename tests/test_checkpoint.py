@@ -3,6 +3,7 @@ the full trainer state round trip, the non-finite rollback and exactly-once step
 import copy
 import json
 import random
+import urllib.request
 
 import numpy as np
 import pytest
@@ -170,3 +171,63 @@ def test_weights_that_turn_non_finite_are_rolled_back(tiny_policy):
     with pytest.raises(NonFiniteStep):
         trainer.guarded_step(QUERIES, RESPONSES, SCORES)
     assert trainer.policy_weights()[2] == before and trainer.version == 0
+
+
+@pytest.mark.slow
+def test_the_trainer_service_checkpoints_by_label_and_applies_each_step_id_once(tiny_policy, tmp_path):
+    import grpc
+
+    from haoping.client import TrainerClient
+    from haoping.v1 import haoping_pb2 as pb
+    from services.coordinator.run import start_service, stop_services
+
+    (tmp_path / "logs").mkdir()
+    checkpoints = tmp_path / "checkpoints"
+    service = start_service("trainer", ["--model", str(tiny_policy), "--device", "cpu", "--checkpoint-dir",
+                                        str(checkpoints), "--keep-checkpoints", "2"], tmp_path, timeout=120)
+    rollouts = [pb.Rollout(query_token_ids=q, response_token_ids=r, reward=s)
+                for q, r, s in zip(QUERIES, RESPONSES, SCORES)]
+    try:
+        with TrainerClient(service.address, timeout=60) as trainer:
+            for label in ["", ".", "..", "../escape", "a/b", "/tmp/abs", "x" * 65]:
+                with pytest.raises(grpc.RpcError) as err:
+                    trainer.save_checkpoint(label)
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "label" in err.value.details()
+            with pytest.raises(grpc.RpcError) as err:
+                trainer.stub.SaveCheckpoint(pb.SaveCheckpointRequest(directory=str(tmp_path / "elsewhere"),
+                                                                     label="ok"), timeout=30)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "directory" in err.value.details()
+            assert sorted(p.name for p in tmp_path.iterdir()) == ["logs"]  # nothing written anywhere
+
+            first = trainer.step(rollouts, step_id="run:0")
+            again = trainer.step(rollouts, step_id="run:0")
+            assert (first.policy_version, first.repeated) == (1, False)
+            assert (again.policy_version, again.repeated) == (1, True) and dict(again.stats) == dict(first.stats)
+            with pytest.raises(grpc.RpcError) as err:
+                trainer.step(rollouts, step_id="no spaces allowed")
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "step_id" in err.value.details()
+
+            weights = b"".join(c.data for c in trainer.stub.GetWeights(pb.GetWeightsRequest(), timeout=30))
+            extreme = [pb.Rollout(query_token_ids=q, response_token_ids=r, reward=3e38) for q, r in
+                       zip(QUERIES, RESPONSES)]
+            with pytest.raises(grpc.RpcError) as err:
+                trainer.step(extreme, step_id="run:1")
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "non-finite" in err.value.details()
+            assert b"".join(c.data for c in trainer.stub.GetWeights(pb.GetWeightsRequest(), timeout=30)) == weights
+
+            for n in range(3):
+                saved = trainer.save_checkpoint(f"cycle-00000{n}", b'{"next_cycle": %d}' % n)
+                assert saved.label == f"cycle-00000{n}" and saved.steps_done == 1
+            # the newest two are kept, verified, with the coordinator's state inside
+            assert sorted(p.name for p in checkpoints.iterdir()) == ["cycle-000001", "cycle-000002"]
+            verify_checkpoint(checkpoints / "cycle-000002")
+            assert json.loads((checkpoints / "cycle-000002" / "coordinator_state.json").read_text()) == {"next_cycle": 2}
+            state = json.loads((checkpoints / "cycle-000002" / "trainer_state.json").read_text())
+            assert list(state["applied_steps"]) == ["run:0"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{service.metrics_port}/metrics", timeout=10) as response:
+            body = response.read().decode()
+        assert "haoping_trainer_non_finite_steps_total 1.0" in body
+        assert "haoping_trainer_repeated_steps_total 1.0" in body
+    finally:
+        stop_services([service])
+    assert service.process.returncode == 0
