@@ -509,8 +509,9 @@ def run(args) -> int:
             records = coordinator.run()
         print_summary(records, coordinator, run_dir, stop.is_set())
         return 0
-    except RestartBudgetExceeded as err:
-        print(f"error: {err}; resume with: haoping run --name {run_dir.name}", file=sys.stderr)
+    except (RestartBudgetExceeded, TimeoutError) as err:
+        print(f"error: {err}; continue the run later with: haoping run --name {run_dir.name} --runs-dir "
+              f"{run_dir.parent}", file=sys.stderr)
         return 1
     finally:
         restore_signals()

@@ -50,7 +50,11 @@ class Supervisor:
                         service.process.pid, service.process.returncode, self.restarts[service.name] + 1,
                         service.log_path)
             started = time.perf_counter()
-            self.services[i] = self.restart(service)
+            try:
+                self.services[i] = self.restart(service)
+            except (RuntimeError, TimeoutError, OSError) as err:  # tried again at the next fault, within budget
+                log.error("restarting %s failed: %s", service.name, str(err).splitlines()[0])
+                continue
             self.restarts[service.name] += 1
             log.warning("%s serving again at %s after %.1fs", service.name, self.services[i].address,
                         time.perf_counter() - started)
