@@ -265,7 +265,15 @@ class Coordinator:
             try:
                 return self._run_from_state()
             except grpc.RpcError as err:
-                self.recover(err)
+                failed: grpc.RpcError | None = err
+            while failed is not None:  # a fault during the recovery (e.g. the resync) is recovered from too
+                try:
+                    self.recover(failed)
+                    failed = None
+                except grpc.RpcError as err:
+                    if err is failed:
+                        raise
+                    failed = err
 
     def _run_from_state(self) -> list[dict]:
         a = self.args
