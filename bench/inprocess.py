@@ -15,7 +15,7 @@ import torch
 from haoping.generation import PolicyGenerator, SampleSpec, SamplingParams, sample_seed
 from haoping.models import resolve_model
 from haoping.ppo_trainer import PPOConfig, PPOTrainer
-from haoping.scoring import build_scorer
+from haoping.scorers.backends import build_scorer
 from services.coordinator.run import cycle_seed, reward_for, trainer_ppo_config
 
 

@@ -78,7 +78,7 @@ def verdict(summary: dict) -> list[tuple[str, str, bool]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from haoping.cli import main as haoping_main
+    from services.cli import main as haoping_main
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if RUN_DIR.exists():

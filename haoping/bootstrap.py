@@ -9,7 +9,7 @@
                  evaluated on a held-out split.
 
 An independent judge for trained policies needs no training: ``haoping evaluate`` uses
-snownlp's own naive-Bayes model (see :class:`haoping.scoring.SnowNLPScorer`).
+snownlp's own naive-Bayes model (see :class:`haoping.scorers.classifier.SnowNLPScorer`).
 
 Each is saved with ``save_pretrained`` into the cache and reused; a lock file keeps
 concurrent services from training the same model twice.

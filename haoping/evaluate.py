@@ -10,11 +10,11 @@ from haoping import text_metrics
 from haoping.generation import PolicyGenerator, SampleSpec, SamplingParams, sample_seed
 from haoping.log import get_logger
 from haoping.models import ModelLoadError, pick_device
-from haoping.scoring import build_scorer
+from haoping.prompts import DEFAULT_PROMPTS
+from haoping.scorers.backends import build_scorer
 
 log = get_logger(__name__)
 HELDOUT_SEED = 777_777  # never used for rollouts
-DEFAULT_PROMPTS = ["刚收到货，感觉", "这部电影很", "说实话，真的很", "这次购物总的来说体验很"]
 
 
 def evaluate_policy(policy_ref: str, prompts: list[str], samples: int, max_new_tokens: int, scorers: dict,

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from safetensors.torch import load as load_safetensors
 
+from haoping.errors import Cancelled
 from haoping.log import get_logger
 from haoping.models import TokenFormat, decode_clean, encode_prompt, load_causal_lm, load_tokenizer
 
@@ -104,8 +105,6 @@ def _plain_inverse_cdf(logits: torch.Tensor, temperature: torch.Tensor, uniforms
     return picks.squeeze(1).clamp(max=logits.shape[1] - 1)
 
 
-class Cancelled(Exception):
-    """The caller no longer wants the result; generation stopped early."""
 
 
 def _pad_left(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:

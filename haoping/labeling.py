@@ -2,18 +2,15 @@
 ranking is appended to a rank-list file (the format of :mod:`haoping.ranklists`, which
 ``haoping train-reward-model --train`` reads).
 
-Also the small web plumbing the human-reward page (:mod:`haoping.human_scorer`) shares:
+Also the small web plumbing the human-reward page (:mod:`haoping.scorers.human`) shares:
 plain HTML forms over the standard library's ``ThreadingHTTPServer``, no JavaScript.
 An app is two methods, ``get(path)`` and ``post(path, form)``, returning a :class:`Response`
 or raising :class:`BadRequest` (HTTP 400, nothing changed), so it is testable without sockets.
 """
 from __future__ import annotations
 
-import argparse
 import html
-import os
 import secrets
-import sys
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -24,7 +21,6 @@ from urllib.parse import parse_qs, urlsplit
 
 from haoping.log import get_logger
 from haoping.ranklists import RankListError, append_ranklist, one_line, parse_ranklists
-from services.common.config import add_flag
 
 log = get_logger(__name__)
 
@@ -323,52 +319,3 @@ def in_process_draw(policy_ref: str, max_new_tokens: int, min_new_tokens: int,
         samples, _ = generator.generate([SampleSpec(ids, params, sample_seed(seed, 0, i)) for i in range(n)])
         return [generator.decode(s.prompt_ids) + generator.decode(s.response_ids) for s in samples]
     return draw
-
-
-# --- command line -------------------------------------------------------------------------
-
-def cmd_label(args) -> int:
-    from services.coordinator.run import DEFAULT_PROMPTS
-
-    if args.k < 2:
-        print(f"error: --k must be at least 2, got {args.k}", file=sys.stderr)
-        return 2
-    if args.generator:
-        draw = generator_service_draw(args.generator, args.max_new_tokens, args.min_new_tokens)
-    else:
-        from haoping.models import pick_device
-
-        if args.policy.startswith("starter:"):
-            from haoping.bootstrap import ensure_starter_models
-
-            ensure_starter_models()
-        draw = in_process_draw(args.policy, args.max_new_tokens, args.min_new_tokens, pick_device(args.device))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    seed = args.seed if args.seed >= 0 else int.from_bytes(os.urandom(4), "little")
-    app = RankingApp(draw, args.prompts or DEFAULT_PROMPTS, Path(args.out), k=args.k, seed=seed)
-    server = start_web_server(app, args.host, args.port)
-    print(f"labeling page at {server.url} ; rank lists go to {args.out} "
-          f"({app.saved_before} there already); Ctrl-C stops", flush=True)
-    try:
-        threading.Event().wait()
-    finally:
-        server.shutdown()
-        print(f"saved {app.saved} rank list(s), skipped {app.skipped}", flush=True)
-    return 0
-
-
-def add_cli(subparsers) -> None:
-    p: argparse.ArgumentParser = subparsers.add_parser(
-        "label", help="web page where a person ranks the policy's generations into a rank-list file")
-    add_flag(p, "--out", "ranklists.tsv", help="rank-list file to append to (never rewritten)")
-    add_flag(p, "--generator", "", help="host:port of a running generator (default: load --policy in-process)")
-    add_flag(p, "--policy", "starter:policy", help="in-process policy: starter:policy, a dir or a hub ID")
-    add_flag(p, "--k", 4, int, "generations to rank per group (one prompt)")
-    add_flag(p, "--max-new-tokens", 16, int, "tokens per generation")
-    add_flag(p, "--min-new-tokens", 8, int, "EOS not sampled before this many tokens")
-    add_flag(p, "--seed", -1, int, "sampling seed (-1: a random one, so a restart shows new generations)")
-    add_flag(p, "--host", "127.0.0.1", help="address the page listens on")
-    add_flag(p, "--port", 8089, int, "page port (0 picks a free one)")
-    add_flag(p, "--device", "auto", help="torch device for the in-process policy")
-    p.add_argument("--prompts", nargs="+", default=None, help="prompts (default: the coordinator's four)")
-    p.set_defaults(func=cmd_label)

@@ -21,7 +21,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,7 +42,7 @@ from haoping.ranklists import (
     read_ranklists,
     write_ranklists,
 )
-from haoping.scoring import ScoreResult
+from haoping.scorers.base import ModelScorer, ScoreResult
 
 log = logging.getLogger(__name__)
 
@@ -455,12 +455,14 @@ def _print_summary(result: dict) -> None:
 
 # --- Scoring ------------------------------------------------------------------------------
 
-class RewardModelScorer:
+class RewardModelScorer(ModelScorer):
     """Serves a trained reward model: texts in, :class:`ScoreResult` out.
 
     normalize: ``none`` (score = raw scalar), ``sigmoid`` (σ(raw), in (0, 1)) or ``running``
     ((raw − mean) / std, with mean and std over every text scored so far, this batch included).
     """
+
+    backend = "reward-model"
 
     def __init__(self, path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                  normalize: str = "none"):
@@ -487,8 +489,9 @@ class RewardModelScorer:
             return []
         return forward_scores(self.model, self.tokenizer, texts, self.max_length, self.device).cpu().tolist()
 
-    def score(self, texts: list[str]) -> list[ScoreResult]:
-        raw = self.raw_scores(texts)
+    def score(self, texts: Sequence[str], timeout: float | None = None,
+              is_cancelled: Callable[[], bool] = lambda: False) -> list[ScoreResult]:
+        raw = self.raw_scores(list(texts))
         if self.normalize == "none":
             scores = raw
         elif self.normalize == "sigmoid":

@@ -6,7 +6,8 @@ import pytest
 import torch
 from safetensors.torch import save
 
-from haoping.generation import Cancelled, PolicyGenerator, SampleSpec, SamplingParams, sample_seed
+from haoping.errors import Cancelled
+from haoping.generation import PolicyGenerator, SampleSpec, SamplingParams, sample_seed
 from services.common.batching import ContinuousBatcher, DynamicBatcher
 
 PROMPTS = ["刚收到货，感觉", "这部电影很", "说实话，真的很", "这次购物总的来说体验很"]

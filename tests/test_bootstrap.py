@@ -4,7 +4,7 @@ import math
 from haoping.bootstrap import ClassifierRecipe, PolicyRecipe, build_tokenizer, train_classifier, train_policy
 from haoping.corpus import build_char_vocab, load_reviews, split_reviews
 from haoping.models import decode_clean, encode_prompt, load_causal_lm, load_tokenizer
-from haoping.scoring import ClassifierScorer
+from haoping.scorers.classifier import ClassifierScorer
 
 
 def test_corpus_is_deduplicated_and_split_without_overlap():

@@ -81,7 +81,7 @@ def test_every_metrics_endpoint_answers(stack):
 
 
 def test_haoping_run_writes_the_run_directory(tiny_policy, tiny_classifier, tmp_path):
-    command = [sys.executable, "-m", "haoping.cli", "run", "--policy", str(tiny_policy),
+    command = [sys.executable, "-m", "services.cli", "run", "--policy", str(tiny_policy),
                "--scorer-model", str(tiny_classifier), "--cycles", "2", "--samples-per-prompt", "2",
                "--max-new-tokens", "6", "--min-new-tokens", "2", "--eval-samples", "8", "--runs-dir", str(tmp_path), "--name", "e2e",
                "--ppo-config", FAST_PPO, "--device", "cpu", "--generator-replicas", "2"]
@@ -137,10 +137,10 @@ def test_generator_replicas_split_rollouts_and_all_load_new_weights(stack, tmp_p
 
 
 def test_haoping_run_rejects_bad_flags_before_starting_anything(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "haoping.cli", "run", "--max-new-tokens", "4",
+    result = subprocess.run([sys.executable, "-m", "services.cli", "run", "--max-new-tokens", "4",
                              "--min-new-tokens", "8", "--runs-dir", str(tmp_path)], capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 2 and "--min-new-tokens" in result.stderr
-    result = subprocess.run([sys.executable, "-m", "haoping.cli", "run", "--generator-replicas", "0",
+    result = subprocess.run([sys.executable, "-m", "services.cli", "run", "--generator-replicas", "0",
                              "--runs-dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "--generator-replicas" in result.stderr

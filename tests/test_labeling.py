@@ -14,8 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 
-from haoping.human_scorer import (HumanScorePage, HumanScorer, ScoreCancelled, ScoreTimeout, TooManyPending,
-                                  UnknownBatch, stars_to_score)
+from haoping.scorers import ScoreCancelled, ScoreTimeout
+from haoping.scorers.human import HumanScorePage, HumanScorer, TooManyPending, UnknownBatch, stars_to_score
 from haoping.labeling import RankingApp, draw_group, generator_service_draw, in_process_draw, start_web_server
 from haoping.ranklists import RankListError, append_ranklist, format_ranklist, read_ranklists
 
@@ -407,7 +407,7 @@ def test_haoping_label_serves_the_page_from_an_in_process_policy(tiny_policy, tm
     import sys
 
     out, port = tmp_path / "lists.tsv", free_port()
-    process = subprocess.Popen([sys.executable, "-m", "haoping.cli", "label", "--policy", str(tiny_policy),
+    process = subprocess.Popen([sys.executable, "-m", "services.cli", "label", "--policy", str(tiny_policy),
                                 "--out", str(out), "--k", "3", "--port", str(port), "--seed", "1",
                                 "--device", "cpu", "--prompts", PROMPT],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -1,4 +1,4 @@
 """Scorers: texts in, rewards out. Every backend implements :class:`haoping.scorers.base.Scorer`."""
-from haoping.scorers.base import ScoreResult, Scorer, ScoreCancelled, ScoreTimeout
+from haoping.scorers.base import ModelScorer, ScoreCancelled, Scorer, ScorerBusy, ScoreResult, ScoreTimeout
 
-__all__ = ["ScoreResult", "Scorer", "ScoreCancelled", "ScoreTimeout"]
+__all__ = ["ModelScorer", "ScoreCancelled", "Scorer", "ScorerBusy", "ScoreResult", "ScoreTimeout"]

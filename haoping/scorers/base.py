@@ -20,6 +20,10 @@ class ScoreCancelled(Exception):
     """The caller went away (``is_cancelled()`` turned true) before every text had a score."""
 
 
+class ScorerBusy(Exception):
+    """The backend's queue is full; the caller may retry later."""
+
+
 @runtime_checkable
 class Scorer(Protocol):
     backend: str          # "classifier", "reward-model", "human", ...
@@ -33,7 +37,27 @@ class Scorer(Protocol):
     def stop(self) -> None:
         """Release what start() acquired; idempotent."""
 
+    def warm_up(self) -> None:
+        """One real request through the backend (or its page); the service is SERVING after it."""
+
     def score(self, texts: Sequence[str], timeout: float | None = None,
               is_cancelled: Callable[[], bool] = lambda: False) -> list[ScoreResult]:
         """One result per text, in order. Raises ScoreTimeout after ``timeout`` seconds (None: no
-        limit) and ScoreCancelled once ``is_cancelled()`` is true; a fast backend may ignore both."""
+        limit), ScoreCancelled once ``is_cancelled()`` is true and ScorerBusy when it cannot take
+        more work now; a fast backend may ignore the timeout and the cancellation."""
+
+
+class ModelScorer:
+    """Defaults for a backend that is a model in this process: batchable, nothing to start or
+    stop, warmed up by scoring one text. Subclasses set backend, model_id, max_length, score()."""
+
+    batchable = True
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def warm_up(self) -> None:
+        self.score(["质量很好"])

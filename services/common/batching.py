@@ -20,7 +20,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
-from haoping.generation import Cancelled
+from haoping.errors import Cancelled
 from haoping.log import get_logger
 from services.common import metrics
 

@@ -30,6 +30,7 @@ from haoping.checkpoint import CheckpointError, CheckpointStore, cycle_label, ve
 from haoping.client import GeneratorClient, GeneratorReplicas, ScorerClient, TrainerClient
 from haoping.log import get_logger
 from haoping.plots import plot_reward_kl
+from haoping.prompts import DEFAULT_PROMPTS
 from haoping.v1 import haoping_pb2 as pb
 from services.common.config import add_flag
 from services.coordinator.rundir import ConfigMismatch, CycleLog, fresh_name, resumed_settings, save_config
@@ -37,7 +38,6 @@ from services.coordinator.supervisor import RestartBudgetExceeded, Supervisor
 
 log = get_logger(__name__)
 
-DEFAULT_PROMPTS = ["刚收到货，感觉", "这部电影很", "说实话，真的很", "这次购物总的来说体验很"]
 SAMPLES_SEED = 20240601  # before/after samples: same prompts, same seed
 
 

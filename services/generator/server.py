@@ -11,7 +11,8 @@ import time
 
 import grpc
 
-from haoping.generation import LENGTH, Cancelled, PolicyGenerator, SampleSpec, SamplingParams, sample_seed
+from haoping.errors import Cancelled
+from haoping.generation import LENGTH, PolicyGenerator, SampleSpec, SamplingParams, sample_seed
 from haoping.log import get_logger, setup_logging
 from haoping.models import parse_dtype, pick_device
 from haoping.v1 import haoping_pb2 as pb

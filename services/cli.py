@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_score)
 
     from haoping.evaluate import add_cli as add_evaluate_cli
-    from haoping.labeling import add_cli as add_labeling_cli
+    from services.labeler.cli import add_cli as add_labeling_cli
     from haoping.reward_model import add_cli as add_reward_model_cli
 
     add_evaluate_cli(sub)

@@ -1,13 +1,15 @@
-"""Texts in, rewards out. Pure of gRPC: the Scorer service is a thin adapter over these."""
+"""Classifier backends: any HF sequence classifier, and snownlp's naive Bayes as a judge."""
 from __future__ import annotations
+
+from typing import Callable, Sequence
 
 import torch
 
 from haoping.models import load_sequence_classifier, load_tokenizer, positive_label_index
-from haoping.scorers.base import ScoreResult
+from haoping.scorers.base import ModelScorer, ScoreResult
 
 
-class ClassifierScorer:
+class ClassifierScorer(ModelScorer):
     """Any HF sequence classifier; the reward is the positive label's probability.
 
     The positive label is read from ``config.id2label``, so hub models such as
@@ -27,7 +29,9 @@ class ClassifierScorer:
         self.batch_size = batch_size
 
     @torch.inference_mode()
-    def score(self, texts: list[str]) -> list[ScoreResult]:
+    def score(self, texts: Sequence[str], timeout: float | None = None,
+              is_cancelled: Callable[[], bool] = lambda: False) -> list[ScoreResult]:
+        texts = list(texts)
         results: list[ScoreResult] = []
         id2label = self.model.config.id2label
         for start in range(0, len(texts), self.batch_size):
@@ -43,7 +47,7 @@ class ClassifierScorer:
         return results
 
 
-class SnowNLPScorer:
+class SnowNLPScorer(ModelScorer):
     """snownlp's own naive-Bayes sentiment model: another model family, no neural network.
 
     Used as an independent judge of trained policies, so a gain is not only in the eyes of
@@ -52,8 +56,10 @@ class SnowNLPScorer:
 
     backend = "snownlp"
     model_id = "snownlp-bayes"
+    max_length = 0
 
-    def score(self, texts: list[str]) -> list[ScoreResult]:
+    def score(self, texts: Sequence[str], timeout: float | None = None,
+              is_cancelled: Callable[[], bool] = lambda: False) -> list[ScoreResult]:
         from snownlp import SnowNLP
 
         results = []
@@ -61,21 +67,3 @@ class SnowNLPScorer:
             p = float(SnowNLP(text).sentiments) if text.strip() else 0.5
             results.append(ScoreResult(p, "positive" if p >= 0.5 else "negative", p))
         return results
-
-
-def build_scorer(backend: str, model_ref: str, device="cpu", dtype=torch.float32, normalize: str = "none"):
-    """The one place a scorer backend is chosen: ``classifier``, ``reward-model``, ``snownlp``
-    or ``human`` (a person rates the texts on a web page; ``model_ref`` is not used)."""
-    if backend == "human":
-        from haoping.human_scorer import HumanScorer
-
-        return HumanScorer()
-    if backend == "snownlp":
-        return SnowNLPScorer()
-    if backend == "classifier":
-        return ClassifierScorer(model_ref, device, dtype)
-    if backend == "reward-model":
-        from haoping.reward_model import RewardModelScorer
-
-        return RewardModelScorer(model_ref, device=device, dtype=dtype, normalize=normalize)
-    raise ValueError(f"unknown scorer backend {backend!r}; use classifier, reward-model, snownlp or human")

@@ -20,9 +20,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from haoping.labeling import BadRequest, Response, error_page, page, redirect
+import urllib.request
+
+from haoping.labeling import BadRequest, Response, WebServer, error_page, page, redirect, start_web_server
 from haoping.log import get_logger
-from haoping.scoring import ScoreResult
+from haoping.scorers.base import ScoreCancelled, ScorerBusy, ScoreResult, ScoreTimeout
 
 log = get_logger(__name__)
 
@@ -34,15 +36,7 @@ def stars_to_score(stars: int) -> float:
     return (stars - 1) / (MAX_STARS - 1)
 
 
-class ScoreTimeout(TimeoutError):
-    """Nobody rated the texts before the caller's deadline."""
-
-
-class ScoreCancelled(Exception):
-    """The caller went away before the texts were rated."""
-
-
-class TooManyPending(Exception):
+class TooManyPending(ScorerBusy):
     """``max_pending`` batches are already waiting for a person."""
 
 
@@ -66,11 +60,33 @@ class HumanScorer:
 
     backend = "human"
     model_id = "human"
+    max_length = 0
+    batchable = False  # each request is its own batch on the page, waiting as long as its deadline
 
-    def __init__(self, max_pending: int = 256):
+    def __init__(self, max_pending: int = 256, host: str = "127.0.0.1", port: int = 8090):
         self.max_pending = max_pending
+        self.host, self.port = host, port
+        self.page: WebServer | None = None  # the rating page, while started
         self._pending: dict[str, PendingBatch] = {}  # insertion order: oldest first
         self._cond = threading.Condition()
+
+    def start(self) -> None:
+        if self.page is None:
+            self.page = start_web_server(HumanScorePage(self), self.host, self.port)
+            log.info("human scores: rate texts at %s", self.page.url)
+
+    def stop(self) -> None:
+        if self.page is not None:
+            self.page.shutdown()
+            self.page.server_close()
+            self.page = None
+
+    def warm_up(self) -> None:
+        """A Score would wait for a person; the page answering is what serving means here."""
+        self.start()
+        with urllib.request.urlopen(self.page.url, timeout=10) as reply:
+            if reply.status != 200:
+                raise RuntimeError(f"rating page {self.page.url} answered HTTP {reply.status}")
 
     def score(self, texts: Sequence[str], timeout: float | None = None,
               is_cancelled: Callable[[], bool] = lambda: False) -> list[ScoreResult]:
