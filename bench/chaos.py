@@ -29,7 +29,7 @@ TARGETS = ("trainer", "generator", "scorer", "coordinator")
 
 
 def run_command(args, runs_dir: Path, name: str) -> list[str]:
-    return [sys.executable, "-m", "haoping.cli", "run", "--name", name, "--runs-dir", str(runs_dir),
+    return [sys.executable, "-m", "services.cli", "run", "--name", name, "--runs-dir", str(runs_dir),
             "--cycles", str(args.cycles), "--seed", str(args.seed), "--device", "cpu",
             "--checkpoint-every", str(args.checkpoint_every), "--rpc-timeout", "60", *args.run_args]
 

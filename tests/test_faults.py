@@ -24,7 +24,7 @@ PPO = json.dumps({"learning_rate": 0.01, "minibatch_size": 8, "ppo_epochs": 8})
 
 
 def run_command(tiny_policy, tiny_classifier, runs_dir: Path, cycles: int = CYCLES, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "haoping.cli", "run", "--policy", str(tiny_policy), "--scorer-model",
+    return [sys.executable, "-m", "services.cli", "run", "--policy", str(tiny_policy), "--scorer-model",
             str(tiny_classifier), "--cycles", str(cycles), "--samples-per-prompt", "4", "--max-new-tokens", "24",
             "--min-new-tokens", "2", "--eval-samples", "4", "--runs-dir", str(runs_dir), "--name", "faulty",
             "--ppo-config", PPO, "--device", "cpu", "--checkpoint-every", "2", "--rpc-timeout", "60", *extra]
