@@ -378,7 +378,20 @@ class Coordinator:
                     self.cycle_log.superseded.name)
 
     def resync_generators(self) -> None:
-        synced = self.generator.load_weights(self.trainer_address)
+        try:
+            synced = self.generator.load_weights(self.trainer_address)
+        except grpc.RpcError as err:
+            # a generator that refuses a version older than its own (after the trainer went back
+            # to a checkpoint) starts afresh and loads it
+            if err.code() != grpc.StatusCode.FAILED_PRECONDITION or self.supervisor is None:
+                raise
+            log.warning("a generator refused the trainer's weights (%s); restarting the generators", err.details())
+            for service in self.supervisor.services:
+                if service.module == "generator":
+                    service.process.kill()
+                    service.process.wait()
+            self.supervisor.restart_dead()
+            synced = self.generator.load_weights(self.trainer_address)
         log.info("generators at policy version %d", synced.policy_version)
 
 
