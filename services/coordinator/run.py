@@ -277,11 +277,14 @@ class Coordinator:
 
     def _run_from_state(self) -> list[dict]:
         a = self.args
-        if not (self.run_dir / "samples_before.jsonl").exists():
-            before = self.write_samples("samples_before.jsonl")
-            self.state.start_distinct2 = text_metrics.distinct_n([r["response"] for r in before], 2)
+        before_path = self.run_dir / "samples_before.jsonl"
+        if not before_path.exists():
+            before = self.write_samples(before_path.name)
             log.info("before training: mean reward %.3f over %d samples", _mean(r["reward"] for r in before),
                      len(before))
+        else:  # a continued run keeps the start it had
+            before = [json.loads(line) for line in before_path.read_text(encoding="utf-8").splitlines() if line]
+        self.state.start_distinct2 = text_metrics.distinct_n([r["response"] for r in before], 2)
         while self.state.next_cycle < a.cycles and not self.stop.is_set():
             if a.max_seconds and self.state.ppo_seconds >= a.max_seconds:
                 log.info("stopping at cycle %d: --max-seconds %.0f reached", self.state.next_cycle, a.max_seconds)
