@@ -25,7 +25,7 @@ from pathlib import Path
 import grpc
 
 from haoping import text_metrics
-from haoping.atomic import atomic_write_json
+from haoping.atomic import atomic_write_json, atomic_write_text
 from haoping.checkpoint import CheckpointError, CheckpointStore, cycle_label, verify_checkpoint
 from haoping.client import GeneratorClient, GeneratorReplicas, ScorerClient, TrainerClient
 from haoping.log import get_logger
@@ -121,9 +121,7 @@ def sample_records(response: pb.GenerateResponse, scores: pb.ScoreResponse, prom
 
 
 def write_jsonl(path: Path, records: list[dict]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    atomic_write_text(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
 
 
 def guard_figures(texts: list[str]) -> dict[str, float]:
