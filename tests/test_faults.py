@@ -108,8 +108,10 @@ def assert_run_complete(run_dir: Path, cycles: int = CYCLES) -> None:
 def test_a_service_killed_mid_request_is_restarted_and_the_run_finishes(tiny_policy, tiny_classifier, tmp_path,
                                                                         label):
     run_dir = tmp_path / "faulty"
-    process = subprocess.Popen(run_command(tiny_policy, tiny_classifier, tmp_path), stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+    # the scorer's work is the shortest: more texts a cycle so that a kill lands inside a Score
+    extra = ["--samples-per-prompt", "16"] if label == "scorer" else []
+    process = subprocess.Popen(run_command(tiny_policy, tiny_classifier, tmp_path, CYCLES, *extra),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     killed = {}
     # after cycle 3 (one past the checkpoint at 2): a trainer restart has a cycle to redo
     killer = threading.Thread(target=lambda: killed.update(kill_mid_work(run_dir, label, after_cycles=3)))
