@@ -20,12 +20,12 @@ from safetensors.torch import load_file, save_file
 pytestmark = pytest.mark.slow
 CYCLES = 6
 # Step and rollout long enough (tens of ms) that a kill lands inside one
-PPO = json.dumps({"learning_rate": 0.01, "minibatch_size": 8, "ppo_epochs": 8})
+PPO = json.dumps({"learning_rate": 0.01, "minibatch_size": 8, "ppo_epochs": 6})
 
 
 def run_command(tiny_policy, tiny_classifier, runs_dir: Path, cycles: int = CYCLES, *extra: str) -> list[str]:
     return [sys.executable, "-m", "services.cli", "run", "--policy", str(tiny_policy), "--scorer-model",
-            str(tiny_classifier), "--cycles", str(cycles), "--samples-per-prompt", "4", "--max-new-tokens", "24",
+            str(tiny_classifier), "--cycles", str(cycles), "--samples-per-prompt", "4", "--max-new-tokens", "20",
             "--min-new-tokens", "2", "--eval-samples", "4", "--runs-dir", str(runs_dir), "--name", "faulty",
             "--ppo-config", PPO, "--device", "cpu", "--checkpoint-every", "2", "--rpc-timeout", "60", *extra]
 
@@ -109,7 +109,7 @@ def test_a_service_killed_mid_request_is_restarted_and_the_run_finishes(tiny_pol
                                                                         label):
     run_dir = tmp_path / "faulty"
     # the scorer's work is the shortest: more texts a cycle so that a kill lands inside a Score
-    extra = ["--samples-per-prompt", "16"] if label == "scorer" else []
+    extra = ["--samples-per-prompt", "12"] if label == "scorer" else []
     process = subprocess.Popen(run_command(tiny_policy, tiny_classifier, tmp_path, CYCLES, *extra),
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     killed = {}
