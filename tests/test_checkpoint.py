@@ -132,7 +132,11 @@ def test_a_nan_filled_trainer_checkpoint_is_refused_on_load(tiny_policy, tmp_pat
     weights = path / "value_head.safetensors"
     tensors = {k: torch.full_like(v, float("nan")) for k, v in load_file(weights).items()}
     save_file(tensors, weights)
-    with pytest.raises(CheckpointError, match="value_head.safetensors"):
+    from haoping.checkpoint import _sha256
+    manifest = json.loads((path / "manifest.json").read_text())  # a manifest that matches: only finiteness fails
+    manifest["files"]["value_head.safetensors"] = {"size": weights.stat().st_size, "sha256": _sha256(weights)}
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="value_head.safetensors.*non-finite"):
         PPOTrainer.from_checkpoint(path)
 
 
