@@ -6,8 +6,8 @@ SIGKILL every ~10 s, beside an unfaulted run with the same seed.
 The helper kills the trainer, the generator, the scorer or the coordinator itself (then runs
 the same `haoping run --name X` again, as a user or a process manager would), waits until the
 run has made up the lost ground, then waits ~interval seconds before the next kill. It prints
-cycles completed, faults, restarts, the seconds each fault cost (kill -> the run one cycle past
-where it was, minus one unfaulted cycle) and the final mean reward of both runs.
+cycles completed, faults, restarts, the seconds each fault cost (kill -> the run two cycles past
+where it was, minus two unfaulted cycles) and the final mean reward of both runs.
 """
 from __future__ import annotations
 
@@ -138,8 +138,9 @@ class Chaos:
             self.coordinator = self.launch()
         else:
             orphans = 0
-        waited = self.wait_for(min(at + 1, self.args.cycles), timeout=300)
-        cost = None if waited is None else max(0.0, waited - self.cycle_seconds)
+        # two cycles past the kill: the first may have been nearly done when the kill landed
+        waited = self.wait_for(min(at + 2, self.args.cycles), timeout=300)
+        cost = None if waited is None else max(0.0, waited - 2 * self.cycle_seconds)
         self.faults.append({"target": target, "pid": pid, "at_cycle": at, "seconds": cost, "orphans": orphans,
                             "t": killed})
         print(f"  killed {target:11s} (pid {pid}) at cycle {at:3d}: "
