@@ -86,9 +86,11 @@ class Stack:
     generator_addresses: list[str]
     scorer: ScorerClient
     trainer: TrainerClient
+    token_file: Path | None = None  # the services' token
 
     def replicas(self, count: int) -> GeneratorReplicas:
-        return GeneratorReplicas([GeneratorClient(a) for a in self.generator_addresses[:count]])
+        return GeneratorReplicas([GeneratorClient(a, token_file=self.token_file)
+                                  for a in self.generator_addresses[:count]])
 
     def coordinator(self, generator: GeneratorReplicas, **overrides) -> Coordinator:
         """A coordinator with the default run flags, or with ``overrides``."""
@@ -290,9 +292,10 @@ def started_stack(args: argparse.Namespace, stack_args: argparse.Namespace | Non
     try:
         start_services(args, WORK, services)
         trainer_svc, generator_svcs, scorer_svc = split_services(services)
-        with ScorerClient(scorer_svc.address) as scorer, TrainerClient(trainer_svc.address) as trainer:
-            yield (Stack(stack_args or args, trainer_svc.address, [g.address for g in generator_svcs], scorer, trainer),
-                   services)
+        token = dict(token_file=trainer_svc.token_file)
+        with ScorerClient(scorer_svc.address, **token) as scorer, TrainerClient(trainer_svc.address, **token) as trainer:
+            yield (Stack(stack_args or args, trainer_svc.address, [g.address for g in generator_svcs], scorer, trainer,
+                         trainer_svc.token_file), services)
     finally:
         stop_services(services)
 

@@ -4,13 +4,19 @@
     with GeneratorClient("127.0.0.1:50051") as gen:
         for sample in gen.generate(["刚收到货，感觉"], n=4, seed=1).samples:
             print(sample.full_text)
+
+Every client takes the services' token (``token=`` or ``token_file=``; sent as
+``authorization: Bearer <token>`` metadata on every call) and, for TLS, a :class:`TLSFiles`.
 """
 from __future__ import annotations
 
+import collections
 import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -28,18 +34,91 @@ RETRY_SERVICE_CONFIG = json.dumps({"methodConfig": [{
                     "retryableStatusCodes": ["UNAVAILABLE"]}}]})
 
 
+def read_token_file(path: str | Path) -> str:
+    """The token in ``path`` (surrounding whitespace ignored); ValueError when it is empty."""
+    token = Path(path).read_text(encoding="utf-8").strip()
+    if not token:
+        raise ValueError(f"token file {path} is empty")
+    return token
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    """PEM files for a TLS channel. ``ca``: the CA that signed the server's certificate (empty:
+    the system's roots); ``cert``/``key``: this client's certificate, for servers started with
+    ``--tls-ca`` (mutual TLS); ``server_name``: the name to check in the server's certificate
+    when it differs from the host in the address."""
+    ca: str = ""
+    cert: str = ""
+    key: str = ""
+    server_name: str = ""
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        def read(path: str) -> bytes | None:
+            return Path(path).read_bytes() if path else None
+
+        return grpc.ssl_channel_credentials(root_certificates=read(self.ca), private_key=read(self.key),
+                                            certificate_chain=read(self.cert))
+
+
+class _CallDetails(collections.namedtuple("_CallDetails", ("method", "timeout", "metadata", "credentials",
+                                                           "wait_for_ready", "compression")),
+                   grpc.ClientCallDetails):
+    pass
+
+
+class BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                  grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds ``authorization: Bearer <token>`` to every call of a channel. (grpc's call
+    credentials do the same but refuse plaintext channels, which loopback and compose use.)"""
+
+    def __init__(self, token: str):
+        self._header = ("authorization", f"Bearer {token}")
+
+    def _with_token(self, details):
+        return _CallDetails(details.method, details.timeout, [*(details.metadata or ()), self._header],
+                            details.credentials, details.wait_for_ready, details.compression)
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._with_token(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._with_token(details), request)
+
+    def intercept_stream_unary(self, continuation, details, request_iterator):
+        return continuation(self._with_token(details), request_iterator)
+
+    def intercept_stream_stream(self, continuation, details, request_iterator):
+        return continuation(self._with_token(details), request_iterator)
+
+
+def make_channel(address: str, token: str | None = None, tls: TLSFiles | None = None,
+                 max_message_bytes: int = MAX_MESSAGE_BYTES) -> grpc.Channel:
+    """A channel to a haoping service: TLS when ``tls`` is given, the token on every call."""
+    options = [("grpc.max_send_message_length", max_message_bytes),
+               ("grpc.max_receive_message_length", max_message_bytes),
+               ("grpc.enable_retries", 1), ("grpc.service_config", RETRY_SERVICE_CONFIG),
+               # a restarted service is found within a second, not after grpc's default 1-120 s backoff
+               ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 1000)]
+    if tls is not None:
+        if tls.server_name:
+            options.append(("grpc.ssl_target_name_override", tls.server_name))
+        channel = grpc.secure_channel(address, tls.credentials(), options=options)
+    else:
+        channel = grpc.insecure_channel(address, options=options)
+    return grpc.intercept_channel(channel, BearerToken(token)) if token else channel
+
+
 class _Client:
     stub_class = None
 
-    def __init__(self, address: str, timeout: float = 600.0):
+    def __init__(self, address: str, timeout: float = 600.0, token: str | None = None,
+                 token_file: str | Path | None = None, tls: TLSFiles | None = None):
         self.address = address
         self.timeout = timeout
-        self.channel = grpc.insecure_channel(address, options=[
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.enable_retries", 1), ("grpc.service_config", RETRY_SERVICE_CONFIG),
-            # a restarted service is found within a second, not after grpc's default 1-120 s backoff
-            ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 1000)])
+        if token is None and token_file:
+            token = read_token_file(token_file)
+        self.channel = make_channel(address, token, tls)
         self.stub = self.stub_class(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
 

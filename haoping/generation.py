@@ -331,8 +331,9 @@ class PolicyGenerator:
     def encode(self, prompt: str) -> list[int]:
         return list(self._encode_cached(prompt))
 
-    def decode(self, ids: list[int]) -> str:
-        return decode_clean(self.tokenizer, ids)
+    def decode(self, ids: list[int], after: str = "") -> str:
+        """Clean text of ``ids``; ``after``: the text they continue (see :func:`decode_clean`)."""
+        return decode_clean(self.tokenizer, ids, after)
 
     def decode_prompt(self, ids: tuple[int, ...]) -> str:
         """:meth:`decode` for prompts, which repeat: cached."""
@@ -370,30 +371,58 @@ class PolicyGenerator:
     def load_weights(self, data: bytes, version: int) -> None:
         """Load a safetensors file of the policy's parameters (tied weights stored once).
 
-        Waits for running batches to finish (they take no new rows meanwhile)."""
-        state = load_safetensors(data)
+        Waits for running batches to finish (they take no new rows meanwhile). ValueError, with
+        the old weights still serving, for weights :func:`check_weights` refuses."""
+        try:
+            state = load_safetensors(data)
+        except Exception as err:  # safetensors raises its own error types for a malformed header
+            raise ValueError(f"weights are not a readable safetensors file: {err}") from None
         expected = dict(self.model.named_parameters())
-        unexpected = set(state) - set(self.model.state_dict())
-        missing = set(expected) - set(state)
-        if unexpected or missing:
-            raise ValueError(f"weights do not fit the policy: missing {sorted(missing)[:5]}, "
-                             f"unexpected {sorted(unexpected)[:5]}")
-        for name, tensor in state.items():
-            if tensor.shape != expected[name].shape:
-                raise ValueError(f"weights do not fit the policy: {name} has shape {tuple(tensor.shape)}, "
-                                 f"expected {tuple(expected[name].shape)}")
+        check_weights(state, expected, set(self.model.state_dict()), version, self.version)
         with self._weights:
             self._loads_waiting += 1
             try:
                 while self._holds:
                     self._weights.wait()
+                if version < self.version:  # another load went first meanwhile
+                    raise ValueError(f"weights of policy version {version} are older than the version "
+                                     f"{self.version} this generator serves")
                 with torch.no_grad():
                     for name, tensor in state.items():
-                        expected[name].copy_(tensor.to(expected[name].dtype))
+                        if name in expected:
+                            expected[name].copy_(tensor.to(expected[name].dtype))
                 self.version = version
             finally:
                 self._loads_waiting -= 1
                 self._weights.notify_all()
+
+
+def check_weights(state: dict[str, torch.Tensor], parameters: dict[str, torch.Tensor], known: set[str],
+                  version: int, serving_version: int) -> None:
+    """ValueError unless ``state`` can replace ``parameters``: every parameter present and nothing
+    unknown (``known``: the model's state-dict names, tied weights included), the same shapes,
+    the serving dtype or float32 (the trainer's master weights, cast on load), every value
+    finite, and ``version`` not older than ``serving_version``."""
+    if version < serving_version:
+        raise ValueError(f"weights of policy version {version} are older than the version {serving_version} "
+                         "this generator serves")
+    unexpected = set(state) - known
+    missing = set(parameters) - set(state)
+    if unexpected or missing:
+        raise ValueError(f"weights do not fit the policy: missing {sorted(missing)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]}")
+    for name, tensor in state.items():
+        if name not in parameters:
+            continue  # a tied alias (state_dict name) that is not a parameter of its own
+        target = parameters[name]
+        if tensor.shape != target.shape:
+            raise ValueError(f"weights do not fit the policy: {name} has shape {tuple(tensor.shape)}, "
+                             f"expected {tuple(target.shape)}")
+        if tensor.dtype not in (target.dtype, torch.float32):
+            raise ValueError(f"weights do not fit the policy: {name} is {tensor.dtype}, expected {target.dtype} "
+                             "or float32")
+        if not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"weights of policy version {version} hold non-finite values in {name}")
 
 
 class PolicyBatch(DecodeBatch):

@@ -151,15 +151,17 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return ([fmt.bos_id] if fmt.bos_id is not None else []) + list(ids)
 
 
-def decode_clean(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> str:
+def decode_clean(tokenizer: PreTrainedTokenizerBase, ids: list[int], after: str = "") -> str:
     """Readable text without special tokens, and without the spaces a BERT tokenizer puts
-    between characters. Spaces are kept only between two Latin words or numbers."""
+    between characters. Spaces are kept only between two Latin words or numbers, including
+    between the end of ``after`` (the text this continues, e.g. the prompt as sent) and the
+    first token, so ``after + decode_clean(..., after=after)`` reads right."""
     fmt = TokenFormat.of(tokenizer)
     if not fmt.wordpiece:
         return tokenizer.decode(ids, skip_special_tokens=True)
     special = set(tokenizer.all_special_ids)
     out: list[str] = []
-    prev_word = False
+    prev_word = bool(after) and after[-1].isascii() and after[-1].isalnum()
     for token in tokenizer.convert_ids_to_tokens([i for i in ids if i not in special]):
         if token.startswith("##"):
             out.append(token[2:])

@@ -8,7 +8,7 @@ import sys
 import grpc
 
 from haoping.log import setup_logging
-from services.common.config import add_flag
+from services.common.config import add_client_access_flags, add_flag
 
 
 def cmd_bootstrap(args) -> int:
@@ -52,7 +52,9 @@ def _rpc_error(err: grpc.RpcError, address: str) -> int:
 def cmd_generate(args) -> int:
     from haoping.client import GeneratorClient
 
-    with GeneratorClient(args.address, timeout=args.timeout) as client:
+    from services.common.security import client_access
+
+    with GeneratorClient(args.address, timeout=args.timeout, **client_access(args)) as client:
         try:
             response = client.generate(args.prompts, n=args.n, max_new_tokens=args.max_new_tokens,
                                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -71,7 +73,9 @@ def cmd_generate(args) -> int:
 def cmd_score(args) -> int:
     from haoping.client import ScorerClient
 
-    with ScorerClient(args.address, timeout=args.timeout) as client:
+    from services.common.security import client_access
+
+    with ScorerClient(args.address, timeout=args.timeout, **client_access(args)) as client:
         try:
             response = client.score(args.texts)
         except grpc.RpcError as err:
@@ -111,12 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--json", action="store_true", help="one JSON object per sample")
     p.add_argument("--timeout", type=float, default=60.0)
+    add_client_access_flags(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("score", help="ask a running scorer to score texts")
     p.add_argument("texts", nargs="+")
     add_flag(p, "--scorer-address", "127.0.0.1:50052", help="scorer host:port", dest="address")
     p.add_argument("--timeout", type=float, default=60.0)
+    add_client_access_flags(p)
     p.set_defaults(func=cmd_score)
 
     from haoping.evaluate import add_cli as add_evaluate_cli

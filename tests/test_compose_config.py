@@ -12,7 +12,7 @@ import pytest
 import yaml
 from prometheus_client import REGISTRY
 
-import services.common.metrics  # noqa: F401 - registers every haoping metric
+from services.common.metrics import SERVICE_COLLECTORS
 from services.coordinator.run import add_run_flags, running_services
 from services.generator.server import build_parser as generator_parser
 from services.scorer.server import build_parser as scorer_parser
@@ -50,10 +50,21 @@ def test_compose_publishes_and_health_checks_each_services_default_ports():
     assert compose["generator"]["environment"]["HAOPING_TRAINER_ADDRESS"] == coordinator["HAOPING_TRAINER_ADDRESS"]
 
 
+def test_every_service_and_the_coordinator_take_the_token_from_the_compose_secret():
+    config = _compose()
+    assert "file" in config["secrets"]["auth_token"]
+    for name in (*PARSERS, "coordinator"):
+        service = config["services"][name]
+        assert service["secrets"] == ["auth_token"], name
+        assert service["environment"]["HAOPING_AUTH_TOKEN_FILE"] == "/run/secrets/auth_token", name
+
+
 def test_prometheus_scrapes_every_services_metrics_port():
     config = yaml.safe_load((ROOT / "deploy/prometheus.yml").read_text())
     targets = {t for job in config["scrape_configs"] for group in job["static_configs"] for t in group["targets"]}
     assert targets == {f"{name}:{_defaults(name).metrics_port}" for name in PARSERS}
+    for job in config["scrape_configs"]:  # one job per service, named after it
+        assert [t.split(":")[0] for group in job["static_configs"] for t in group["targets"]] == [job["job_name"]]
 
 
 @pytest.mark.skipif(not shutil.which("promtool") and not os.environ.get("HAOPING_REQUIRE_PROMTOOL"),
@@ -67,12 +78,18 @@ def test_promtool_accepts_the_prometheus_config():
 def test_dashboard_queries_only_metrics_the_services_export():
     dashboard = json.loads((ROOT / "deploy/grafana/dashboards/haoping.json").read_text())
     datasource = yaml.safe_load((ROOT / "deploy/grafana/provisioning/datasources/prometheus.yml").read_text())
-    families = {family.name for family in REGISTRY.collect()}
+    shared = {family.name for family in REGISTRY.collect()}  # what every service exports
+    owner = {collector._name: service for service, collectors in SERVICE_COLLECTORS.items()
+             for collector in collectors}
     exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
     assert len(exprs) >= 10
     for expr in exprs:
-        for name in re.findall(r"haoping_[a-z_]+", expr):
-            assert re.sub(r"_(total|bucket|sum|count)$", "", name) in families, (name, expr)
+        for name, selector in re.findall(r"(haoping_[a-z_]+)(\{[^}]*\})?", expr):
+            family = re.sub(r"_(total|bucket|sum|count)$", "", name)
+            assert family in shared or family in owner, (name, expr)
+            # selected by job: a service's own metric from that service's job only
+            expected = f'job="{owner[family]}"' if family in owner else 'job=~"generator|scorer|trainer"'
+            assert expected in selector, (name, expr)
     uids = {panel["datasource"]["uid"] for panel in dashboard["panels"]}
     assert uids == {datasource["datasources"][0]["uid"]}
 

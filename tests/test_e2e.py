@@ -51,8 +51,9 @@ def test_cycles_advance_policy_and_change_seeded_outputs(stack):
     args = SimpleNamespace(prompts=DEFAULT_PROMPTS, samples_per_prompt=4, max_new_tokens=8, eval_samples=8, seed=0,
                            cycles=2, max_seconds=0.0, min_new_tokens=0, empty_response_reward=0.0, max_kl=6.0,
                            min_distinct2_ratio=0.5, max_repetition_rate=0.1)
-    with GeneratorClient(stack.generator.address) as gen, ScorerClient(stack.scorer.address) as scorer, \
-            TrainerClient(stack.trainer.address) as trainer:
+    token = dict(token_file=stack.trainer.token_file)
+    with GeneratorClient(stack.generator.address, **token) as gen, ScorerClient(stack.scorer.address, **token) as scorer, \
+            TrainerClient(stack.trainer.address, **token) as trainer:
         before = gen.generate(DEFAULT_PROMPTS, n=4, max_new_tokens=8, seed=123)
         assert {s.policy_version for s in before.samples} == {0}
         coordinator = Coordinator(args, gen, scorer, trainer, stack.trainer.address, stack.run_dir)
@@ -119,8 +120,10 @@ def test_generator_replicas_split_rollouts_and_all_load_new_weights(stack, tmp_p
                            cycles=2, max_seconds=0.0, min_new_tokens=2, empty_response_reward=0.0, max_kl=6.0,
                            min_distinct2_ratio=0.5, max_repetition_rate=0.1)
     request = dict(n=3, max_new_tokens=6, min_new_tokens=2, seed=5)
-    with GeneratorReplicas([GeneratorClient(g.address) for g in (stack.generator, stack.generator_2)]) as replicas, \
-            ScorerClient(stack.scorer.address) as scorer, TrainerClient(stack.trainer.address) as trainer:
+    token = dict(token_file=stack.trainer.token_file)
+    with GeneratorReplicas([GeneratorClient(g.address, **token) for g in (stack.generator, stack.generator_2)]) \
+            as replicas, ScorerClient(stack.scorer.address, **token) as scorer, \
+            TrainerClient(stack.trainer.address, **token) as trainer:
         start_version = replicas.load_weights(stack.trainer.address).policy_version
         assert [(first, count) for _, first, count in replicas.shards(3)] == [(0, 2), (2, 1)]
         split = replicas.generate(DEFAULT_PROMPTS, **request)

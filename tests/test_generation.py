@@ -162,3 +162,27 @@ def test_a_sample_joining_a_running_batch_equals_it_alone(tiny_policy):
     for key, sample in results.items():
         alone = generate_batch(gen.model, [keys[key]], eos, pad)[0]
         assert (sample.response_ids, sample.finish_reason) == (alone.response_ids, alone.finish_reason), key
+
+
+def test_load_weights_refuses_non_finite_other_dtypes_and_older_versions_and_keeps_serving(tiny_policy):
+    from safetensors.torch import save
+
+    gen = PolicyGenerator(str(tiny_policy))
+    good = {name: p.detach().clone() for name, p in gen.model.named_parameters()}
+    gen.load_weights(save(good), 3)
+    before = {k: v.clone() for k, v in gen.model.state_dict().items()}
+    name = next(iter(good))
+    nan = dict(good, **{name: torch.full_like(good[name], float("nan"))})
+    inf = dict(good, **{name: torch.full_like(good[name], float("inf"))})
+    as_int = dict(good, **{name: good[name].to(torch.int32)})
+    as_double = dict(good, **{name: good[name].double()})
+    for bad, version, words in [(nan, 4, "non-finite"), (inf, 4, "non-finite"), (as_int, 4, "torch.int32"),
+                                (as_double, 4, "torch.float64"), (good, 2, "older")]:
+        with pytest.raises(ValueError, match=words):
+            gen.load_weights(save(bad), version)
+        assert gen.version == 3
+        assert all(torch.equal(before[k], v) for k, v in gen.model.state_dict().items())
+    with pytest.raises(ValueError, match="safetensors"):
+        gen.load_weights(b"not a safetensors file", 4)
+    gen.load_weights(save(good), 3)  # the same version again is fine
+    assert gen.version == 3

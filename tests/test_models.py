@@ -49,6 +49,15 @@ def test_decode_clean_has_no_spaces_or_special_tokens(tiny_policy):
         assert special not in text
 
 
+def test_a_continuation_reads_right_after_the_text_it_continues(tiny_policy):
+    tokenizer = load_tokenizer(str(tiny_policy))
+    mini = tokenizer(" mini 256g", add_special_tokens=False)["input_ids"]
+    assert decode_clean(tokenizer, mini, after="ipad") == " mini 256g"  # two Latin words: a space between
+    assert decode_clean(tokenizer, mini, after="刚收到货") == "mini 256g"  # none after a Chinese character
+    chinese = tokenizer("很好", add_special_tokens=False)["input_ids"]
+    assert decode_clean(tokenizer, chinese, after="ipad") == "很好"
+
+
 def test_positive_label_is_read_from_config(tiny_classifier):
     model = load_sequence_classifier(str(tiny_classifier))
     assert positive_label_index(model.config.id2label) == 1

@@ -77,7 +77,11 @@ def test_score_validation_statuses(api):
     with ScorerClient(api.scorer.address) as client:
         assert _status_of(lambda: client.score([])) == grpc.StatusCode.INVALID_ARGUMENT
         assert _status_of(lambda: client.score(["好"] * 17)) == grpc.StatusCode.INVALID_ARGUMENT
-        reply = client.score(["质量很好", ""])
+        # an empty text is rejected like an empty prompt, naming it; the others alone score
+        with pytest.raises(grpc.RpcError) as empty:
+            client.score(["质量很好", " "])
+        assert empty.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "text 1" in empty.value.details()
+        reply = client.score(["质量很好", "太差了"])
         assert len(reply.scores) == 2 and all(0 <= s.score <= 1 for s in reply.scores)
 
 

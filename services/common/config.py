@@ -38,6 +38,22 @@ def add_common_server_flags(parser: argparse.ArgumentParser, port: int, metrics_
              "gRPC worker threads, one per in-flight call (0: --max-queue + 8, so the queue bound, "
              "not the thread pool, decides when callers get RESOURCE_EXHAUSTED)")
     add_flag(parser, "--ready-file", "", help="write 'host:port metrics_port' here once serving")
+    add_security_flags(parser)
+
+
+def add_security_flags(parser: argparse.ArgumentParser) -> None:
+    add_flag(parser, "--auth-token-file", "",
+             help="file holding the token callers send as 'authorization: Bearer <token>'; without one the "
+                  "state-changing and weight RPCs are refused (PERMISSION_DENIED)")
+    add_flag(parser, "--require-token-for-reads", False, bool,
+             help="also require the token for Generate, GenerateStream, Score and GetInfo (health and "
+                  "reflection stay open)")
+    add_flag(parser, "--insecure-no-auth", False, bool,
+             help="serve every RPC without a token (only on a host and network you trust)")
+    add_flag(parser, "--tls-cert", "", help="PEM certificate chain: serve TLS (with --tls-key)")
+    add_flag(parser, "--tls-key", "", help="PEM private key of --tls-cert")
+    add_flag(parser, "--tls-ca", "", help="PEM CA bundle: require client certificates signed by it (mutual TLS); "
+                                          "also trusted when this service dials its peers")
 
 
 def add_batching_flags(parser: argparse.ArgumentParser) -> None:
@@ -47,3 +63,12 @@ def add_batching_flags(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--gil-switch-ms", 1.0, float,
              "Python's thread switch interval (sys.setswitchinterval; Python's default is 5): lower "
              "lets the batcher thread get the GIL back sooner from many request-handler threads")
+
+
+def add_client_access_flags(parser: argparse.ArgumentParser, token_help: str = "") -> None:
+    """How a command reaches running services: their token file and TLS files."""
+    add_flag(parser, "--auth-token-file", "",
+             help=token_help or "file holding the services' token (sent as 'authorization: Bearer <token>')")
+    add_flag(parser, "--tls-ca", "", help="services over TLS: the CA that signed their certificates")
+    add_flag(parser, "--tls-cert", "", help="services with mutual TLS: this client's certificate")
+    add_flag(parser, "--tls-key", "", help="services with mutual TLS: this client's key")

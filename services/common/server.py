@@ -22,7 +22,9 @@ from grpc_reflection.v1alpha import reflection
 from haoping.atomic import atomic_write_text
 from haoping.log import get_logger
 from haoping.v1 import haoping_pb2
-from services.common.metrics import MetricsInterceptor, start_metrics_server
+from services.common.interceptors import AuthInterceptor, ErrorInterceptor, MetricsInterceptor
+from services.common.metrics import start_metrics_server
+from services.common.security import SecurityConfigError, ServerSecurity, add_listening_port
 
 log = get_logger(__name__)
 
@@ -59,6 +61,12 @@ def exit_with_parent() -> None:
         os._exit(1)
 
 
+def server_interceptors(service: str, security: ServerSecurity) -> list[grpc.ServerInterceptor]:
+    """Outermost first: metrics see the final code of every call, refused ones included."""
+    return [MetricsInterceptor(service), ErrorInterceptor(service),
+            AuthInterceptor(service, security.token, security.require_token_for_reads, security.insecure_no_auth)]
+
+
 def serve(short_name: str, args, register: Callable[[grpc.Server], None],
           warm_up: Callable[[], None] | None = None, draining: Draining | None = None) -> int:
     """Run a service until SIGTERM/SIGINT; returns the process exit code."""
@@ -68,13 +76,18 @@ def serve(short_name: str, args, register: Callable[[grpc.Server], None],
     if getattr(args, "gil_switch_ms", None):
         sys.setswitchinterval(args.gil_switch_ms / 1000)
     draining = Draining() if draining is None else draining
+    try:
+        security = ServerSecurity.from_args(args)
+    except SecurityConfigError as err:
+        log.error("%s: %s", short_name, err)
+        return 2
     limit = args.max_message_mb * 1024 * 1024
     # a batching service needs a thread for every caller waiting in its queue, or the pool
     # (not the batcher) caps how many requests can be merged into one batch
     max_workers = args.rpc_threads or getattr(args, "max_queue", 8) + 8
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=short_name.lower()),
-        interceptors=[MetricsInterceptor(short_name.lower())],
+        interceptors=server_interceptors(short_name.lower(), security),
         options=[("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit),
                  ("grpc.so_reuseport", 0)],
     )
@@ -85,12 +98,13 @@ def serve(short_name: str, args, register: Callable[[grpc.Server], None],
     for service in ("", name):
         health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
     reflection.enable_server_reflection((name, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(f"{args.host}:{args.port}")
+    port = add_listening_port(server, f"{args.host}:{args.port}", security)
     if port == 0:
         raise SystemExit(f"cannot listen on {args.host}:{args.port}")
-    metrics_port = start_metrics_server(args.host, args.metrics_port)
+    metrics_port = start_metrics_server(args.host, args.metrics_port, short_name.lower())
     server.start()
     log.info("%s listening on %s:%d, metrics on :%d", short_name, args.host, port, metrics_port)
+    log.info("%s access: %s", short_name, security.describe())
 
     stop = threading.Event()
 

@@ -32,7 +32,8 @@ from haoping.log import get_logger
 from haoping.plots import plot_reward_kl
 from haoping.prompts import DEFAULT_PROMPTS
 from haoping.v1 import haoping_pb2 as pb
-from services.common.config import add_flag
+from services.common.config import add_client_access_flags, add_flag
+from services.common.security import client_access, write_token_file
 from services.coordinator.rundir import ConfigMismatch, CycleLog, fresh_name, resumed_settings, save_config
 from services.coordinator.supervisor import RestartBudgetExceeded, Supervisor
 
@@ -48,6 +49,7 @@ class ServiceProcess:
     address: str
     metrics_port: int
     log_path: Path
+    token_file: Path | None = None  # the token its protected RPCs take (see :func:`start_service`)
     module: str = ""  # services.<module>, and the arguments it was started with: to restart it
     args: list[str] = field(default_factory=list)
 
@@ -59,27 +61,34 @@ class ServiceProcess:
 
 
 def start_service(name: str, extra_args: list[str], run_dir: Path, timeout: float = 900.0,
-                  label: str = "") -> ServiceProcess:
+                  label: str = "", token_file: Path | None = None) -> ServiceProcess:
     """Start `python -m services.<name>` on a free loopback port and wait until it is SERVING.
 
-    ``label`` (default: the name) names its log and ready files, e.g. generator-2 for a replica."""
-    return wait_ready(launch_service(name, extra_args, run_dir, label), timeout)
+    ``label`` (default: the name) names its log and ready files, e.g. generator-2 for a replica.
+    The service takes ``token_file`` (default: ``run_dir/auth-token``, made once with a random
+    token), so the services of one run dir share a token; clients pass ``token_file=``."""
+    return wait_ready(launch_service(name, extra_args, run_dir, label, token_file), timeout)
 
 
-def launch_service(name: str, extra_args: list[str], run_dir: Path, label: str = "") -> ServiceProcess:
+def launch_service(name: str, extra_args: list[str], run_dir: Path, label: str = "",
+                   token_file: Path | None = None) -> ServiceProcess:
     """Start `python -m services.<name>` without waiting; :func:`wait_ready` fills in its address."""
     label = label or name
+    if token_file is None:
+        token_file = run_dir / "auth-token"
+        if not token_file.exists():
+            write_token_file(token_file)
     ready = run_dir / "logs" / f"{label}.ready"
     ready.unlink(missing_ok=True)
     log_path = run_dir / "logs" / f"{label}.log"
     command = [sys.executable, "-m", f"services.{name}", "--host", "127.0.0.1", "--port", "0",
-               "--metrics-port", "0", "--ready-file", str(ready), *extra_args]
+               "--metrics-port", "0", "--ready-file", str(ready), "--auth-token-file", str(token_file), *extra_args]
     env = {**os.environ, "HAOPING_PARENT_PID": str(os.getpid())}  # the service exits when this process dies
     with open(log_path, "ab") as log_file:
         # its own session: a Ctrl-C in the terminal reaches the coordinator, which stops it after a checkpoint
         process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env,
                                    start_new_session=True)
-    return ServiceProcess(label, process, "", 0, log_path, name, list(extra_args))
+    return ServiceProcess(label, process, "", 0, log_path, token_file=token_file, module=name, args=list(extra_args))
 
 
 def wait_ready(service: ServiceProcess, timeout: float = 900.0) -> ServiceProcess:
@@ -442,6 +451,8 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
                   "--scorer-address, e.g. under docker compose) instead of starting them")
     add_flag(parser, "--generator-addresses", "", help="comma-separated host:port of running generators")
     add_flag(parser, "--scorer-address", "", help="host:port of a running scorer")
+    add_client_access_flags(parser, token_help="the running services' token file (default: the services this run "
+                                               "starts get a fresh random token in <run dir>/auth-token, mode 0600)")
     parser.add_argument("--prompts", nargs="+", default=DEFAULT_PROMPTS, help="rollout prompts")
 
 
@@ -481,6 +492,9 @@ def run(args) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.auth_token_file and not os.access(args.auth_token_file, os.R_OK):
+        print(f"error: --auth-token-file {args.auth_token_file} cannot be read", file=sys.stderr)
+        return 2
     try:
         args, run_dir, checkpoint = prepare_run_dir(args, runs_dir)
     except (ConfigMismatch, CheckpointError, ValueError) as err:
@@ -501,13 +515,17 @@ def run(args) -> int:
         ensure_starter_models()  # once, here, with progress bars, before the services race for it
     stop = threading.Event()
     restore_signals = _stop_on_signals(stop)
+    # services this run starts get a fresh token; running ones take the token they were given
+    token_file = Path(args.auth_token_file) if args.auth_token_file else None
+    if connect_to is None and token_file is None:
+        token_file = write_token_file(run_dir / "auth-token")
     services: list[ServiceProcess] = []
     try:
         state = initial_state(run_dir, checkpoint, supervised=connect_to is None)
         supervisor = None
         if connect_to is None:
             log.info("starting services (logs in %s)", run_dir / "logs")
-            start_services(args, run_dir, services, resume_from=checkpoint)
+            start_services(args, run_dir, services, token_file, resume_from=checkpoint)
             for s in services:
                 log.info("%s serving at %s (metrics http://%s:%d/metrics)", s.name, s.address,
                          s.address.split(":")[0], s.metrics_port)
@@ -515,9 +533,11 @@ def run(args) -> int:
             connect_to = trainer_service.address, [g.address for g in generator_services], scorer_service.address
             supervisor = Supervisor(services, lambda dead: None, args.max_restarts_per_hour)
         trainer_address, generator_addresses, scorer_address = connect_to
-        with GeneratorReplicas([GeneratorClient(a, timeout=args.rpc_timeout) for a in generator_addresses]) as generator, \
-                ScorerClient(scorer_address, timeout=args.score_timeout) as scorer, \
-                TrainerClient(trainer_address, timeout=args.rpc_timeout) as trainer:
+        access = {**client_access(args), "token_file": token_file}
+        with GeneratorReplicas([GeneratorClient(a, timeout=args.rpc_timeout, **access)
+                                for a in generator_addresses]) as generator, \
+                ScorerClient(scorer_address, timeout=args.score_timeout, **access) as scorer, \
+                TrainerClient(trainer_address, timeout=args.rpc_timeout, **access) as trainer:
             # running services may keep several runs' checkpoints in one folder: there, name them by run
             prefix = "" if supervisor else re.sub(r"[^A-Za-z0-9._-]", "_", run_dir.name)[:40] + "."
             coordinator = Coordinator(args, generator, scorer, trainer, trainer_address, run_dir, state, supervisor,
@@ -525,7 +545,14 @@ def run(args) -> int:
             if supervisor is not None:
                 supervisor.restart = lambda dead: restart_service(dead, coordinator, run_dir)
             coordinator.cycle_log.rewind(state.next_cycle)
-            synced = generator.load_weights(trainer_address)  # a resumed trainer's policy, or the same start
+            try:
+                synced = generator.load_weights(trainer_address)  # a resumed trainer's policy, or the same start
+            except grpc.RpcError as err:
+                if err.code() not in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                    raise
+                print(f"error: {err.code().name}: {err.details()}\n(pass the services' token file with "
+                      "--auth-token-file)", file=sys.stderr)
+                return 2
             log.info("%d generator(s) at policy version %d; cycles %d..%d", len(generator_addresses),
                      synced.policy_version, state.next_cycle, args.cycles - 1)
             records = coordinator.run()
@@ -595,7 +622,7 @@ def restart_service(dead: ServiceProcess, coordinator: Coordinator, run_dir: Pat
         extra = _without_flag(extra, "--resume") + (["--resume", str(resume)] if resume else [])
     host, port = dead.address.rsplit(":", 1)
     restarted = start_service(dead.module, extra + ["--port", port, "--metrics-port", str(dead.metrics_port)],
-                              run_dir, label=dead.name)
+                              run_dir, label=dead.name, token_file=dead.token_file)
     restarted.args = extra
     return restarted
 
@@ -646,10 +673,12 @@ def trainer_ppo_config(args) -> dict:
     return ppo_config
 
 
-def start_services(args, run_dir: Path, services: list[ServiceProcess], resume_from: Path | None = None) -> None:
+def start_services(args, run_dir: Path, services: list[ServiceProcess], token_file: Path | None = None,
+                   resume_from: Path | None = None) -> None:
     """Start the trainer, ``--generator-replicas`` generators and the scorer, appending each to
-    ``services`` as soon as it serves (so the caller can stop whatever did start). The trainer
-    starts from ``resume_from`` (the run's own checkpoint), else from ``--resume``, else fresh."""
+    ``services`` as soon as it serves (so the caller can stop whatever did start); all take
+    ``token_file``. The trainer starts from ``resume_from`` (the run's own checkpoint), else from
+    ``--resume``, else fresh."""
     common = ["--device", args.device, "--dtype", args.dtype]
     trainer_args = ["--model", args.policy, "--ppo-config", json.dumps(trainer_ppo_config(args)),
                     "--checkpoint-dir", str(run_dir / "checkpoints"),
@@ -658,9 +687,9 @@ def start_services(args, run_dir: Path, services: list[ServiceProcess], resume_f
     if resume:
         trainer_args += ["--resume", str(resume)]
     # the trainer and the scorer start together, the generators once the trainer's address is known
-    services.append(launch_service("trainer", trainer_args, run_dir))
+    services.append(launch_service("trainer", trainer_args, run_dir, token_file=token_file))
     scorer = launch_service("scorer", ["--backend", args.scorer_backend, "--model", args.scorer_model,
-                                       "--normalize", args.scorer_normalize, *common], run_dir)
+                                       "--normalize", args.scorer_normalize, *common], run_dir, token_file=token_file)
     try:
         wait_ready(services[0])
         # replicas keep torch's default threads: the same thread count gives bit-identical samples,
@@ -668,7 +697,7 @@ def start_services(args, run_dir: Path, services: list[ServiceProcess], resume_f
         generator_args = ["--model", args.policy, *common, "--trainer-address", services[0].address]
         for replica in range(args.generator_replicas):
             label = "generator" if replica == 0 else f"generator-{replica + 1}"
-            services.append(launch_service("generator", generator_args, run_dir, label=label))
+            services.append(launch_service("generator", generator_args, run_dir, label=label, token_file=token_file))
         for generator in services[1:]:
             wait_ready(generator)
     finally:

@@ -8,9 +8,11 @@ import os
 import queue
 import threading
 import time
+from contextlib import contextmanager
 
 import grpc
 
+from haoping.client import make_channel, read_token_file
 from haoping.errors import Cancelled
 from haoping.generation import LENGTH, PolicyGenerator, SampleSpec, SamplingParams, sample_seed
 from haoping.log import get_logger, setup_logging
@@ -20,11 +22,13 @@ from haoping.v1 import haoping_pb2_grpc as pb_grpc
 from services.common import metrics
 from services.common.batching import ContinuousBatcher, QueueFull, ShuttingDown
 from services.common.config import add_batching_flags, add_common_server_flags, add_flag
+from services.common.security import check_security_flags, client_tls
 from services.common.server import Draining, serve
 
 log = get_logger(__name__)
 FINISH = {"eos": pb.FINISH_REASON_EOS, LENGTH: pb.FINISH_REASON_LENGTH}
 MAX_TRAINER_CHANNELS = 4
+UINT32_MAX = 2**32 - 1
 
 
 class GeneratorService(pb_grpc.GeneratorServicer):
@@ -35,8 +39,14 @@ class GeneratorService(pb_grpc.GeneratorServicer):
         self.max_new_tokens_limit = min(args.max_new_tokens_limit, generator.max_context - 1)
         self.max_samples_per_prompt = args.max_samples_per_prompt
         self.max_prompts = args.max_prompts
-        self.trainer_address = args.trainer_address
+        self.max_prompt_chars = args.max_prompt_chars
+        self.max_request_tokens = args.max_request_tokens
+        self.work = WorkBudget(args.max_queued_tokens)
+        # the only peers LoadWeights dials: the trainer(s) this generator was started with
+        self.trainer_addresses = [a.strip() for a in args.trainer_address.split(",") if a.strip()]
         self.max_message_bytes = args.max_message_mb * 1024 * 1024
+        self._peer_token = read_token_file(args.auth_token_file) if args.auth_token_file else None
+        self._peer_tls = client_tls(args)
         self._trainer_channels: dict[str, grpc.Channel] = {}
         self._channels_lock = threading.Lock()
         self.batcher = ContinuousBatcher("generator", generator.open_batch, args.max_batch_size,
@@ -56,6 +66,9 @@ class GeneratorService(pb_grpc.GeneratorServicer):
             bad("prompts must not be empty")
         if len(request.prompts) > self.max_prompts:
             bad(f"at most {self.max_prompts} prompts per request, got {len(request.prompts)}")
+        for p_index, prompt in enumerate(request.prompts):  # by size, before any tokenizing
+            if len(prompt) > self.max_prompt_chars:
+                bad(f"prompt {p_index} has {len(prompt)} characters; at most {self.max_prompt_chars}")
         n = request.samples_per_prompt if request.HasField("samples_per_prompt") else 1
         if not 1 <= n <= self.max_samples_per_prompt:
             bad(f"samples_per_prompt must be in [1, {self.max_samples_per_prompt}], got {n}")
@@ -72,6 +85,14 @@ class GeneratorService(pb_grpc.GeneratorServicer):
             bad(f"top_p must be in (0, 1], got {top_p}")
         if not 0 <= request.min_new_tokens <= max_new:
             bad(f"min_new_tokens must be in [0, max_new_tokens={max_new}], got {request.min_new_tokens}")
+        if request.first_sample_index + n - 1 > UINT32_MAX:  # sample_index is a uint32
+            bad(f"first_sample_index + samples_per_prompt must stay within {UINT32_MAX + 1}, got "
+                f"{request.first_sample_index} + {n}")
+        work = len(request.prompts) * n * max_new
+        if work > self.max_request_tokens:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"request too large: prompts x samples_per_prompt x max_new_tokens = {work} tokens, at "
+                          f"most {self.max_request_tokens} (--max-request-tokens); split it into smaller requests")
         seed = request.seed if request.HasField("seed") else int.from_bytes(os.urandom(8), "little") >> 1
         params = SamplingParams(max_new, temperature, request.top_k, top_p, request.min_new_tokens)
         specs = []
@@ -88,11 +109,12 @@ class GeneratorService(pb_grpc.GeneratorServicer):
 
     # ------------------------------------------------------------ RPCs
 
-    def _sample_message(self, p_index, s_index, sample, version) -> pb.Sample:
-        text = self.generator.decode(sample.response_ids)
-        prompt_text = self.generator.decode_prompt(sample.prompt_ids)
+    def _sample_message(self, prompt: str, p_index, s_index, sample, version) -> pb.Sample:
+        """``full_text`` is the prompt exactly as sent (the model saw its token ids, in which a
+        character the vocabulary lacks is [UNK]) plus the clean continuation."""
+        text = self.generator.decode(sample.response_ids, after=prompt)
         return pb.Sample(prompt_index=p_index, sample_index=s_index, prompt_token_ids=sample.prompt_ids,
-                         response_token_ids=sample.response_ids, text=text, full_text=prompt_text + text,
+                         response_token_ids=sample.response_ids, text=text, full_text=prompt + text,
                          finish_reason=FINISH[sample.finish_reason], policy_version=version)
 
     def _record(self, samples) -> None:
@@ -104,8 +126,9 @@ class GeneratorService(pb_grpc.GeneratorServicer):
         """Through the continuous batcher: the samples join the running batch at the next token step."""
         started = time.perf_counter()
         try:
-            samples, version = self.batcher.submit([s for _, _, s in specs], lambda: not context.is_active(), on_step,
-                                                   arrival)
+            with self.work.reserve(sum(s.params.max_new_tokens for _, _, s in specs)):
+                samples, version = self.batcher.submit([s for _, _, s in specs], lambda: not context.is_active(),
+                                                       on_step, arrival)
         except QueueFull as err:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
         except Cancelled:
@@ -121,7 +144,8 @@ class GeneratorService(pb_grpc.GeneratorServicer):
             specs = self._specs(request, context)
             samples, version, seconds = self._run(specs, context, arrival)
         return pb.GenerateResponse(
-            samples=[self._sample_message(p, s, sample, version) for (p, s, _), sample in zip(specs, samples)],
+            samples=[self._sample_message(request.prompts[p], p, s, sample, version)
+                     for (p, s, _), sample in zip(specs, samples)],
             policy_version=version, seconds=seconds)
 
     def GenerateStream(self, request, context):
@@ -150,7 +174,7 @@ class GeneratorService(pb_grpc.GeneratorServicer):
         threading.Thread(target=work, daemon=True).start()
         while (responses := steps.get()) is not None:
             for i, ids in enumerate(responses):
-                text = self.generator.decode(ids)
+                text = self.generator.decode(ids, after=request.prompts[specs[i][0]])
                 if text != sent_text[i] and text.startswith(sent_text[i]):
                     yield pb.GenerateStreamResponse(prompt_index=specs[i][0], sample_index=specs[i][1],
                                                     text_delta=text[len(sent_text[i]):])
@@ -159,7 +183,7 @@ class GeneratorService(pb_grpc.GeneratorServicer):
             raise result["error"]
         samples, version, _ = result["value"]
         for i, ((p, s, _), sample) in enumerate(zip(specs, samples)):
-            message = self._sample_message(p, s, sample, version)
+            message = self._sample_message(request.prompts[p], p, s, sample, version)
             yield pb.GenerateStreamResponse(prompt_index=p, sample_index=s,
                                             text_delta=message.text[len(sent_text[i]):]
                                             if message.text.startswith(sent_text[i]) else "",
@@ -168,20 +192,23 @@ class GeneratorService(pb_grpc.GeneratorServicer):
     def LoadWeights(self, request, context):
         if self.draining:
             context.abort(grpc.StatusCode.UNAVAILABLE, "generator is draining")
-        address = request.trainer_address or self.trainer_address
-        if not address:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no trainer_address given and none configured")
+        address = self._allowed_peer(request.trainer_address, context)
         started = time.perf_counter()
         try:
             chunks = list(pb_grpc.TrainerStub(self._trainer_channel(address)).GetWeights(
                 pb.GetWeightsRequest(version=request.version), timeout=300))
         except grpc.RpcError as err:
-            context.abort(grpc.StatusCode.UNAVAILABLE if err.code() == grpc.StatusCode.UNAVAILABLE else err.code(),
-                          f"fetching weights from {address}: {err.details()}")
+            code = err.code()
+            if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                # the trainer refused this generator's token, not the caller's: say so
+                code = grpc.StatusCode.FAILED_PRECONDITION
+            context.abort(code, f"fetching weights from {address}: {err.details()}")
         data = assemble_weights(chunks, context)
         try:
             self.generator.load_weights(data, chunks[0].policy_version)
         except ValueError as err:
+            metrics.WEIGHT_LOADS_REFUSED.labels("unfit").inc()
+            log.warning("refused weights from %s: %s; version %d keeps serving", address, err, self.generator.version)
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
         seconds = time.perf_counter() - started
         metrics.WEIGHT_LOAD_DURATION.observe(seconds)
@@ -190,14 +217,29 @@ class GeneratorService(pb_grpc.GeneratorServicer):
         log.info("loaded policy version %d (%.1f MB in %.2fs)", self.generator.version, len(data) / 1e6, seconds)
         return pb.LoadWeightsResponse(policy_version=self.generator.version, bytes=len(data), seconds=seconds)
 
+    def _allowed_peer(self, requested: str, context) -> str:
+        """The trainer to pull from: the request may only pick one of --trainer-address, and
+        anything else is refused before any connection is made (no probing ports through us)."""
+        if not self.trainer_addresses:
+            metrics.WEIGHT_LOADS_REFUSED.labels("peer").inc()
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          "this generator was started without --trainer-address, so it loads no weights")
+        if not requested:
+            return self.trainer_addresses[0]
+        if requested not in self.trainer_addresses:
+            metrics.WEIGHT_LOADS_REFUSED.labels("peer").inc()
+            context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                          f"trainer_address {requested[:100]!r} is not one this generator was started with "
+                          f"(--trainer-address {','.join(self.trainer_addresses)}); leave it empty for the first")
+        return requested
+
     def _trainer_channel(self, address: str) -> grpc.Channel:
         """A channel kept open per trainer address (a few at most): a weight sync every PPO cycle
         should not pay a new connection each time."""
         with self._channels_lock:
             channel = self._trainer_channels.pop(address, None)
             if channel is None:
-                channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length",
-                                                                   self.max_message_bytes)])
+                channel = make_channel(address, self._peer_token, self._peer_tls, self.max_message_bytes)
             self._trainer_channels[address] = channel  # most recently used last
             while len(self._trainer_channels) > MAX_TRAINER_CHANNELS:
                 # dropped, not closed: a LoadWeights on another thread may still be fetching through
@@ -212,7 +254,36 @@ class GeneratorService(pb_grpc.GeneratorServicer):
             device=str(g.device), max_context=g.max_context,
             limits={"max_new_tokens": self.max_new_tokens_limit, "default_max_new_tokens": self.default_max_new_tokens,
                     "max_samples_per_prompt": self.max_samples_per_prompt, "max_prompts": self.max_prompts,
-                    "max_message_bytes": self.max_message_bytes})
+                    "max_message_bytes": self.max_message_bytes, "max_prompt_chars": self.max_prompt_chars,
+                    "max_request_tokens": self.max_request_tokens, "max_queued_tokens": self.work.limit})
+
+
+class WorkBudget:
+    """Generation work (samples x max_new_tokens) admitted and not yet answered, bounded: a
+    request that would take it past ``limit`` gets QueueFull (RESOURCE_EXHAUSTED) at once,
+    so a few large requests cannot queue up hours of work ahead of everyone else."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def reserve(self, work: int):
+        with self._lock:
+            fits = self.used + work <= self.limit
+            if fits:
+                self.used += work
+                metrics.QUEUED_WORK_TOKENS.set(self.used)
+        if not fits:
+            raise QueueFull(f"generator busy: {self.used} tokens of work admitted, this request adds {work}, "
+                            f"at most {self.limit} (--max-queued-tokens); retry later")
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.used -= work
+                metrics.QUEUED_WORK_TOKENS.set(self.used)
 
 
 def assemble_weights(chunks: list, context) -> bytes:
@@ -233,18 +304,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="haoping serve generator", description=__doc__)
     add_common_server_flags(parser, port=50051, metrics_port=9101)
     add_flag(parser, "--model", "starter:policy", help="policy: starter:policy, a local dir or a hub ID")
-    add_flag(parser, "--trainer-address", "", help="trainer host:port that LoadWeights pulls from")
+    add_flag(parser, "--trainer-address", "",
+             help="trainer host:port (a comma list for several) that LoadWeights pulls from, with this "
+                  "service's own token and TLS settings; LoadWeights refuses any other address")
     add_flag(parser, "--default-max-new-tokens", 16, int, "max_new_tokens when a request leaves it unset")
     add_flag(parser, "--max-new-tokens-limit", 256, int, "largest max_new_tokens a request may ask for")
     add_flag(parser, "--max-samples-per-prompt", 64, int, "largest samples_per_prompt")
     add_flag(parser, "--max-prompts", 256, int, "most prompts in one request")
+    add_flag(parser, "--max-prompt-chars", 8192, int, "longest prompt in characters (checked before tokenizing)")
+    add_flag(parser, "--max-request-tokens", 131072, int,
+             "most work in one request: prompts x samples_per_prompt x max_new_tokens")
+    add_flag(parser, "--max-queued-tokens", 524288, int,
+             "most work admitted at once over all requests (samples x max_new_tokens); beyond it "
+             "RESOURCE_EXHAUSTED at once")
     add_batching_flags(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_security_flags(parser, args)
+    if args.max_queued_tokens < args.max_request_tokens:
+        parser.error("--max-queued-tokens must be at least --max-request-tokens")
     generator = PolicyGenerator(args.model, pick_device(args.device), parse_dtype(args.dtype))
     draining = Draining()
     service = GeneratorService(generator, args, draining)

@@ -17,6 +17,7 @@ from haoping.v1 import haoping_pb2_grpc as pb_grpc
 from services.common import metrics
 from services.common.batching import DynamicBatcher, QueueFull
 from services.common.config import add_batching_flags, add_common_server_flags, add_flag
+from services.common.security import check_security_flags
 from services.common.server import Draining, serve
 
 log = get_logger(__name__)
@@ -27,6 +28,7 @@ class ScorerService(pb_grpc.ScorerServicer):
         self.scorer = scorer
         self.draining = draining
         self.max_texts = args.max_texts
+        self.max_text_chars = args.max_text_chars
         self.device, self.dtype = args.device, args.dtype
         self.batcher = DynamicBatcher("scorer", lambda texts, _stop: (scorer.score(texts), None),
                                       args.max_batch_size, args.max_wait_ms / 1000,
@@ -40,6 +42,12 @@ class ScorerService(pb_grpc.ScorerServicer):
         if len(request.texts) > self.max_texts:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"at most {self.max_texts} texts per request, got {len(request.texts)}")
+        for i, text in enumerate(request.texts):  # by size, before any tokenizing
+            if len(text) > self.max_text_chars:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"text {i} has {len(text)} characters; at most {self.max_text_chars} (--max-text-chars)")
+            if not text.strip():
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"text {i} is empty")
 
     def _score(self, request, context):
         cancelled = lambda: not context.is_active()  # noqa: E731
@@ -70,7 +78,7 @@ class ScorerService(pb_grpc.ScorerServicer):
     def GetInfo(self, request, context):
         return pb.ServiceInfo(service="scorer", model_id=self.scorer.model_id, backend=self.scorer.backend,
                               dtype=self.dtype, device=self.device, max_context=self.scorer.max_length,
-                              limits={"max_texts": self.max_texts})
+                              limits={"max_texts": self.max_texts, "max_text_chars": self.max_text_chars})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
              help="starter:classifier, a local dir, or a hub ID such as uer/roberta-base-finetuned-jd-binary-chinese")
     add_flag(parser, "--normalize", "none", help="reward-model scores: none, sigmoid or running (mean/std)")
     add_flag(parser, "--max-texts", 1024, int, "most texts in one Score request")
+    add_flag(parser, "--max-text-chars", 4096, int,
+             "longest text in characters, checked before tokenizing (INVALID_ARGUMENT beyond); a text within it "
+             "but longer than the model's context is scored on its first max_context tokens")
     add_flag(parser, "--human-host", "127.0.0.1", help="human backend: address of the rating page")
     add_flag(parser, "--human-port", 8090, int, "human backend: port of the rating page (0 picks a free one)")
     add_batching_flags(parser)
@@ -90,7 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_security_flags(parser, args)
     scorer = build_scorer(args.backend, args.model, pick_device(args.device), parse_dtype(args.dtype), args.normalize,
                           human_host=args.human_host, human_port=args.human_port, max_pending=args.max_queue)
     scorer.start()

@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import threading
+from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 
@@ -16,6 +19,7 @@ from haoping.v1 import haoping_pb2 as pb
 from haoping.v1 import haoping_pb2_grpc as pb_grpc
 from services.common import metrics
 from services.common.config import add_common_server_flags, add_flag
+from services.common.security import check_security_flags
 from services.common.server import Draining, serve
 
 log = get_logger(__name__)
@@ -32,20 +36,22 @@ class TrainerService(pb_grpc.TrainerServicer):
         self.max_coordinator_state_bytes = args.max_coordinator_state_bytes
         self.device, self.dtype = args.device, args.dtype
         self._lock = threading.Lock()  # one update at a time; weights are read between updates
+        config = trainer.model.lm.config
+        self.limits = StepLimits(max_rollouts=args.max_rollouts, max_step_tokens=args.max_step_tokens,
+                                 max_abs_reward=args.max_abs_reward, vocab_size=config.vocab_size,
+                                 max_context=model_context(config))
         metrics.POLICY_VERSION.labels("trainer").set(trainer.version)
 
     def Step(self, request, context):
         if self.draining:
             context.abort(grpc.StatusCode.UNAVAILABLE, "trainer is draining")
+        problem = check_step_request(request, self.limits)
+        if problem is not None:
+            context.abort(*problem)
         rollouts = request.rollouts
         queries = [list(r.query_token_ids) for r in rollouts]
         responses = [list(r.response_token_ids) for r in rollouts]
         rewards = [r.reward for r in rollouts]
-        vocab = self.trainer.model.lm.config.vocab_size
-        for i, ids in enumerate(queries + responses):
-            if any(not 0 <= t < vocab for t in ids):
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                              f"rollout {i % max(1, len(rollouts))}: token id outside the vocabulary [0, {vocab})")
         if request.step_id and not STEP_ID.fullmatch(request.step_id):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "step_id must match [A-Za-z0-9._:-]{1,128}")
         with self._lock:
@@ -116,10 +122,62 @@ class TrainerService(pb_grpc.TrainerServicer):
         t = self.trainer
         return pb.ServiceInfo(service="trainer", model_id=t.policy_ref, policy_version=t.version,
                               dtype=self.dtype, device=self.device,
-                              max_context=int(t.model.lm.config.n_positions
-                                              if hasattr(t.model.lm.config, "n_positions") else 0),
+                              max_context=self.limits.max_context,
                               limits={"minibatch_size": t.config.minibatch_size, "ppo_epochs": t.config.ppo_epochs,
+                                      "max_rollouts": self.limits.max_rollouts,
+                                      "max_step_tokens": self.limits.max_step_tokens,
+                                      "max_abs_reward": int(self.limits.max_abs_reward),
                                       "max_coordinator_state_bytes": self.max_coordinator_state_bytes})
+
+
+@dataclass(frozen=True)
+class StepLimits:
+    max_rollouts: int
+    max_step_tokens: int
+    max_abs_reward: float
+    vocab_size: int
+    max_context: int
+
+
+def model_context(config) -> int:
+    return int(getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", 0) or 0)
+
+
+def check_step_request(request: pb.StepRequest, limits: StepLimits) -> tuple[grpc.StatusCode, str] | None:
+    """The first reason to refuse a Step, as (status, message naming the field), or None.
+
+    Sizes are read from the message as parsed, before anything is copied or allocated: a request
+    over a budget costs the trainer nothing but the parse."""
+    rollouts = request.rollouts
+    if not rollouts:
+        return grpc.StatusCode.INVALID_ARGUMENT, "rollouts must not be empty"
+    if len(rollouts) > limits.max_rollouts:
+        return (grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{len(rollouts)} rollouts in one Step; at most {limits.max_rollouts} (--max-rollouts)")
+    total = 0
+    for i, rollout in enumerate(rollouts):
+        q, r = len(rollout.query_token_ids), len(rollout.response_token_ids)
+        total += q + r
+        if total > limits.max_step_tokens:
+            return (grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"rollouts hold more than {limits.max_step_tokens} tokens in all (--max-step-tokens), "
+                    f"passed at rollout {i}")
+        if not q or not r:
+            return grpc.StatusCode.INVALID_ARGUMENT, f"rollout {i}: empty {'query' if not q else 'response'}_token_ids"
+        if limits.max_context and q + r > limits.max_context:
+            return (grpc.StatusCode.INVALID_ARGUMENT,
+                    f"rollout {i}: {q} query + {r} response tokens exceed the model context of {limits.max_context}")
+        if not math.isfinite(rollout.reward) or abs(rollout.reward) > limits.max_abs_reward:
+            return (grpc.StatusCode.INVALID_ARGUMENT,
+                    f"rollout {i}: reward {rollout.reward} must be finite and within +-{limits.max_abs_reward:g} "
+                    "(--max-abs-reward)")
+    for i, rollout in enumerate(rollouts):  # after the size checks: this pass touches every id
+        for field in ("query_token_ids", "response_token_ids"):
+            ids = getattr(rollout, field)
+            if min(ids) < 0 or max(ids) >= limits.vocab_size:
+                return (grpc.StatusCode.INVALID_ARGUMENT,
+                        f"rollout {i}: {field} has a token id outside the vocabulary [0, {limits.vocab_size})")
+    return None
 
 
 def record_step_metrics(stats: dict[str, float], version: int) -> None:
@@ -146,13 +204,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(parser, "--checkpoint-every", 0, int, "checkpoint every N steps (0: only on request)")
     add_flag(parser, "--keep-checkpoints", 3, int, "newest verified checkpoints kept in --checkpoint-dir")
     add_flag(parser, "--max-coordinator-state-bytes", 1 << 20, int, "largest SaveCheckpoint coordinator_state")
+    add_flag(parser, "--max-rollouts", 2048, int, "most rollouts in one Step (RESOURCE_EXHAUSTED beyond)")
+    add_flag(parser, "--max-step-tokens", 262144, int,
+             "most query + response tokens over all rollouts of one Step (RESOURCE_EXHAUSTED beyond)")
+    add_flag(parser, "--max-abs-reward", 100.0, float, "largest |reward| a rollout may carry (INVALID_ARGUMENT beyond)")
     add_flag(parser, "--ppo-config", "", help="JSON object of PPO options (see PPOConfig), e.g. '{\"minibatch_size\": 16}'")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_security_flags(parser, args)
     try:
         config = PPOConfig.from_dict(json.loads(args.ppo_config)) if args.ppo_config else PPOConfig()
     except (ValueError, TypeError) as err:

@@ -14,6 +14,7 @@ import pytest
 
 from haoping.client import GeneratorClient, ScorerClient, TrainerClient
 from conftest import make_tiny_classifier, make_tiny_policy
+from services.common.security import write_token_file
 
 pytestmark = pytest.mark.skipif(os.environ.get("HAOPING_COMPOSE_TEST") != "1",
                                 reason="set HAOPING_COMPOSE_TEST=1 (make compose-test) to run the compose stack")
@@ -26,7 +27,9 @@ def stack(tmp_path_factory):
     models = tmp_path_factory.mktemp("compose-models")
     make_tiny_policy(models / "policy")
     make_tiny_classifier(models / "classifier")
+    token_file = write_token_file(tmp_path_factory.mktemp("compose-secret") / "auth-token")
     env = {**os.environ, "HAOPING_CACHE_VOLUME": str(models), "HAOPING_POLICY": "/cache/policy",
+           "HAOPING_TOKEN_FILE": str(token_file),
            "HAOPING_SCORER_MODEL": "/cache/classifier", "BASE_IMAGE": os.environ.get("BASE_IMAGE", "python:3.11-slim")}
     compose = ["docker", "compose", "-p", f"haoping-test-{os.getpid()}", "-f", str(ROOT / "docker-compose.yml"),
                "-f", str(ROOT / "tests/compose/tiny-models.yml")]
@@ -38,6 +41,7 @@ def stack(tmp_path_factory):
     try:
         up = run("up", "-d", "--no-build", "--wait", *SERVICES, check=False)
         assert up.returncode == 0, up.stdout + up.stderr + run("logs", check=False).stdout[-5000:]
+        run.token_file = token_file
         yield run
     finally:
         run("down", "-v", "--timeout", "20", check=False)
@@ -85,13 +89,14 @@ def test_prometheus_scrapes_every_service(stack):
 
 
 def test_coordinator_runs_cycles_against_the_running_services(stack):
-    with TrainerClient("127.0.0.1:50053") as trainer:
+    with TrainerClient("127.0.0.1:50053", token_file=stack.token_file) as trainer:
         version_before = trainer.info().policy_version
     done = stack("run", "--rm", "-e", "HAOPING_CYCLES=2", "-e", "HAOPING_SAMPLES_PER_PROMPT=2",
                  "-e", "HAOPING_EVAL_SAMPLES=8", "-e", "HAOPING_NAME=compose-test", "coordinator", check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "mean reward" in done.stdout
-    with TrainerClient("127.0.0.1:50053") as trainer, GeneratorClient("127.0.0.1:50051") as generator:
+    with TrainerClient("127.0.0.1:50053", token_file=stack.token_file) as trainer, \
+            GeneratorClient("127.0.0.1:50051", token_file=stack.token_file) as generator:
         assert trainer.info().policy_version == version_before + 2
         assert generator.info().policy_version == version_before + 2  # the weights reached the generator
 
