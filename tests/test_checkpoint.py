@@ -187,12 +187,15 @@ def test_the_trainer_service_checkpoints_by_label_and_applies_each_step_id_once(
 
     (tmp_path / "logs").mkdir()
     checkpoints = tmp_path / "checkpoints"
+    # --max-abs-reward above float32's range: an extreme but finite reward reaches the update
     service = start_service("trainer", ["--model", str(tiny_policy), "--device", "cpu", "--checkpoint-dir",
-                                        str(checkpoints), "--keep-checkpoints", "2"], tmp_path, timeout=120)
+                                        str(checkpoints), "--keep-checkpoints", "2", "--max-abs-reward", "1e39"],
+                            tmp_path, timeout=120)
+    token = service.token_file.read_text().strip()
     rollouts = [pb.Rollout(query_token_ids=q, response_token_ids=r, reward=s)
                 for q, r, s in zip(QUERIES, RESPONSES, SCORES)]
     try:
-        with TrainerClient(service.address, timeout=60) as trainer:
+        with TrainerClient(service.address, timeout=60, token=token) as trainer:
             for label in ["", ".", "..", "../escape", "a/b", "/tmp/abs", "x" * 65]:
                 with pytest.raises(grpc.RpcError) as err:
                     trainer.save_checkpoint(label)
@@ -201,7 +204,7 @@ def test_the_trainer_service_checkpoints_by_label_and_applies_each_step_id_once(
                 trainer.stub.SaveCheckpoint(pb.SaveCheckpointRequest(directory=str(tmp_path / "elsewhere"),
                                                                      label="ok"), timeout=30)
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "directory" in err.value.details()
-            assert sorted(p.name for p in tmp_path.iterdir()) == ["logs"]  # nothing written anywhere
+            assert sorted(p.name for p in tmp_path.iterdir()) == ["auth-token", "logs"]  # nothing written anywhere
 
             first = trainer.step(rollouts, step_id="run:0")
             again = trainer.step(rollouts, step_id="run:0")
