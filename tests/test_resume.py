@@ -69,8 +69,8 @@ class _Service:
 
 def test_restarts_are_bounded_per_service_per_hour():
     now = [0.0]
-    supervisor = Supervisor([_Service("trainer")], restart=lambda dead: _Service(dead.name), max_per_hour=2,
-                            clock=lambda: now[0])
+    supervisor = Supervisor([_Service("trainer")], launch=lambda dead: _Service(dead.name), wait=lambda s: s,
+                            max_per_hour=2, clock=lambda: now[0])
     assert supervisor.restart_dead() == ["trainer"]
     now[0] = 100
     assert supervisor.restart_dead() == ["trainer"]

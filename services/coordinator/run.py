@@ -358,6 +358,10 @@ class Coordinator:
     def _recover_supervised(self, reason: str) -> None:
         started = time.perf_counter()
         log.warning("cycle %d interrupted (%s)", self.state.next_cycle, reason)
+        if any(s.module == "trainer" for s in self.supervisor.dead()):
+            # the trainer comes back at its checkpoint's version, older than the generators' now, which
+            # they would refuse: they restart with it, at once, and load it
+            self._kill_generators()
         restarted = self.supervisor.restart_dead()
         if "trainer" in restarted:
             self.rewind(self.resumed_from)
@@ -387,6 +391,11 @@ class Coordinator:
                     checkpoint.name if checkpoint else "the start", self.state.next_cycle, moved,
                     self.cycle_log.superseded.name)
 
+    def _kill_generators(self) -> None:
+        for service in self.supervisor.services:
+            if service.module == "generator" and service.process.poll() is None:
+                self.supervisor.stop(service)
+
     def resync_generators(self) -> None:
         try:
             synced = self.generator.load_weights(self.trainer_address)
@@ -396,10 +405,7 @@ class Coordinator:
             if err.code() != grpc.StatusCode.FAILED_PRECONDITION or self.supervisor is None:
                 raise
             log.warning("a generator refused the trainer's weights (%s); restarting the generators", err.details())
-            for service in self.supervisor.services:
-                if service.module == "generator":
-                    service.process.kill()
-                    service.process.wait()
+            self._kill_generators()
             self.supervisor.restart_dead()
             synced = self.generator.load_weights(self.trainer_address)
         log.info("generators at policy version %d", synced.policy_version)
@@ -531,7 +537,7 @@ def run(args) -> int:
                          s.address.split(":")[0], s.metrics_port)
             trainer_service, generator_services, scorer_service = split_services(services)
             connect_to = trainer_service.address, [g.address for g in generator_services], scorer_service.address
-            supervisor = Supervisor(services, lambda dead: None, args.max_restarts_per_hour)
+            supervisor = Supervisor(services, lambda dead: None, wait_ready, args.max_restarts_per_hour)
         trainer_address, generator_addresses, scorer_address = connect_to
         access = {**client_access(args), "token_file": token_file}
         with GeneratorReplicas([GeneratorClient(a, timeout=args.rpc_timeout, **access)
@@ -543,7 +549,7 @@ def run(args) -> int:
             coordinator = Coordinator(args, generator, scorer, trainer, trainer_address, run_dir, state, supervisor,
                                       stop, prefix)
             if supervisor is not None:
-                supervisor.restart = lambda dead: restart_service(dead, coordinator, run_dir)
+                supervisor.launch = lambda dead: relaunch_service(dead, coordinator, run_dir)
             coordinator.cycle_log.rewind(state.next_cycle)
             try:
                 synced = generator.load_weights(trainer_address)  # a resumed trainer's policy, or the same start
@@ -611,18 +617,19 @@ def initial_state(run_dir: Path, checkpoint: Path | None, supervised: bool) -> R
     return state
 
 
-def restart_service(dead: ServiceProcess, coordinator: Coordinator, run_dir: Path) -> ServiceProcess:
-    """``dead`` started again with its own arguments on its old ports; the trainer from the
-    newest good checkpoint (remembered in ``coordinator.resumed_from``)."""
+def relaunch_service(dead: ServiceProcess, coordinator: Coordinator, run_dir: Path) -> ServiceProcess:
+    """``dead`` started again with its own arguments on its old ports (not yet serving: see
+    :func:`wait_ready`); the trainer from the newest good checkpoint (remembered in
+    ``coordinator.resumed_from``)."""
     extra = list(dead.args)
     if dead.module == "trainer":
         checkpoint = CheckpointStore(run_dir / "checkpoints", coordinator.args.keep_checkpoints).newest_good()
         coordinator.resumed_from = checkpoint
         resume = checkpoint or coordinator.args.resume
         extra = _without_flag(extra, "--resume") + (["--resume", str(resume)] if resume else [])
-    host, port = dead.address.rsplit(":", 1)
-    restarted = start_service(dead.module, extra + ["--port", port, "--metrics-port", str(dead.metrics_port)],
-                              run_dir, label=dead.name, token_file=dead.token_file)
+    port = dead.address.rsplit(":", 1)[1]
+    restarted = launch_service(dead.module, extra + ["--port", port, "--metrics-port", str(dead.metrics_port)],
+                               run_dir, label=dead.name, token_file=dead.token_file)
     restarted.args = extra
     return restarted
 
