@@ -215,8 +215,10 @@ def test_sigterm_during_a_long_stream_exits_0_and_the_stream_gets_unavailable(ti
 
     (tmp_path / "logs").mkdir()
     for attempt in range(2):  # the abort was intermittent: twice
+        # a stream of 64 x 64 samples x 40 tokens: above the default request budget, allowed here
         service = start_service("generator", ["--model", str(tiny_policy), "--device", "cpu", "--grace-seconds", "1",
-                                              "--drain-announce-seconds", "0.2"], tmp_path, timeout=120,
+                                              "--drain-announce-seconds", "0.2", "--max-request-tokens", "200000",
+                                              "--max-queued-tokens", "400000"], tmp_path, timeout=120,
                                 label=f"generator-{attempt}")
         codes = []
         with GeneratorClient(service.address, timeout=60) as client:
