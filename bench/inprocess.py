@@ -16,7 +16,7 @@ from haoping.generation import PolicyGenerator, SampleSpec, SamplingParams, samp
 from haoping.models import resolve_model
 from haoping.ppo_trainer import PPOConfig, PPOTrainer
 from haoping.scorers.backends import build_scorer
-from services.coordinator.run import cycle_seed, reward_for, trainer_ppo_config
+from services.coordinator.run import cycle_seed, trainer_ppo_config
 
 
 class InProcessPipeline:
@@ -25,8 +25,7 @@ class InProcessPipeline:
         self.args = args
         policy = resolve_model(args.policy)
         self.generator = PolicyGenerator(policy)
-        self.scorer = build_scorer(args.scorer_backend, resolve_model(args.scorer_model),
-                                   normalize=args.scorer_normalize)
+        self.scorer = build_scorer(args.scorer_backend, resolve_model(args.scorer_model))  # raw scores
         self.trainer = PPOTrainer(policy, PPOConfig.from_dict(trainer_ppo_config(args)))
         # the trainer's own random stream (minibatch shuffles), as if it ran in its own process:
         # the reference pipeline sharing this process draws from torch's global generator too
@@ -64,7 +63,7 @@ class InProcessPipeline:
         texts = [self.generator.decode_prompt(s.prompt_ids) + r for s, r in zip(samples, responses)]
         scores = self.scorer.score(texts)
         t2 = time.perf_counter()
-        rewards = [reward_for(r, s.score, a.empty_response_reward) for r, s in zip(responses, scores)]
+        rewards = [s.score for s in scores]  # raw: the trainer shapes them
         self.last_batch = ([s.prompt_ids for s in samples], [s.response_ids for s in samples], rewards)
         stats = self.step(*self.last_batch)
         t3 = time.perf_counter()

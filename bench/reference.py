@@ -22,7 +22,7 @@ from transformers import pipeline
 
 from haoping.models import TokenFormat, decode_clean, encode_prompt, positive_label_index, resolve_model
 from haoping.ppo_trainer import PPOConfig, PPOTrainer
-from services.coordinator.run import cycle_seed, reward_for, trainer_ppo_config
+from services.coordinator.run import cycle_seed, trainer_ppo_config
 
 
 class ReferencePipeline:
@@ -67,7 +67,7 @@ class ReferencePipeline:
         texts = [decode_clean(self.tokenizer, q) + r for (q, _), r in zip(rollouts, responses)]
         scores = [self.score_one(text) for text in texts]
         t2 = time.perf_counter()
-        rewards = [reward_for(r, s, a.empty_response_reward) for r, s in zip(responses, scores)]
+        rewards = list(scores)  # raw: the trainer shapes them
         stats = self.trainer.step([q for q, _ in rollouts], [r for _, r in rollouts], rewards)
         t3 = time.perf_counter()
         return {"samples": len(rollouts), "seconds": t3 - t0, "time/rollout": t1 - t0, "time/score": t2 - t1,

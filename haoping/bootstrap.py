@@ -33,6 +33,7 @@ from transformers import BertConfig, BertForSequenceClassification, BertTokenize
 
 from haoping.corpus import Review, build_char_vocab, load_reviews, split_reviews
 from haoping.log import get_logger
+from haoping.training import endless_batches, warmup_cosine_schedule
 
 log = get_logger(__name__)
 
@@ -88,41 +89,20 @@ def _locked(path: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _lr_at(step: int, total: int, peak: float, warmup: int) -> float:
-    """Linear warm-up, then cosine decay to 10% of the peak."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def _batches(items: list, batch_size: int, rng: random.Random, length, bucket: int = 50):
-    """Endless shuffled batches of items of similar ``length`` (sorted within windows of
-    ``bucket`` batches), so little compute goes to padding: about half the time per step."""
-    while True:
-        order = list(items)
-        rng.shuffle(order)
-        batches = []
-        for start in range(0, len(order), batch_size * bucket):
-            window = sorted(order[start:start + batch_size * bucket], key=length)
-            batches += [window[i:i + batch_size] for i in range(0, len(window) - batch_size + 1, batch_size)]
-        rng.shuffle(batches)
-        yield from batches
-
-
 def _train(model, batches, make_inputs, steps: int, lr: float, warmup: int, desc: str) -> None:
-    """AdamW with warm-up + cosine decay and gradient clipping; a progress bar shows the loss."""
+    """AdamW with warm-up + cosine decay to 10% of the peak, and gradient clipping; a progress bar
+    shows the loss."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    scheduler = warmup_cosine_schedule(optimizer, warmup, steps)
     model.train()
     bar = tqdm(range(steps), desc=desc, unit="step")
     for step in bar:
-        for group in optimizer.param_groups:
-            group["lr"] = _lr_at(step, steps, lr, warmup)
         loss = model(**make_inputs(next(batches))).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
+        scheduler.step()
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
@@ -175,7 +155,7 @@ def train_policy(tokenizer, train: list[Review], heldout: list[Review], out_dir:
         ids, mask = _pad(rows, tokenizer.pad_token_id)
         return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
 
-    _train(model, _batches(train_rows, recipe.batch_size, random.Random(recipe.seed), length=len), lm_batch,
+    _train(model, endless_batches(train_rows, recipe.batch_size, random.Random(recipe.seed), length=len), lm_batch,
            recipe.steps, recipe.lr, recipe.warmup, "policy LM")
     heldout_loss = _lm_loss(model, heldout_rows, tokenizer.pad_token_id)
     model.save_pretrained(out_dir)
@@ -219,7 +199,7 @@ def train_classifier(tokenizer, train: list[Review], heldout: list[Review], out_
         ids, mask = _pad([row for row, _ in batch], tokenizer.pad_token_id)
         return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([label for _, label in batch])}
 
-    _train(model, _batches(examples, recipe.batch_size, random.Random(recipe.seed), length=lambda e: len(e[0])),
+    _train(model, endless_batches(examples, recipe.batch_size, random.Random(recipe.seed), length=lambda e: len(e[0])),
            classifier_batch, recipe.steps, recipe.lr, recipe.warmup, desc)
     accuracy = classifier_accuracy(model, tokenizer, heldout, recipe.max_tokens)
     model.save_pretrained(out_dir)

@@ -268,8 +268,11 @@ class ScorerClient(_Client):
 class TrainerClient(_Client):
     stub_class = pb_grpc.TrainerStub
 
-    def step(self, rollouts: list[pb.Rollout], step_id: str = "") -> pb.StepResponse:
-        return self.stub.Step(pb.StepRequest(rollouts=rollouts, step_id=step_id), timeout=self.timeout)
+    def step(self, rollouts: list[pb.Rollout], min_new_tokens: int | None = None, step_id: str = "") -> pb.StepResponse:
+        """One update; ``min_new_tokens``: the EOS minimum the rollouts were sampled with; ``step_id``:
+        the trainer applies each id once (a repeated one gets the stored answer)."""
+        return self.stub.Step(pb.StepRequest(rollouts=rollouts, min_new_tokens=min_new_tokens, step_id=step_id),
+                              timeout=self.timeout)
 
     def save_checkpoint(self, label: str, coordinator_state: bytes = b"") -> pb.SaveCheckpointResponse:
         """A verified checkpoint named ``label`` inside the trainer's --checkpoint-dir."""

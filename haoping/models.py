@@ -172,3 +172,10 @@ def decode_clean(tokenizer: PreTrainedTokenizerBase, ids: list[int], after: str 
         out.append(token)
         prev_word = word
     return "".join(out)
+
+
+def autocast(device: torch.device | str, dtype: torch.dtype | None):
+    """Mixed precision for forward passes: torch.autocast to ``dtype`` over float32 weights,
+    enabled only for a non-float32 dtype (float32 or None runs as is)."""
+    enabled = dtype is not None and dtype != torch.float32
+    return torch.autocast(torch.device(device).type, dtype=dtype if enabled else torch.float32, enabled=enabled)

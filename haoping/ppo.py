@@ -188,6 +188,15 @@ class AdaptiveKLController:
         self.value *= 1.0 + proportional_error * n_steps / self.horizon
 
 
+def target_reward_factor(recent_rewards: list[float], target: float | None, factor: float) -> float:
+    """Learning-rate factor: ``factor`` while the mean of the recent batches' rewards is at least
+    ``target``, else 1 (None: no target). Past the target, the reward model's optimum lies in
+    what it over-rates (reward hacking); what is left to gain costs KL and diversity."""
+    if target is None or not recent_rewards:
+        return 1.0
+    return factor if sum(recent_rewards) / len(recent_rewards) >= target else 1.0
+
+
 # ---------------------------------------------------------------- reward normalization
 
 class RunningMoments:

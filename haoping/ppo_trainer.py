@@ -1,9 +1,14 @@
-"""The PPO trainer: a causal LM with a value head, a frozen reference model, and the
+"""The policy trainer: a causal LM with a value head, a frozen reference model, and the
 update step. Pure of gRPC; ``services/trainer`` is a thin adapter over :class:`PPOTrainer`.
 
-One :meth:`PPOTrainer.step` takes a batch of scored rollouts (query ids, response ids,
-score), recomputes old log-probs and values, builds KL-penalized per-token rewards, runs
-GAE, then ``ppo_epochs`` passes of shuffled minibatches with clipped losses.
+One :meth:`PPOTrainer.step` takes a batch of scored rollouts (query ids, response ids, raw
+score), shapes the scores (:func:`haoping.algorithms.shape_rewards`), recomputes old log-probs
+and reference log-probs, then, by ``PPOConfig.algorithm``:
+* ``ppo``: values, KL-penalized per-token rewards, GAE, whitened advantages, clipped policy and
+  value losses;
+* ``grpo`` / ``rloo``: one advantage per rollout from the other samples of its prompt, clipped
+  policy loss plus beta * k3 KL to the reference; the value head never runs;
+and ``ppo_epochs`` passes of shuffled minibatches.
 """
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +27,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save, save_file
+from transformers import get_scheduler
 
-from haoping import ppo
+from haoping import algorithms, ppo
 from haoping.checkpoint import CheckpointStore, verify_checkpoint
 from haoping.log import get_logger
-from haoping.models import TokenFormat, load_causal_lm, load_tokenizer
+from haoping.models import TokenFormat, autocast, decode_clean, load_causal_lm, load_tokenizer
 
 log = get_logger(__name__)
 STEP_RESPONSES_KEPT = 1000  # applied Step ids older than this keep their version, not their statistics
@@ -36,49 +42,83 @@ class NonFiniteStep(RuntimeError):
     """An update whose loss, gradients or weights were non-finite; it was rolled back."""
 
 
+def option(default, help: str, choices: tuple | None = None):
+    """A PPOConfig field with its help (and allowed values): the flags are generated from these."""
+    metadata = {"help": help}
+    if choices:
+        metadata["choices"] = choices
+    return field(default=default, metadata=metadata)
+
+
+ALGORITHMS = ("ppo", "grpo", "rloo")
+
+
 @dataclass
 class PPOConfig:
-    learning_rate: float = 1e-3
-    value_learning_rate: float | None = None  # None: same as learning_rate
-    value_warmup_steps: int = 0      # first N steps train only the value head
-    lr_schedule: str = "constant"    # constant | linear | cosine (over total_steps)
-    lr_warmup_steps: int = 0
-    total_steps: int = 1000
-    ppo_epochs: int = 4
-    minibatch_size: int = 64         # 64 rollouts a cycle: one minibatch, 4 epochs; fewer, less noisy Adam steps
-    gradient_accumulation_steps: int = 1
-    forward_batch_size: int = 64     # chunking of the no-grad forward passes
-    gamma: float = 1.0
-    lam: float = 0.95
-    cliprange: float = 0.2
-    cliprange_value: float = 0.2
-    vf_coef: float = 0.1
-    max_grad_norm: float = 1.0
-    adaptive_kl: bool = True
-    init_kl_coef: float = 0.2
-    kl_target: float = 6.0
-    kl_horizon: int = 10000
-    kl_estimator: str = "k1"         # k1 | k3
-    kl_loss_coef: float = 0.0        # > 0: also a k3 KL-to-reference term in the loss (GRPO style), per token
-    reward_normalization: bool = False  # running mean/std of scores
-    reward_clip: float | None = None
-    score_baseline: str = "none"     # none | prompt_mean: subtract the mean score of the same prompt's rollouts
-    whiten_advantages: bool = True
-    min_response_tokens: int = 0     # EOS was masked before this many tokens at sampling; mask it here too
+    """Every option of the update step; each is a typed flag of `haoping run` and `haoping serve trainer`."""
+
+    algorithm: str = option("ppo", "ppo: value head and GAE; grpo: group-normalized advantages, k3 KL in the loss; "
+                            "rloo: leave-one-out baseline, k3 KL in the loss (critic-free: no value head)", ALGORITHMS)
+    learning_rate: float = option(1e-3, "AdamW learning rate of the policy")
+    value_learning_rate: float | None = option(None, "learning rate of the value head (none: learning_rate)")
+    value_warmup_steps: int = option(0, "first N steps train only the value head")
+    lr_schedule: str = option("constant", "learning-rate schedule over total_steps (transformers.get_scheduler)",
+                              ("constant", "linear", "cosine"))
+    lr_warmup_steps: int = option(0, "steps of linear learning-rate warm-up")
+    total_steps: int = option(1000, "steps the linear and cosine schedules span")
+    ppo_epochs: int = option(4, "passes over each batch of rollouts")
+    # 64 rollouts a cycle: one minibatch, 4 epochs; fewer, less noisy Adam steps
+    minibatch_size: int = option(64, "rollouts per optimizer step")
+    gradient_accumulation_steps: int = option(1, "micro-batches per minibatch (same result, less memory)")
+    forward_batch_size: int = option(64, "rows per chunk of the no-grad forward passes")
+    gamma: float = option(1.0, "discount (ppo)")
+    lam: float = option(0.95, "GAE lambda (ppo)")
+    cliprange: float = option(0.2, "policy ratio clip epsilon")
+    cliprange_value: float = option(0.2, "value clip epsilon (ppo)")
+    vf_coef: float = option(0.1, "value loss coefficient (ppo)")
+    max_grad_norm: float = option(1.0, "gradient norm clip")
+    adaptive_kl: bool = option(True, "move the KL coefficient so that KL tracks kl_target (Ziegler et al.)")
+    init_kl_coef: float = option(0.2, "KL coefficient at the start: in the reward (ppo), beta in the loss or the "
+                                 "reward (grpo, rloo: kl_penalty)")
+    kl_target: float = option(6.0, "KL target of the adaptive controller, nats per sequence")
+    kl_horizon: int = option(10000, "adaptive KL horizon in rollouts: smaller reacts faster")
+    kl_estimator: str = option("k1", "per-token KL estimator in the reward (ppo)", ("k1", "k3"))
+    kl_penalty: str = option("loss", "grpo, rloo: where the KL coefficient applies: beta * k3 per token in the loss, "
+                             "or kl_coef * the rollout's KL (kl_estimator, summed) subtracted from its score before "
+                             "the group advantages", ("loss", "reward"))
+    kl_loss_coef: float = option(0.0, "ppo: > 0 adds a k3 KL-to-reference term in the loss, per token")
+    empty_response_reward: float | None = option(
+        0.0, "reward of a response with no visible text (none: its score): the prompt alone already scores high")
+    reward_normalization: str = option("none", "score normalization: running mean/std, or sigmoid of a "
+                                       "reward model's raw scalar", ("none", "running", "sigmoid"))
+    reward_clip: float | None = option(None, "clip normalized scores to [-x, x] (none: no clip)")
+    score_baseline: str = option("none", "prompt_mean: subtract the mean score of the same prompt's rollouts (ppo)",
+                                 ("none", "prompt_mean"))
+    whiten_advantages: bool = option(True, "whiten GAE advantages over the batch (ppo)")
+    scale_advantages: bool = option(True, "grpo: divide each prompt's centered scores by their std (no: "
+                                    "Dr. GRPO, centering only)")
+    min_response_tokens: int = option(0, "EOS was masked before this many tokens at sampling; mask it here too "
+                                      "(a Step may carry its own)")
+    target_reward: float | None = option(
+        None, "once the mean raw score of the last 3 batches reaches this, the policy learns at "
+        "target_reward_lr_factor x its rate (until it falls below again): keep a reached reward, do not chase more")
+    target_reward_lr_factor: float = option(0.1, "learning-rate factor while target_reward is reached (0: hold)")
+    stale_rollouts: str = option("count", "rollouts whose policy_version differs from the trainer's: count them "
+                                 "in the statistics, or reject the Step", ("count", "reject"))
     # Freeze the token embeddings and the LM head (tied in GPT-2). Every vocabulary row gets a
     # gradient through the softmax, and Adam moves even a rare token's row by ~lr per step: a
     # coherent drift of all rare tokens' logits that costs KL and diversity, not reward.
-    freeze_embeddings: bool = True
-    seed: int = 0
+    freeze_embeddings: bool = option(True, "freeze the token embeddings and the (tied) LM head")
+    seed: int = option(0, "torch seed of the trainer")
 
     def __post_init__(self):
+        if isinstance(self.reward_normalization, bool):  # the JSON form before it had a sigmoid option
+            self.reward_normalization = "running" if self.reward_normalization else "none"
         problems = []
-        if self.score_baseline not in ("none", "prompt_mean"):
-            problems.append(f"score_baseline must be none or prompt_mean, not {self.score_baseline!r}")
-        if self.kl_estimator not in ("k1", "k3"):
-            problems.append(f"kl_estimator must be k1 or k3, not {self.kl_estimator!r}")
-        if self.lr_schedule not in ("constant", "linear", "cosine"):
-            problems.append(f"lr_schedule must be constant, linear or cosine, not {self.lr_schedule!r}")
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                problems.append(f"{f.name} must be {' or '.join(choices)}, not {getattr(self, f.name)!r}")
         for name in ("ppo_epochs", "minibatch_size", "gradient_accumulation_steps", "forward_batch_size"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1")
@@ -87,13 +127,32 @@ class PPOConfig:
         if problems:
             raise ValueError("; ".join(problems))
 
+    @property
+    def uses_value_head(self) -> bool:
+        return self.algorithm == "ppo"
+
     @classmethod
     def from_dict(cls, values: dict) -> "PPOConfig":
+        """Options by name; an algorithm's preset (ALGORITHM_PRESETS) fills what ``values`` leaves out."""
         known = {f.name for f in fields(cls)}
         unknown = set(values) - known
         if unknown:
             raise ValueError(f"unknown PPO options: {', '.join(sorted(unknown))}")
-        return cls(**values)
+        preset = ALGORITHM_PRESETS.get(values.get("algorithm", "ppo"), {})
+        return cls(**{**preset, **values})
+
+
+# Defaults per algorithm where the dataclass default (PPO's) does not suit it; an explicit option wins.
+ALGORITHM_PRESETS: dict[str, dict] = {
+    "ppo": {},
+    # one pass over each batch (one Adam step of the whole batch, as TRL's GRPO takes), a larger
+    # learning rate than PPO's, and a fixed KL penalty in the reward: the rollout's KL, not only
+    # its score, ranks it within its prompt (docs/algorithms.md)
+    "grpo": {"ppo_epochs": 1, "learning_rate": 1.5e-3, "kl_penalty": "reward", "init_kl_coef": 0.03,
+             "adaptive_kl": False},
+    "rloo": {"ppo_epochs": 1, "learning_rate": 1.5e-3, "kl_penalty": "reward", "init_kl_coef": 0.03,
+             "adaptive_kl": False},
+}
 
 
 class PolicyWithValueHead(nn.Module):
@@ -107,9 +166,12 @@ class PolicyWithValueHead(nn.Module):
         nn.init.normal_(self.value_head.weight, std=1.0 / math.sqrt(hidden + 1))
         nn.init.zeros_(self.value_head.bias)
 
-    def forward(self, batch: "RolloutBatch") -> tuple[torch.Tensor, torch.Tensor]:
-        """Response logits [B, R, V] and values [B, R], at the positions that predict response tokens."""
-        logits, hidden = response_pass(self.lm, batch, want_hidden=True)
+    def forward(self, batch: "RolloutBatch", with_values: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Response logits [B, R, V] and values [B, R] (None without ``with_values``: the value
+        head is skipped), at the positions that predict response tokens."""
+        logits, hidden = response_pass(self.lm, batch, want_hidden=with_values)
+        if not with_values:
+            return logits, None
         return logits, self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
 
 
@@ -209,15 +271,24 @@ def mask_early_eos(logits: torch.Tensor, eos_id: int | None, min_tokens: int) ->
     return logits
 
 
+SCHEDULER_NAMES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
+
+
+def lr_schedule(schedule: str, warmup: int, total: int):
+    """step -> learning-rate factor, from transformers.get_scheduler. Warm-up counts the update
+    about to run as done, so the first update learns at 1/warmup rather than not at all."""
+    dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    factor = get_scheduler(SCHEDULER_NAMES[schedule], dummy, num_warmup_steps=warmup,
+                           num_training_steps=total).lr_lambdas[0]
+    return lambda step: factor(step + 1) if step < warmup else factor(step)
+
+
 def lr_factor(step: int, schedule: str, warmup: int, total: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    if schedule == "linear":
-        return 1.0 - progress
-    if schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-    return 1.0
+    return lr_schedule(schedule, warmup, total)(step)
+
+
+class StaleRolloutsError(ValueError):
+    """A Step whose rollouts come from another policy version than the trainer serves."""
 
 
 class PPOTrainer:
@@ -244,9 +315,11 @@ class PPOTrainer:
         self.optimizer = self._make_optimizer()
         self.kl_ctl = (ppo.AdaptiveKLController(config.init_kl_coef, config.kl_target, config.kl_horizon)
                        if config.adaptive_kl else ppo.FixedKLController(config.init_kl_coef))
-        self.score_moments = ppo.RunningMoments() if config.reward_normalization else None
+        self.score_moments = ppo.RunningMoments() if config.reward_normalization == "running" else None
+        self._lr_factor = lr_schedule(config.lr_schedule, config.lr_warmup_steps, config.total_steps)
         self.version = 0
         self.steps_done = 0
+        self.recent_rewards: list[float] = []  # the last 3 batches' mean raw score (target_reward)
         self._weights_cache: tuple[int, bytes, str] | None = None
         self.fuse_first_forward = True  # see _rollout_forward_with_grad; tests compare both paths
         self.applied_steps: dict[str, dict] = {}  # Step id -> its answer, in the order applied (exactly once)
@@ -255,102 +328,143 @@ class PPOTrainer:
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         c = self.config
-        return torch.optim.AdamW([
-            {"params": [p for p in self.model.lm.parameters() if p.requires_grad], "lr": c.learning_rate,
-             "name": "policy"},
-            {"params": list(self.model.value_head.parameters()),
-             "lr": c.value_learning_rate or c.learning_rate, "name": "value_head"},
-        ], eps=1e-5, weight_decay=0.0)  # decay would pull toward zero, not toward the reference
+        groups = [{"params": [p for p in self.model.lm.parameters() if p.requires_grad], "lr": c.learning_rate,
+                   "name": "policy"}]
+        if c.uses_value_head:  # critic-free algorithms keep no optimizer state for it
+            groups.append({"params": list(self.model.value_head.parameters()),
+                           "lr": c.value_learning_rate or c.learning_rate, "name": "value_head"})
+        return torch.optim.AdamW(groups, eps=1e-5, weight_decay=0.0)  # decay would pull toward zero, not the reference
 
-    def _set_learning_rates(self) -> float:
+    def _set_learning_rates(self, reward_mean: float) -> float:
+        """Set this step's learning rates; ``reward_mean``: the batch's mean raw score."""
         c = self.config
-        factor = lr_factor(self.steps_done, c.lr_schedule, c.lr_warmup_steps, c.total_steps)
+        factor = self._lr_factor(self.steps_done)
         policy_frozen = self.steps_done < c.value_warmup_steps
+        self.recent_rewards = (self.recent_rewards + [reward_mean])[-3:]
+        policy_factor = ppo.target_reward_factor(self.recent_rewards, c.target_reward, c.target_reward_lr_factor)
         for group in self.optimizer.param_groups:
             if group["name"] == "policy":
-                group["lr"] = 0.0 if policy_frozen else c.learning_rate * factor
+                group["lr"] = 0.0 if policy_frozen else c.learning_rate * factor * policy_factor
             else:
                 group["lr"] = (c.value_learning_rate or c.learning_rate) * factor
         return self.optimizer.param_groups[0]["lr"]
 
     def _autocast(self):
-        enabled = self.dtype != torch.float32
-        return torch.autocast(self.device.type, dtype=self.dtype, enabled=enabled)
+        return autocast(self.device, self.dtype)
 
     # ------------------------------------------------------------ forward passes
+    # ``min_tokens``: EOS is impossible before it, as at sampling (None: the config's minimum).
 
     @torch.no_grad()
-    def _rollout_forward(self, batch: RolloutBatch):
-        """Old log-probs, values, entropies and reference log-probs, in chunks. Each [B, R]."""
+    def _rollout_forward(self, batch: RolloutBatch, min_tokens: int | None = None):
+        """Old log-probs, values (without a value head: none), entropies and reference log-probs,
+        in chunks. Each [B, R]."""
         chunks = {"logp": [], "values": [], "entropy": [], "ref_logp": []}
         n = batch.input_ids.shape[0]
         for start in range(0, n, self.config.forward_batch_size):
             part = batch.rows(torch.arange(start, min(n, start + self.config.forward_batch_size)))
-            logp_all, values = self._policy_forward(part)
+            logp_all, values = self._policy_forward(part, min_tokens)
             chunks["logp"].append(ppo.token_logprobs(logp_all, part.response_ids))
             chunks["entropy"].append(ppo.entropy_from_logprobs(logp_all))
-            chunks["values"].append(values.float())
-            chunks["ref_logp"].append(self._ref_logprobs(part))
-        return {k: torch.cat(v) for k, v in chunks.items()}
+            if values is not None:
+                chunks["values"].append(values.float())
+            chunks["ref_logp"].append(self._ref_logprobs(part, min_tokens))
+        return {k: torch.cat(v) if v else None for k, v in chunks.items()}
+
+    def _min_tokens(self, min_tokens: int | None) -> int:
+        return self.config.min_response_tokens if min_tokens is None else min_tokens
 
     @torch.no_grad()
-    def _ref_logprobs(self, part: RolloutBatch) -> torch.Tensor:
+    def _ref_logprobs(self, part: RolloutBatch, min_tokens: int | None = None) -> torch.Tensor:
         """The frozen reference model's log-probs of the response tokens [B, R]."""
         with self._autocast():
             ref_logits, _ = response_pass(self.ref_model, part)
-        ref_logits = mask_early_eos(ref_logits, self.eos_id, self.config.min_response_tokens)
+        ref_logits = mask_early_eos(ref_logits, self.eos_id, self._min_tokens(min_tokens))
         return ppo.logprobs_from_logits(ref_logits, part.response_ids)
 
-    def _policy_forward(self, part: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Log-softmax over the vocabulary [B, R, V] (EOS masked as the sampler did) and values [B, R]."""
+    def _policy_forward(self, part: RolloutBatch, min_tokens: int | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Log-softmax over the vocabulary [B, R, V] (EOS masked as the sampler did) and values [B, R]
+        (None for a critic-free algorithm: the value head does not run)."""
         with self._autocast():
-            logits, values = self.model(part)
-        return F.log_softmax(mask_early_eos(logits, self.eos_id, self.config.min_response_tokens).float(), -1), values
+            logits, values = self.model(part, with_values=self.config.uses_value_head)
+        logits = mask_early_eos(logits, self.eos_id, self._min_tokens(min_tokens))
+        return F.log_softmax(logits.float(), -1), values
 
-    def _rollout_forward_with_grad(self, batch: RolloutBatch):
+    def _rollout_forward_with_grad(self, batch: RolloutBatch, min_tokens: int | None = None):
         """When one minibatch is the whole batch, the first epoch's forward runs on the same rows
         with the same weights as the rollout forward: one pass with grad serves both, saving a
         policy forward per step. Returns (old statistics as in _rollout_forward, the pass)."""
-        logp_all, values = self._policy_forward(batch)
+        logp_all, values = self._policy_forward(batch, min_tokens)
         with torch.no_grad():
             old = {"logp": ppo.token_logprobs(logp_all, batch.response_ids),
-                   "values": values.float().detach(),
+                   "values": values.float().detach() if values is not None else None,
                    "entropy": ppo.entropy_from_logprobs(logp_all),
-                   "ref_logp": self._ref_logprobs(batch)}
+                   "ref_logp": self._ref_logprobs(batch, min_tokens)}
         return old, (logp_all, values)
 
     # ------------------------------------------------------------ the update
 
-    def step(self, queries: list[list[int]], responses: list[list[int]], scores: list[float]) -> dict[str, float]:
-        """One PPO update on B scored rollouts. Returns TRL-style statistics."""
+    def step(self, queries: list[list[int]], responses: list[list[int]], scores: list[float],
+             min_response_tokens: int | None = None, policy_versions: list[int] | None = None) -> dict[str, float]:
+        """One update on B scored rollouts (raw scores: shaping happens here). Returns TRL-style statistics.
+
+        ``min_response_tokens``: the EOS minimum the sampler used for these rollouts (None: the
+        config's). ``policy_versions``: the policy version that generated each rollout; those that
+        differ from :attr:`version` are counted, or the step is refused (``stale_rollouts``).
+        """
         validate_rollouts(queries, responses, scores)
         c = self.config
+        min_tokens = self._min_tokens(min_response_tokens)
+        if min_tokens < 0:
+            raise ValueError(f"min_response_tokens must be >= 0, not {min_tokens}")
         for i, response in enumerate(responses):
-            if self.eos_id is not None and self.eos_id in response[:c.min_response_tokens]:
-                raise ValueError(f"rollout {i}: EOS before min_response_tokens={c.min_response_tokens}")
+            if self.eos_id is not None and self.eos_id in response[:min_tokens]:
+                raise ValueError(f"rollout {i}: EOS before min_response_tokens={min_tokens}")
+        stale = sum(v != self.version for v in policy_versions) if policy_versions is not None else 0
+        if stale and c.stale_rollouts == "reject":
+            first = next(i for i, v in enumerate(policy_versions) if v != self.version)
+            raise StaleRolloutsError(f"{stale} of {len(queries)} rollouts are stale: rollout {first} comes from "
+                                     f"policy version {policy_versions[first]}, the trainer serves {self.version}")
         t_start = time.perf_counter()
         batch = build_rollout_batch(queries, responses, self.pad_id).to(self.device)
         mask = batch.response_mask
         raw_scores = torch.tensor(scores, dtype=torch.float32, device=self.device)
-        scores_t = ppo.normalize_scores(raw_scores.clone(), self.score_moments, c.reward_clip)
-        if c.score_baseline == "prompt_mean":
-            scores_t = ppo.center_by_group(scores_t, [tuple(q) for q in queries])
+        prompt_keys = [tuple(q) for q in queries]
+        empty = torch.tensor([c.empty_response_reward is not None and not decode_clean(self.tokenizer, r).strip()
+                              for r in responses], dtype=torch.bool, device=self.device)
+        scores_t = algorithms.shape_rewards(
+            raw_scores, empty, prompt_keys, empty_response_reward=c.empty_response_reward,
+            normalization=c.reward_normalization, moments=self.score_moments, clip=c.reward_clip,
+            baseline=c.score_baseline)
 
         n = len(queries)
         first_forward = None  # (log-softmax, values) with grad, reused by the first minibatch
         if self.fuse_first_forward and c.minibatch_size >= n and c.gradient_accumulation_steps == 1:
-            old, first_forward = self._rollout_forward_with_grad(batch)
+            old, first_forward = self._rollout_forward_with_grad(batch, min_tokens)
         else:
-            old = self._rollout_forward(batch)
+            old = self._rollout_forward(batch, min_tokens)
         t_forward = time.perf_counter()
         kl_coef = self.kl_ctl.value
-        rewards, kl, non_score = ppo.compute_rewards(scores_t, old["logp"], old["ref_logp"], mask, kl_coef,
-                                                     c.kl_estimator)
-        advantages, returns = ppo.gae(rewards, old["values"], mask, c.gamma, c.lam)
-        if c.whiten_advantages:
-            advantages = ppo.whiten(advantages, mask)
+        if c.uses_value_head:
+            rewards, kl, non_score = ppo.compute_rewards(scores_t, old["logp"], old["ref_logp"], mask, kl_coef,
+                                                         c.kl_estimator)
+            advantages, returns = ppo.gae(rewards, old["values"], mask, c.gamma, c.lam)
+            if c.whiten_advantages:
+                advantages = ppo.whiten(advantages, mask)
+        else:  # critic-free: one advantage per sequence [B], KL in the loss (beta = kl_coef)
+            kl = ppo.kl_estimate(old["logp"], old["ref_logp"], c.kl_estimator) * mask
+            in_reward = c.kl_penalty == "reward"
+            non_score = -kl_coef * kl if in_reward else torch.zeros_like(kl)
+            groups = algorithms.group_ids(prompt_keys).to(self.device)
+            returns_t = scores_t + non_score.sum(1)  # [B]: the score, less the KL penalty when it is in the reward
+            advantages = (algorithms.grpo_advantages(returns_t, groups, scale=c.scale_advantages)
+                          if c.algorithm == "grpo" else algorithms.rloo_advantages(returns_t, groups))
+            returns = None
 
-        learning_rate = self._set_learning_rates()
+        # critic-free: beta of the k3 term in the loss (0 when the KL penalty is in the reward)
+        loss_kl_coef = kl_coef if not c.uses_value_head and c.kl_penalty == "loss" else 0.0
+        learning_rate = self._set_learning_rates(raw_scores.mean().item())
         mb_stats: list[dict[str, float]] = []
         micro = max(1, c.minibatch_size // c.gradient_accumulation_steps)
         for _ in range(c.ppo_epochs):
@@ -366,10 +480,12 @@ class PPOTrainer:
                     weight = mask[index].sum() / mb_tokens
                     if first_forward is not None:  # the whole batch, before any update: same rows, same weights
                         index = torch.arange(n, device=self.device)
-                        parts.append(self._loss(batch, old, advantages, returns, index, weight, first_forward))
+                        parts.append(self._loss(batch, old, advantages, returns, index, weight, loss_kl_coef, min_tokens,
+                                                first_forward))
                         first_forward = None
                         continue
-                    parts.append(self._loss(batch.rows(index), old, advantages, returns, index, weight))
+                    parts.append(self._loss(batch.rows(index), old, advantages, returns, index, weight, loss_kl_coef,
+                                            min_tokens))
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.max_grad_norm)
                 self.optimizer.step()
                 mb_stats.append({k: sum(p[k] * p["weight"] for p in parts) for k in parts[0] if k != "weight"})
@@ -382,8 +498,6 @@ class PPOTrainer:
         self.version += 1
         self._weights_cache = None
 
-        values, ret = old["values"], returns
-        var_explained = 1.0 - (ppo.masked_var(ret - values, mask) / ppo.masked_var(ret, mask).clamp(min=1e-8)).item()
         stats = {
             "objective/kl": mean_kl,
             "objective/kl_coef": kl_coef,
@@ -392,27 +506,48 @@ class PPOTrainer:
             "objective/scores": scores_t.mean().item(),
             "env/reward_mean": raw_scores.mean().item(),
             "env/reward_std": raw_scores.std().item() if n > 1 else 0.0,
-            "ppo/returns/mean": ppo.masked_mean(ret, mask).item(),
-            "ppo/returns/var": ppo.masked_var(ret, mask).item(),
-            "ppo/val/vpred": ppo.masked_mean(values, mask).item(),
-            "ppo/val/var_explained": var_explained,
+            "env/empty_rate": empty.float().mean().item(),
+            "rollouts/stale": float(stale),
             "ppo/learning_rate": learning_rate,
             "tokens/responses_len_mean": mask.sum(1).mean().item(),
             "time/ppo/forward_passes": t_forward - t_start,
             "time/ppo/optimize_step": t_optimize - t_forward,
             "time/ppo/total": time.perf_counter() - t_start,
         }
+        if c.uses_value_head:
+            values, ret = old["values"], returns
+            var_explained = 1.0 - (ppo.masked_var(ret - values, mask)
+                                   / ppo.masked_var(ret, mask).clamp(min=1e-8)).item()
+            stats.update({
+                "ppo/returns/mean": ppo.masked_mean(ret, mask).item(),
+                "ppo/returns/var": ppo.masked_var(ret, mask).item(),
+                "ppo/val/vpred": ppo.masked_mean(values, mask).item(),
+                "ppo/val/var_explained": var_explained,
+            })
+        else:
+            stats["ppo/advantages/mean_abs"] = advantages.abs().mean().item()
         for key in mb_stats[0]:
             stats[key] = float(np.mean([s[key] for s in mb_stats]))
         return stats
 
-    def _loss(self, part: RolloutBatch, old: dict, advantages, returns, index, weight,
-              forward: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, float]:
+    def _loss(self, part: RolloutBatch, old: dict, advantages, returns, index, weight, loss_kl_coef: float,
+              min_tokens: int | None = None,
+              forward: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> dict[str, float]:
+        """Backward of one micro-batch's loss (scaled by ``weight``); returns its statistics."""
         c = self.config
         mask = part.response_mask
-        logp_all, values = forward if forward is not None else self._policy_forward(part)
-        values = values.float()
+        logp_all, values = forward if forward is not None else self._policy_forward(part, min_tokens)
         logp = ppo.token_logprobs(logp_all, part.response_ids)
+        if not c.uses_value_head:
+            out = algorithms.critic_free_loss(logp, old["logp"][index], old["ref_logp"][index], advantages[index],
+                                              mask, c.cliprange, loss_kl_coef)
+            (out.loss * weight).backward()
+            with torch.no_grad():
+                entropy = ppo.masked_mean(ppo.entropy_from_logprobs(logp_all), mask)
+            return {"weight": float(weight), "ppo/loss/policy": out.policy.item(), "ppo/loss/total": out.loss.item(),
+                    "ppo/loss/kl": out.kl.item(), "ppo/policy/clipfrac": out.clipfrac.item(),
+                    "ppo/policy/approxkl": out.approxkl.item(), "ppo/policy/entropy": entropy.item()}
+        values = values.float()
         pg = ppo.policy_loss(logp, old["logp"][index], advantages[index], mask, c.cliprange)
         vf = ppo.value_loss(values, old["values"][index], returns[index], mask, c.cliprange_value)
         loss = pg.loss + c.vf_coef * vf.loss
@@ -511,14 +646,14 @@ class PPOTrainer:
 
     # ------------------------------------------------------------ guarded, exactly-once updates
 
-    def guarded_step(self, queries: list[list[int]], responses: list[list[int]],
-                     scores: list[float]) -> dict[str, float]:
+    def guarded_step(self, queries: list[list[int]], responses: list[list[int]], scores: list[float],
+                     *args, **kwargs) -> dict[str, float]:
         """:meth:`step`, undone when its loss, gradients or updated weights are non-finite (or it
         raises): the policy, value head, optimizer, KL controller, normalizer, counters and RNG
         are then exactly as before, and :class:`NonFiniteStep` says what was non-finite."""
         snapshot = self._snapshot()
         try:
-            stats = self.step(queries, responses, scores)
+            stats = self.step(queries, responses, scores, *args, **kwargs)
         except BaseException:
             self._restore(snapshot)
             raise
@@ -528,14 +663,14 @@ class PPOTrainer:
             raise NonFiniteStep(f"update rolled back: {problem}")
         return stats
 
-    def apply_step(self, step_id: str, queries: list[list[int]], responses: list[list[int]],
-                   scores: list[float]) -> tuple[dict[str, float], int, bool]:
+    def apply_step(self, step_id: str, queries: list[list[int]], responses: list[list[int]], scores: list[float],
+                   *args, **kwargs) -> tuple[dict[str, float], int, bool]:
         """(statistics, policy version, repeated): a ``step_id`` already applied gets its stored
         answer and no second update; an empty id is always applied."""
         if step_id and step_id in self.applied_steps:
             answer = self.applied_steps[step_id]
             return dict(answer["stats"]), answer["policy_version"], True
-        stats = self.guarded_step(queries, responses, scores)
+        stats = self.guarded_step(queries, responses, scores, *args, **kwargs)
         if step_id:
             self.applied_steps[step_id] = {"policy_version": self.version, "stats": stats}
             if len(self.applied_steps) > STEP_RESPONSES_KEPT:

@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from haoping.evaluate import add_cli as add_evaluate_cli
     from services.labeler.cli import add_cli as add_labeling_cli
-    from haoping.reward_model import add_cli as add_reward_model_cli
+    from services.reward_model_cli import add_cli as add_reward_model_cli
 
     add_evaluate_cli(sub)
     add_reward_model_cli(sub)

@@ -1,7 +1,7 @@
 """Guard figures and the learning-benchmark summary, on hand-made inputs."""
 import pytest
 
-from bench.learning import rolling_mean, summarize, verdict
+from bench.learning import TARGETS, rolling_mean, summarize, verdict
 from haoping.text_metrics import distinct_n, empty_rate, repetition_rate
 
 
@@ -19,7 +19,8 @@ def test_summary_times_threshold_crossings_on_the_3_cycle_mean():
                for i, r in enumerate(rewards)]
     before = [{"response": "不错", "reward": 0.5}, {"response": "很差", "reward": 0.5}]
     after = [{"response": "很好很好", "reward": 0.9}, {"response": "", "reward": 0.9}]
-    s = summarize(records, before, after)
+    targets = {**TARGETS, "peer_seconds_to_0_90": 600.0}  # 0.5x: within 300 s
+    s = summarize(records, before, after, targets=targets)
     assert rolling_mean(rewards)[4] == pytest.approx((0.9 + 0.95 + 0.95) / 3)
     assert s["seconds_to_reward_0_85"] == 40.0  # cycle 3: 3-mean 0.883
     assert s["seconds_to_reward_0_90"] == 50.0  # cycle 4: 3-mean 0.933
@@ -28,9 +29,10 @@ def test_summary_times_threshold_crossings_on_the_3_cycle_mean():
     # the guards are read where 0.90 is reached: cycles 2-4
     assert s["distinct2_at_0_90"] == pytest.approx(0.5) and s["repetition_rate_at_0_90"] == pytest.approx(0.09)
     assert s["distinct2_rollouts_start"] == pytest.approx(0.8)
-    met = {name: ok for name, _, ok in verdict(s)}
-    assert met == {"reward >= 0.90 within 300 s of PPO": True, "KL at 0.90 <= 6 nats/seq": True,
-                   "distinct-2 at 0.90 >= 0.5x start": True, "repetition rate at 0.90 <= 10%": True}
+    met = {name: ok for name, _, ok in verdict(s, targets)}
+    assert {k: v for k, v in met.items() if "0.90" in k and "held-out" not in k} == {
+        "reward 0.90 within 300.0 s of training": True, "KL at 0.90 <= 6 nats/seq": True,
+        "distinct-2 at 0.90 >= 0.5x start": True, "repetition rate at 0.90 <= 10%": True}
     never = summarize(records[:2], before, after)
     assert never["seconds_to_reward_0_90"] is None and never["kl_at_0_90"] is None
     assert not any(ok for _, _, ok in verdict(never))

@@ -137,3 +137,10 @@ def test_entropy_and_logprobs():
     assert ppo.logprobs_from_logits(logits, torch.tensor([[1]])).item() == pytest.approx(math.log(0.25))
     masked = torch.tensor([[[0.0, 0.0, float("-inf")]]])  # e.g. EOS masked before min_new_tokens
     assert ppo.entropy_from_logits(masked).item() == pytest.approx(math.log(2))
+
+
+def test_target_reward_factor_slows_learning_once_the_recent_mean_reaches_the_target():
+    assert ppo.target_reward_factor([0.8, 0.9, 0.95], None, 0.1) == 1.0  # no target
+    assert ppo.target_reward_factor([0.8, 0.9, 0.95], 0.9, 0.1) == 1.0  # mean 0.883 < 0.9
+    assert ppo.target_reward_factor([0.9, 0.9, 0.95], 0.9, 0.1) == 0.1
+    assert ppo.target_reward_factor([], 0.9, 0.0) == 1.0

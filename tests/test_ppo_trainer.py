@@ -242,3 +242,113 @@ def test_min_response_tokens_masks_eos_like_the_generator(tiny_policy):
     # EOS impossible at t < 2 puts its mass on the other tokens: their log-probs rise there, not after
     assert (masked["logp"][0, :2] > free["logp"][0, :2]).all()
     assert torch.allclose(masked["logp"][0, 2], free["logp"][0, 2])
+
+
+GROUP_QUERIES = [QUERIES[0]] * 3 + [QUERIES[1]] * 3
+GROUP_RESPONSES = [[20, 21, 3], [22, 23], [24, 25, 26], [27, 28], [29, 30, 3], [31]]
+GROUP_SCORES = [0.9, 0.1, 0.5, 0.8, 0.2, 0.5]
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
+def test_critic_free_algorithms_skip_the_value_head(tiny_policy, algorithm, monkeypatch):
+    trainer = PPOTrainer(str(tiny_policy), PPOConfig.from_dict({"algorithm": algorithm}))
+    head = trainer.model.value_head
+    before = [p.detach().clone() for p in head.parameters()]
+    monkeypatch.setattr(head, "forward", lambda *a: pytest.fail("the value head ran"))
+    stats = trainer.step(GROUP_QUERIES, GROUP_RESPONSES, GROUP_SCORES)
+    assert trainer.version == 1 and math.isfinite(stats["ppo/loss/total"])
+    assert not any(key.startswith("ppo/val/") for key in stats)
+    optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert not optimized & {id(p) for p in head.parameters()}
+    assert all(not trainer.optimizer.state.get(p) for p in head.parameters())  # no Adam moments either
+    assert all(torch.equal(a, b) for a, b in zip(before, head.parameters()))
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
+def test_critic_free_step_favours_the_better_sample_of_a_prompt(tiny_policy, algorithm):
+    trainer = PPOTrainer(str(tiny_policy), PPOConfig.from_dict({"algorithm": algorithm, "learning_rate": 1e-2,
+                                                                "init_kl_coef": 0.0, "adaptive_kl": False}))
+    batch = build_rollout_batch(GROUP_QUERIES, GROUP_RESPONSES, trainer.pad_id)
+
+    def sequence_logp():
+        old = trainer._rollout_forward(batch)
+        return (old["logp"] * batch.response_mask).sum(1)
+
+    start = sequence_logp()
+    trainer.step(GROUP_QUERIES, GROUP_RESPONSES, GROUP_SCORES)
+    moved = sequence_logp() - start
+    assert moved[0] > moved[1] and moved[3] > moved[4]  # best vs worst response of each prompt
+
+
+def test_algorithm_presets_fill_what_the_options_leave_out():
+    assert PPOConfig.from_dict({"algorithm": "grpo"}).ppo_epochs == 1
+    assert PPOConfig.from_dict({"algorithm": "grpo", "ppo_epochs": 3}).ppo_epochs == 3
+    assert PPOConfig.from_dict({}).ppo_epochs == PPOConfig().ppo_epochs == 4
+    with pytest.raises(ValueError, match="algorithm must be ppo or grpo or rloo"):
+        PPOConfig(algorithm="dpo")
+    assert PPOConfig(reward_normalization=True).reward_normalization == "running"  # the older JSON form
+
+
+def test_each_step_carries_its_own_eos_minimum(tiny_policy):
+    trainer = PPOTrainer(str(tiny_policy), PPOConfig(min_response_tokens=0))
+    eos = trainer.eos_id
+    with pytest.raises(ValueError, match="EOS before min_response_tokens=2"):
+        trainer.step([[2, 10]], [[11, eos]], [1.0], min_response_tokens=2)
+    assert trainer.version == 0
+    batch = build_rollout_batch([[2, 10]], [[11, 12, eos]], trainer.pad_id)
+    masked = trainer._rollout_forward(batch, min_tokens=2)
+    free = trainer._rollout_forward(batch)
+    assert (masked["logp"][0, :2] > free["logp"][0, :2]).all()  # the step's minimum, not the config's 0
+    trainer.step([[2, 10]], [[11, 12, eos]], [1.0], min_response_tokens=2)
+    assert trainer.version == 1
+
+
+def test_stale_rollouts_are_counted_or_rejected(tiny_policy):
+    trainer = PPOTrainer(str(tiny_policy))
+    stats = trainer.step(QUERIES, RESPONSES, SCORES, policy_versions=[0, 0, 0])
+    assert stats["rollouts/stale"] == 0.0
+    stats = trainer.step(QUERIES, RESPONSES, SCORES, policy_versions=[1, 0, 1])  # trainer serves 1
+    assert stats["rollouts/stale"] == 1.0 and trainer.version == 2
+    strict = PPOTrainer(str(tiny_policy), PPOConfig(stale_rollouts="reject"))
+    with pytest.raises(ppo_trainer.StaleRolloutsError, match="rollout 1 comes from policy version 7"):
+        strict.step(QUERIES, RESPONSES, SCORES, policy_versions=[0, 7, 0])
+    assert strict.version == 0
+
+
+def test_empty_responses_earn_the_empty_response_reward_in_the_trainer(tiny_policy):
+    trainer = PPOTrainer(str(tiny_policy), PPOConfig(empty_response_reward=-1.0, minibatch_size=3))
+    eos = trainer.eos_id
+    responses = [[20, 21, eos], [eos], [26]]  # the second has no visible text
+    stats = trainer.step(QUERIES, responses, [0.9, 0.8, 0.5])
+    assert stats["env/reward_mean"] == pytest.approx((0.9 + 0.8 + 0.5) / 3)  # what the scorer said
+    assert stats["objective/scores"] == pytest.approx((0.9 - 1.0 + 0.5) / 3)  # what the update used
+    assert stats["env/empty_rate"] == pytest.approx(1 / 3)
+
+
+def test_target_reward_lowers_the_policy_learning_rate_while_reached(tiny_policy):
+    trainer = PPOTrainer(str(tiny_policy), PPOConfig.from_dict({"algorithm": "grpo", "target_reward": 0.6,
+                                                                "learning_rate": 1e-3, "target_reward_lr_factor": 0.0}))
+    assert trainer.step(QUERIES, RESPONSES, [0.5, 0.5, 0.5])["ppo/learning_rate"] == pytest.approx(1e-3)
+    before = [p.detach().clone() for p in trainer.model.lm.parameters()]
+    high = trainer.step(QUERIES, RESPONSES, [0.9, 0.9, 0.9])  # mean of the last batches 0.7 >= 0.6: hold
+    assert high["ppo/learning_rate"] == 0.0
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.lm.parameters()))
+    assert trainer.step(QUERIES, RESPONSES, [0.0, 0.0, 0.0])["ppo/learning_rate"] == pytest.approx(1e-3)
+
+
+def test_grpo_kl_penalty_in_the_reward_instead_of_the_loss(tiny_policy):
+    trainer = PPOTrainer(str(tiny_policy), PPOConfig.from_dict({"algorithm": "grpo", "kl_penalty": "reward",
+                                                                "init_kl_coef": 0.5, "adaptive_kl": False}))
+    noise = torch.Generator().manual_seed(2)
+    with torch.no_grad():  # away from the reference, so the rollouts have a KL
+        for p in trainer.model.lm.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=noise))
+    stats = trainer.step(GROUP_QUERIES, GROUP_RESPONSES, GROUP_SCORES)
+    assert abs(stats["objective/kl"]) > 1e-3
+    assert stats["objective/non_score_reward"] == pytest.approx(-0.5 * stats["objective/kl"], rel=1e-4)
+    assert stats["ppo/loss/total"] == pytest.approx(stats["ppo/loss/policy"])  # no k3 term in the loss
+    in_loss = PPOTrainer(str(tiny_policy), PPOConfig.from_dict({"algorithm": "grpo", "kl_penalty": "loss",
+                                                                "init_kl_coef": 0.5, "adaptive_kl": False}))
+    stats = in_loss.step(GROUP_QUERIES, GROUP_RESPONSES, GROUP_SCORES)
+    assert stats["objective/non_score_reward"] == 0.0
+    assert stats["ppo/loss/total"] == pytest.approx(stats["ppo/loss/policy"] + 0.5 * stats["ppo/loss/kl"], rel=1e-4)

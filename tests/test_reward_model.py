@@ -15,6 +15,7 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
 from haoping import reward_model
+from haoping.atomic import atomic_directory
 from haoping.corpus import build_char_vocab, load_reviews
 from haoping.rank_loss import (
     batch_rank_loss,
@@ -24,7 +25,9 @@ from haoping.rank_loss import (
     ranking_metrics,
 )
 from haoping.ranklists import RankList, RankListError, build_starter_ranklists, parse_ranklists, read_ranklists
-from haoping.reward_model import RewardModelScorer, TrainConfig, load_reward_base, train_reward_model
+from haoping.reward_model import TrainConfig, load_reward_base, train_reward_model
+from haoping.scorers.reward_model import RewardModelScorer
+from services.reward_model_cli import add_cli
 
 CLEARLY_POSITIVE = "非常好，质量很好，很满意，物流也快，推荐购买！"
 CLEARLY_NEGATIVE = "太差了，质量很差，非常失望，不会再买了，差评！"
@@ -76,7 +79,7 @@ def tiny_config(base: str, **overrides) -> TrainConfig:
 
 def cli(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="haoping")
-    reward_model.add_cli(parser.add_subparsers(required=True))
+    add_cli(parser.add_subparsers(required=True))
     args = parser.parse_args(argv)
     return args.func(args)
 
@@ -361,8 +364,8 @@ def test_cli_reports_bad_lines_and_strict_fails_without_touching_the_old_output(
     lists = tmp_path / "lists.tsv"
     lists.write_bytes(BAD_FILE)
     out = tmp_path / "rm"
-    out.mkdir()
-    (out / "keep.txt").write_text("an earlier good model")
+    with atomic_directory(out) as earlier:  # a complete earlier output, as a run writes it
+        (earlier / "keep.txt").write_text("an earlier good model")
     common = ["train-reward-model", "--train", str(lists), "--dev", str(lists), "--base", tiny_base,
               "--baseline", tiny_base, "--out", str(out), "--steps", "2", "--eval-every", "1",
               "--lists-per-batch", "2", "--device", "cpu"]
@@ -393,3 +396,130 @@ def test_starter_ranklists_command_writes_a_readable_file(tmp_path):
     assert cli(["starter-ranklists", "--out", str(path), "--count", "50", "--split", "heldout"]) == 0
     lists, problems = read_ranklists(path, strict=True)
     assert len(lists) == 50 and problems == []
+
+
+# --- rank lists from a file: the n-gram ranker, distillation, checkpoint selection -----------
+
+def write_lists(path, lists: list[RankList]):
+    path.write_text("".join("\t".join(r.texts) + "\n" for r in lists), encoding="utf-8")
+    return path
+
+
+def test_char_ngram_ranker_learns_the_grade_markers_and_scores_unseen_lists():
+    from haoping.reward_model.linear import NgramRanker, ordered_pairs
+
+    train, heldout = synthetic_lists(60, seed=5), synthetic_lists(30, seed=6)
+    better, worse = ordered_pairs(train[:2])
+    n0 = len(train[0].texts)
+    assert len(better) == n0 * (n0 - 1) // 2 + len(train[1].texts) * (len(train[1].texts) - 1) // 2
+    assert all(b < w for b, w in zip(better, worse))  # best first: the better text comes first
+    assert set(better[n0 * (n0 - 1) // 2:]) >= {n0}   # the second list's indices start after the first's
+
+    ranker = NgramRanker().fit(train)
+    scores = ranker.score([t for r in heldout for t in r.texts])
+    metrics = ranking_metrics(list(torch.split(torch.as_tensor(scores), [len(r.texts) for r in heldout])))
+    assert metrics["pairwise_accuracy"] > 0.95  # markers inside random filler, so not every pair
+    assert ranker.score(["优的了"])[0] > ranker.score(["差的了"])[0]
+    with pytest.raises(RuntimeError, match="fit"):
+        NgramRanker().score(["好"])
+
+
+def test_training_from_a_list_file_distills_the_ngram_teacher_and_reports_three_scorers(
+        tiny_base, tmp_path, monkeypatch):
+    """The file path end to end through the CLI; the unlabeled texts are synthetic too."""
+    import services.reward_model_cli as rm_cli
+
+    train = write_lists(tmp_path / "train.tsv", synthetic_lists(40, seed=7))
+    dev = write_lists(tmp_path / "dev.tsv", synthetic_lists(12, seed=8))
+    unlabeled = [t for r in synthetic_lists(60, seed=9) for t in r.texts]
+    monkeypatch.setattr(rm_cli, "transfer_texts", lambda: unlabeled)
+    out = tmp_path / "rm"
+    assert cli(["train-reward-model", "--train", str(train), "--dev", str(dev), "--base", tiny_base,
+                "--baseline", tiny_base, "--out", str(out), "--steps", "60", "--eval-every", "20",
+                "--lists-per-batch", "8", "--lr", "3e-3", "--warmup-steps", "5", "--max-length", "64",
+                "--teacher", "ngram", "--texts-per-batch", "16", "--device", "cpu"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    assert metrics["transfer_texts"] == len(unlabeled) and metrics["config"]["teacher"] == "ngram"
+    assert metrics["train_lists"] == 36 and metrics["data"]["select"]["lists"] == 4  # a 10% slice held out
+    for scorer in ("reward_model", "baseline", "linear"):
+        assert metrics["dev"][scorer]["n_pairs"] == metrics["dev"]["reward_model"]["n_pairs"], scorer
+    assert metrics["dev"]["linear"]["pairwise_accuracy"] > 0.9  # the teacher ranks by the markers
+    assert metrics["dev"]["reward_model"]["pairwise_accuracy"] > metrics["untrained"]["pairwise_accuracy"]
+    model = BertForSequenceClassification.from_pretrained(out)  # plain transformers, a scalar head
+    assert model.config.num_labels == 1
+
+
+def test_checkpoint_selection_never_reads_the_dev_file(tiny_base, tmp_path, monkeypatch):
+    """The dev file is deleted right after it was loaded, and ranks every list backwards: a run
+    that went back to it fails, and one that chose its checkpoint on dev keeps step 0."""
+    from haoping.reward_model import data
+
+    lists = synthetic_lists(40, seed=1)
+    train = write_lists(tmp_path / "train.tsv", lists)
+    dev = write_lists(tmp_path / "dev.tsv", [RankList(tuple(reversed(r.texts))) for r in lists[:12]])
+    real_read = data.read_ranklists
+
+    def read_then_delete_dev(path, strict=False):
+        result = real_read(path, strict=strict)
+        if str(path) == str(dev):
+            dev.unlink()
+        return result
+
+    monkeypatch.setattr(data, "read_ranklists", read_then_delete_dev)
+    out = tmp_path / "rm"
+    assert cli(["train-reward-model", "--train", str(train), "--dev", str(dev), "--base", tiny_base,
+                "--no-linear-baseline", "--baseline", "none", "--out", str(out), "--steps", "100",
+                "--eval-every", "50", "--lists-per-batch", "8", "--lr", "3e-3", "--warmup-steps", "5",
+                "--max-length", "64", "--device", "cpu"]) == 0
+    assert not dev.exists()
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    assert metrics["selected_on"] == "held-out" and metrics["best_step"] > 0
+    assert metrics["dev"]["reward_model"]["pairwise_accuracy"] < 0.5  # dev only measured it (backwards)
+
+
+def test_an_output_directory_not_written_by_a_run_is_refused_and_left_alone(tiny_base, tmp_path, capsys):
+    train = write_lists(tmp_path / "train.tsv", synthetic_lists(8, seed=2))
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("not a model")
+    assert cli(["train-reward-model", "--train", str(train), "--dev", str(train), "--base", tiny_base,
+                "--baseline", "none", "--no-linear-baseline", "--out", str(out), "--steps", "1",
+                "--eval-every", "1", "--device", "cpu"]) == 2
+    assert "not written by haoping" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def test_every_training_option_is_a_typed_flag_with_help_and_an_environment_fallback(capsys, monkeypatch):
+    import dataclasses
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli(["train-reward-model", "--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for field in dataclasses.fields(TrainConfig):
+        flag = "--" + field.name.replace("_", "-")
+        assert flag in text and f"HAOPING_{field.name.upper()}" in text, flag
+    parser = argparse.ArgumentParser(prog="haoping")
+    add_cli(parser.add_subparsers(required=True))
+    args = parser.parse_args(["train-reward-model", "--steps", "7", "--baseline", "none", "--no-linear-baseline"])
+    assert (args.steps, args.baseline, args.linear_baseline, args.lr) == (7, None, False, TrainConfig().lr)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train-reward-model", "--steps", "many"])  # typed: not an int
+    monkeypatch.setenv("HAOPING_LISTS_PER_BATCH", "5")
+    parser = argparse.ArgumentParser(prog="haoping")
+    add_cli(parser.add_subparsers(required=True))
+    assert parser.parse_args(["train-reward-model"]).lists_per_batch == 5
+
+
+def test_soft_pair_distillation_pulls_the_student_towards_the_teacher_order():
+    from haoping.reward_model.training import soft_pair_distillation_loss
+
+    teacher = torch.tensor([2.0, -1.0, 0.5])
+    partner = torch.tensor([1, 2, 0])  # pairs (0, 1), (1, 2), (2, 0)
+    student = torch.zeros(3, requires_grad=True)
+    loss = soft_pair_distillation_loss(student, teacher, partner)
+    torch.testing.assert_close(loss, torch.log(torch.tensor(2.0)))  # at s = 0 every pair's BCE is log 2
+    loss.backward()
+    assert student.grad[0] < 0 < student.grad[1]  # descent raises the teacher's best, lowers its worst
+    agreeing = soft_pair_distillation_loss(teacher * 3, teacher, partner)
+    assert agreeing < soft_pair_distillation_loss(-teacher * 3, teacher, partner)

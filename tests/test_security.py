@@ -593,3 +593,13 @@ def test_haoping_run_against_running_services_with_a_wrong_token_exits_2(secured
     assert run(args) == 2
     err = capsys.readouterr().err
     assert "UNAUTHENTICATED" in err and "--auth-token-file" in err and "not-the-token" not in err
+
+
+def test_sample_indices_beyond_uint32_are_refused_before_generating(secured):
+    with GeneratorClient(secured.generator.address) as generator:
+        with pytest.raises(grpc.RpcError) as refused:
+            generator.generate([PROMPT], n=2, max_new_tokens=2, first_sample_index=2**32 - 1)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "first_sample_index" in refused.value.details()
+        last = generator.generate([PROMPT], n=1, max_new_tokens=2, first_sample_index=2**32 - 1, seed=1)
+        assert last.samples[0].sample_index == 2**32 - 1

@@ -25,7 +25,7 @@ def build_scorer(backend: str, model_ref: str, device="cpu", dtype=torch.float32
 
         return ClassifierScorer(model_ref, device, dtype)
     if backend == "reward-model":
-        from haoping.reward_model import RewardModelScorer
+        from haoping.scorers.reward_model import RewardModelScorer
 
         return RewardModelScorer(model_ref, device=device, dtype=dtype, normalize=normalize)
     raise ValueError(f"unknown scorer backend {backend!r}; use {', '.join(BACKENDS)}")

@@ -139,12 +139,14 @@ class Rollout(_message.Message):
     def __init__(self, query_token_ids: _Optional[_Iterable[int]] = ..., response_token_ids: _Optional[_Iterable[int]] = ..., reward: _Optional[float] = ..., policy_version: _Optional[int] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("rollouts", "step_id")
+    __slots__ = ("rollouts", "min_new_tokens", "step_id")
     ROLLOUTS_FIELD_NUMBER: _ClassVar[int]
+    MIN_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     rollouts: _containers.RepeatedCompositeFieldContainer[Rollout]
+    min_new_tokens: int
     step_id: str
-    def __init__(self, rollouts: _Optional[_Iterable[_Union[Rollout, _Mapping]]] = ..., step_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, rollouts: _Optional[_Iterable[_Union[Rollout, _Mapping]]] = ..., min_new_tokens: _Optional[int] = ..., step_id: _Optional[str] = ...) -> None: ...
 
 class StepResponse(_message.Message):
     __slots__ = ("policy_version", "stats", "repeated")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
+import typing
 
 
 def env_name(flag: str) -> str:
@@ -63,6 +65,60 @@ def add_batching_flags(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--gil-switch-ms", 1.0, float,
              "Python's thread switch interval (sys.setswitchinterval; Python's default is 5): lower "
              "lets the batcher thread get the GIL back sooner from many request-handler threads")
+
+
+def _optional(kind):
+    """A flag type that also takes ``none`` (for ``X | None`` fields)."""
+    def parse(raw: str):
+        return None if raw.lower() in ("none", "null", "") else kind(raw)
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _field_kind(hint):
+    """(base type, optional?) of a dataclass field's type hint: int, float, str, bool, or X | None."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if args and len(args) < len(typing.get_args(hint)):
+        return args[0], True
+    return hint, False
+
+
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (),
+                        group_title: str = "") -> list[str]:
+    """A typed ``--field-name`` for every field of dataclass ``cls`` (help and choices from the
+    field's metadata, default from the dataclass, $HAOPING_FIELD_NAME fallback). A flag not given
+    is absent from the parsed namespace, so a caller can tell it from one given with the default
+    value (see :func:`dataclass_flag_values`). Returns the field names added."""
+    hints = typing.get_type_hints(cls)
+    target = parser.add_argument_group(group_title) if group_title else parser
+    added = []
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        env = env_name(flag)
+        kind, optional = _field_kind(hints[f.name])
+        choices = f.metadata.get("choices")
+        default_text = "none" if f.default is None else str(f.default).lower() if kind is bool else str(f.default)
+        help_text = f"{f.metadata.get('help', '')} (default {default_text}; env {env})".replace("%", "%%")
+        if kind is bool:
+            default = (os.environ[env].lower() in ("1", "true", "yes", "on")) if env in os.environ \
+                else argparse.SUPPRESS
+            target.add_argument(flag, dest=f.name, default=default, action=argparse.BooleanOptionalAction,
+                                help=help_text)
+        else:
+            parse = _optional(kind) if optional else kind
+            default = parse(os.environ[env]) if env in os.environ else argparse.SUPPRESS
+            target.add_argument(flag, dest=f.name, default=default, type=parse, choices=choices,
+                                metavar="{" + ",".join(choices) + "}" if choices else kind.__name__.upper(),
+                                help=help_text)
+        added.append(f.name)
+    return added
+
+
+def dataclass_flag_values(args: argparse.Namespace, names: list[str]) -> dict:
+    """The fields whose flags were given (on the command line or through the environment)."""
+    return {name: getattr(args, name) for name in names if hasattr(args, name)}
 
 
 def add_client_access_flags(parser: argparse.ArgumentParser, token_help: str = "") -> None:

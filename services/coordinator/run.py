@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
 
@@ -32,7 +32,8 @@ from haoping.log import get_logger
 from haoping.plots import plot_reward_kl
 from haoping.prompts import DEFAULT_PROMPTS
 from haoping.v1 import haoping_pb2 as pb
-from services.common.config import add_client_access_flags, add_flag
+from haoping.ppo_trainer import PPOConfig
+from services.common.config import add_client_access_flags, add_dataclass_flags, add_flag, dataclass_flag_values
 from services.common.security import client_access, write_token_file
 from services.coordinator.rundir import ConfigMismatch, CycleLog, fresh_name, resumed_settings, save_config
 from services.coordinator.supervisor import RestartBudgetExceeded, Supervisor
@@ -40,6 +41,7 @@ from services.coordinator.supervisor import RestartBudgetExceeded, Supervisor
 log = get_logger(__name__)
 
 SAMPLES_SEED = 20240601  # before/after samples: same prompts, same seed
+EVAL_CHUNK = 64
 
 
 @dataclass
@@ -144,12 +146,6 @@ def cycle_seed(seed: int, index: int) -> int:
     return seed * 100003 + index
 
 
-def reward_for(response_text: str, score: float, empty_response_reward: float) -> float:
-    """The scorer's score, except that an empty response earns ``empty_response_reward``:
-    the prompt alone (e.g. "刚收到货，感觉") already scores high, so saying nothing would pay."""
-    return empty_response_reward if not response_text.strip() else score
-
-
 RECOVERABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 MAX_FAILURES_WITHOUT_PROGRESS = 10
 
@@ -203,8 +199,11 @@ class Coordinator:
 
     def write_samples(self, name: str) -> list[dict]:
         n = max(1, -(-self.args.eval_samples // len(self.prompts)))
-        response, scores = self._sample(SAMPLES_SEED, n)
-        records = sample_records(response, scores, self.prompts)
+        records = []
+        # requests of at most EVAL_CHUNK samples a prompt (the generator's default bound), each with its own seed
+        for chunk, start in enumerate(range(0, n, EVAL_CHUNK)):
+            response, scores = self._sample(SAMPLES_SEED + chunk, min(EVAL_CHUNK, n - start))
+            records += sample_records(response, scores, self.prompts)
         write_jsonl(self.run_dir / name, records)
         return records
 
@@ -220,11 +219,11 @@ class Coordinator:
         t1 = time.perf_counter()
         scores = self.scorer.score([s.full_text for s in response.samples])
         t2 = time.perf_counter()
-        rewards = [self.reward_of(s, score) for s, score in zip(response.samples, scores.scores)]
+        # raw scores: every reward transformation (empty responses, normalization, ...) is the trainer's
         rollouts = [pb.Rollout(query_token_ids=s.prompt_token_ids, response_token_ids=s.response_token_ids,
-                               reward=reward, policy_version=s.policy_version)
-                    for s, reward in zip(response.samples, rewards)]
-        step = self.trainer.step(rollouts, step_id=self.step_id(index))
+                               reward=score.score, policy_version=s.policy_version)
+                    for s, score in zip(response.samples, scores.scores)]
+        step = self.trainer.step(rollouts, min_new_tokens=a.min_new_tokens, step_id=self.step_id(index))
         t3 = time.perf_counter()
         self.generator.load_weights(self.trainer_address, step.policy_version)
         t4 = time.perf_counter()
@@ -245,9 +244,6 @@ class Coordinator:
         }
         record["examples"] = [response.samples[i].full_text for i in (0, len(response.samples) // 2)]
         return record
-
-    def reward_of(self, sample: pb.Sample, score: pb.TextScore) -> float:
-        return reward_for(sample.text, score.score, self.args.empty_response_reward)
 
     def check_guards(self, record: dict) -> list[str]:
         a = self.args
@@ -430,10 +426,12 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--policy", "starter:policy", help="initial policy: starter:policy, a dir or a hub ID")
     add_flag(parser, "--scorer-backend", "classifier", help="classifier, reward-model or human")
     add_flag(parser, "--scorer-model", "starter:classifier", help="scorer model: starter:classifier, a dir or a hub ID")
-    add_flag(parser, "--scorer-normalize", "none", help="reward-model backend: none, sigmoid or running")
+    add_flag(parser, "--scorer-normalize", "none",
+             help="older name of --reward-normalization (none, sigmoid or running), applied by the trainer")
     add_flag(parser, "--score-timeout", 600.0, float,
              "seconds each Score request may take (the human backend waits for a person's ratings)")
-    add_flag(parser, "--ppo-config", "", help="JSON object of PPO options passed to the trainer")
+    add_flag(parser, "--ppo-config", "", help="JSON object of PPO options passed to the trainer; a typed "
+             "PPO option flag below overrides its key")
     add_flag(parser, "--resume", "",
              help="a new run's trainer starts from this checkpoint (e.g. runs/other/checkpoints/cycle-000050); "
                   "an existing run (--name) always continues from its own newest good checkpoint")
@@ -448,7 +446,6 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
              "generator processes; each rollout's samples are split across them and run concurrently")
     add_flag(parser, "--device", "auto", help="torch device for all services")
     add_flag(parser, "--dtype", "float32", help="float32, bfloat16 or float16")
-    add_flag(parser, "--empty-response-reward", 0.0, float, "reward for a response with no visible text")
     add_flag(parser, "--max-kl", 6.0, float, "guard: warn when KL (nats/seq) goes above")
     add_flag(parser, "--min-distinct2-ratio", 0.5, float, "guard: warn when distinct-2 falls below this x start")
     add_flag(parser, "--max-repetition-rate", 0.1, float, "guard: warn when this share of responses repeats a char 4x")
@@ -460,6 +457,12 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
     add_client_access_flags(parser, token_help="the running services' token file (default: the services this run "
                                                "starts get a fresh random token in <run dir>/auth-token, mode 0600)")
     parser.add_argument("--prompts", nargs="+", default=DEFAULT_PROMPTS, help="rollout prompts")
+    # the trainer's options; --seed and --min-new-tokens above set its seed and EOS minimum
+    add_dataclass_flags(parser, PPOConfig, skip=RUN_SET_OPTIONS, group_title="PPO options (the trainer's PPOConfig)")
+
+
+RUN_SET_OPTIONS = ("seed", "min_response_tokens")
+PPO_OPTION_NAMES = [f.name for f in fields(PPOConfig) if f.name not in RUN_SET_OPTIONS]
 
 
 # flags that configure the services a run starts; running services were configured by their own flags
@@ -477,6 +480,7 @@ def running_services(args) -> tuple[str, list[str], str] | None:
         raise ValueError("--trainer-address, --generator-addresses and --scorer-address go together")
     defaults = vars(build_parser_defaults())
     changed = [f"--{name.replace('_', '-')}" for name in SERVICE_FLAGS if getattr(args, name) != defaults[name]]
+    changed += [f"--{name.replace('_', '-')}" for name in dataclass_flag_values(args, PPO_OPTION_NAMES)]
     if changed:
         raise ValueError(f"{', '.join(changed)} configure services this run starts; running services take "
                          "their settings from their own flags")
@@ -673,8 +677,12 @@ def print_summary(records: list[dict], coordinator: Coordinator, run_dir: Path, 
 
 
 def trainer_ppo_config(args) -> dict:
-    """--ppo-config plus what the run implies: the run's seed, and EOS masked where the generator masks it."""
+    """--ppo-config, the typed PPO option flags given, and what the run implies: the run's seed, and
+    EOS masked where the generator masks it."""
     ppo_config = json.loads(args.ppo_config) if args.ppo_config else {}
+    ppo_config.update(dataclass_flag_values(args, PPO_OPTION_NAMES))
+    if getattr(args, "scorer_normalize", "none") != "none":
+        ppo_config.setdefault("reward_normalization", args.scorer_normalize)
     ppo_config.setdefault("seed", args.seed)
     ppo_config.setdefault("min_response_tokens", args.min_new_tokens)
     return ppo_config
@@ -695,8 +703,8 @@ def start_services(args, run_dir: Path, services: list[ServiceProcess], token_fi
         trainer_args += ["--resume", str(resume)]
     # the trainer and the scorer start together, the generators once the trainer's address is known
     services.append(launch_service("trainer", trainer_args, run_dir, token_file=token_file))
-    scorer = launch_service("scorer", ["--backend", args.scorer_backend, "--model", args.scorer_model,
-                                       "--normalize", args.scorer_normalize, *common], run_dir, token_file=token_file)
+    scorer = launch_service("scorer", ["--backend", args.scorer_backend, "--model", args.scorer_model, *common],
+                            run_dir, token_file=token_file)
     try:
         wait_ready(services[0])
         # replicas keep torch's default threads: the same thread count gives bit-identical samples,

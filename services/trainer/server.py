@@ -5,8 +5,9 @@ import argparse
 import json
 import math
 import re
+import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import grpc
@@ -14,11 +15,11 @@ import grpc
 from haoping.checkpoint import CheckpointError, CheckpointStore, check_label
 from haoping.log import get_logger, setup_logging
 from haoping.models import parse_dtype, pick_device
-from haoping.ppo_trainer import NonFiniteStep, PPOConfig, PPOTrainer
+from haoping.ppo_trainer import NonFiniteStep, PPOConfig, PPOTrainer, StaleRolloutsError
 from haoping.v1 import haoping_pb2 as pb
 from haoping.v1 import haoping_pb2_grpc as pb_grpc
 from services.common import metrics
-from services.common.config import add_common_server_flags, add_flag
+from services.common.config import add_common_server_flags, add_dataclass_flags, add_flag, dataclass_flag_values
 from services.common.security import check_security_flags
 from services.common.server import Draining, serve
 
@@ -55,7 +56,9 @@ class TrainerService(pb_grpc.TrainerServicer):
         if request.step_id and not STEP_ID.fullmatch(request.step_id):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "step_id must match [A-Za-z0-9._:-]{1,128}")
         with self._lock:
-            stats, version, repeated = self._apply(request.step_id, queries, responses, rewards, context)
+            min_tokens = request.min_new_tokens if request.HasField("min_new_tokens") else None
+            stats, version, repeated = self._apply(request.step_id, queries, responses, rewards, context, min_tokens,
+                                                   [r.policy_version for r in rollouts])
             if not repeated and self.checkpoints and self.checkpoint_every and version % self.checkpoint_every == 0:
                 self._save(f"step-{self.trainer.steps_done:06d}", b"")
         if repeated:
@@ -65,9 +68,11 @@ class TrainerService(pb_grpc.TrainerServicer):
             record_step_metrics(stats, version)
         return pb.StepResponse(policy_version=version, stats=stats, repeated=repeated)
 
-    def _apply(self, step_id, queries, responses, rewards, context):
+    def _apply(self, step_id, queries, responses, rewards, context, *step_args):
         try:
-            return self.trainer.apply_step(step_id, queries, responses, rewards)
+            return self.trainer.apply_step(step_id, queries, responses, rewards, *step_args)
+        except StaleRolloutsError as err:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
         except ValueError as err:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         except NonFiniteStep as err:
@@ -187,7 +192,8 @@ def record_step_metrics(stats: dict[str, float], version: int) -> None:
     metrics.TRAINER_KL.set(stats["objective/kl"])
     metrics.TRAINER_KL_COEF.set(stats["objective/kl_coef"])
     metrics.TRAINER_POLICY_LOSS.set(stats["ppo/loss/policy"])
-    metrics.TRAINER_VALUE_LOSS.set(stats["ppo/loss/value"])
+    if "ppo/loss/value" in stats:  # critic-free algorithms have no value loss
+        metrics.TRAINER_VALUE_LOSS.set(stats["ppo/loss/value"])
     metrics.TRAINER_STEPS.inc()
     metrics.TRAINER_STEP_DURATION.observe(stats["time/ppo/total"])
     metrics.POLICY_VERSION.labels("trainer").set(version)
@@ -208,8 +214,22 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(parser, "--max-step-tokens", 262144, int,
              "most query + response tokens over all rollouts of one Step (RESOURCE_EXHAUSTED beyond)")
     add_flag(parser, "--max-abs-reward", 100.0, float, "largest |reward| a rollout may carry (INVALID_ARGUMENT beyond)")
-    add_flag(parser, "--ppo-config", "", help="JSON object of PPO options (see PPOConfig), e.g. '{\"minibatch_size\": 16}'")
+    add_flag(parser, "--ppo-config", "", help="JSON object of PPO options (see PPOConfig), e.g. "
+             "'{\"minibatch_size\": 16}'; a typed option flag below overrides its key")
+    add_dataclass_flags(parser, PPOConfig, group_title="PPO options (PPOConfig)")
     return parser
+
+
+PPO_OPTION_NAMES = [f.name for f in fields(PPOConfig)]
+
+
+def ppo_options(args) -> dict:
+    """--ppo-config's JSON object, then every typed PPO option flag that was given."""
+    values = json.loads(args.ppo_config) if args.ppo_config else {}
+    if not isinstance(values, dict):
+        raise ValueError("--ppo-config must be a JSON object")
+    values.update(dataclass_flag_values(args, PPO_OPTION_NAMES))
+    return values
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -218,9 +238,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     check_security_flags(parser, args)
     try:
-        config = PPOConfig.from_dict(json.loads(args.ppo_config)) if args.ppo_config else PPOConfig()
+        options = ppo_options(args)
+        config = PPOConfig.from_dict(options)
     except (ValueError, TypeError) as err:
-        raise SystemExit(f"--ppo-config: {err}")
+        print(f"error: PPO options: {err}", file=sys.stderr)
+        return 2
     device, dtype = pick_device(args.device), parse_dtype(args.dtype)
     resume = args.resume
     if resume == "latest":
@@ -229,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         resume = CheckpointStore(args.checkpoint_dir, args.keep_checkpoints).newest_good()
     if resume:
         try:
-            trainer = PPOTrainer.from_checkpoint(resume, device, dtype, config if args.ppo_config else None)
+            trainer = PPOTrainer.from_checkpoint(resume, device, dtype, config if options else None)
         except (CheckpointError, FileNotFoundError) as err:
             raise SystemExit(f"--resume: {err}")
         log.info("resumed from %s at policy version %d (%d steps applied)", resume, trainer.version,
