@@ -7,7 +7,7 @@ REWARD_DEV ?= $(if $(wildcard ../shared/data/ranklists_sample.tsv),../shared/dat
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv run test proto bootstrap bench bench-learning bench-peer reward-model run-rm clean docker-wheels docker compose-test
+.PHONY: venv run test proto bootstrap bench bench-learning bench-peer reward-model run-rm clean docker-wheels docker compose-test chaos
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -51,7 +51,7 @@ RM_RUN_ARGS ?= --cycles 1000 --max-seconds 240 --samples-per-prompt 32 --scorer-
 run-rm: venv
 	test -f runs/reward-model/metrics.json || $(MAKE) reward-model
 	$(VENV)/bin/haoping run --scorer-backend reward-model --scorer-model runs/reward-model $(RM_RUN_ARGS) $(RUN_ARGS)
-	$(VENV)/bin/haoping evaluate --before starter:policy --after runs/latest/checkpoint/policy \
+	$(VENV)/bin/haoping evaluate --before starter:policy --after runs/latest \
 		--scorer-backend reward-model --scorer-model runs/reward-model \
 		--evaluator-backend classifier --evaluator-model starter:classifier --out runs/latest/judged.json
 
@@ -82,6 +82,11 @@ $(PEER_VENVS)/%/.installed: bench/peer/requirements-%.txt
 bench-peer: export HAOPING_LEARNING_ARGS = $(LEARNING_ARGS)
 bench-peer: venv $(PEER_VENVS)/trl-1.16/.installed $(PEER_VENVS)/trl-1.12/.installed
 	$(PY) -m bench.peer $(PEER_ARGS)
+
+# 60 cycles on the starter models, a random process SIGKILLed every ~10 s, beside an unfaulted run
+CHAOS_ARGS ?=
+chaos: venv
+	$(PY) -m bench.chaos $(CHAOS_ARGS)
 
 # docker compose: a wheelhouse built with this host's pip settings (CPU torch), then the images.
 # Where no registry is reachable: docker/build-base-image.sh, then BASE_IMAGE=local/debian-py:bookworm.

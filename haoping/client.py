@@ -11,6 +11,7 @@ Every client takes the services' token (``token=`` or ``token_file=``; sent as
 from __future__ import annotations
 
 import collections
+import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +25,13 @@ from haoping.v1 import haoping_pb2 as pb
 from haoping.v1 import haoping_pb2_grpc as pb_grpc
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# grpc's own retry policy: a call that finds the service unreachable is retried with exponential
+# backoff and jitter within its deadline (a longer outage is the caller's to handle, e.g. the
+# coordinator's supervision). Every haoping RPC is safe to repeat: Step is exactly-once by its id.
+RETRY_SERVICE_CONFIG = json.dumps({"methodConfig": [{
+    "name": [{}],
+    "retryPolicy": {"maxAttempts": 5, "initialBackoff": "0.1s", "maxBackoff": "2s", "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"]}}]})
 
 
 def read_token_file(path: str | Path) -> str:
@@ -88,7 +96,10 @@ def make_channel(address: str, token: str | None = None, tls: TLSFiles | None = 
                  max_message_bytes: int = MAX_MESSAGE_BYTES) -> grpc.Channel:
     """A channel to a haoping service: TLS when ``tls`` is given, the token on every call."""
     options = [("grpc.max_send_message_length", max_message_bytes),
-               ("grpc.max_receive_message_length", max_message_bytes)]
+               ("grpc.max_receive_message_length", max_message_bytes),
+               ("grpc.enable_retries", 1), ("grpc.service_config", RETRY_SERVICE_CONFIG),
+               # a restarted service is found within a second, not after grpc's default 1-120 s backoff
+               ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 1000)]
     if tls is not None:
         if tls.server_name:
             options.append(("grpc.ssl_target_name_override", tls.server_name))
@@ -136,6 +147,21 @@ class _Client:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"service at {self.address} not serving after {timeout:.0f}s")
             time.sleep(0.2)
+
+    def await_serving(self, timeout: float) -> None:
+        """Block until the service reports SERVING, through restarts (grpc's wait_for_ready and
+        health Watch, no polling); TimeoutError after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                for reply in self.health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=left,
+                                               wait_for_ready=True):
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+            except grpc.RpcError as err:
+                if err.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+                    break  # DEADLINE_EXCEEDED, or a server without health: stop waiting
+        raise TimeoutError(f"service at {self.address} not serving after {timeout:.0f}s")
 
     def info(self) -> pb.ServiceInfo:
         return self.stub.GetInfo(pb.GetInfoRequest(), timeout=self.timeout)
@@ -242,9 +268,13 @@ class ScorerClient(_Client):
 class TrainerClient(_Client):
     stub_class = pb_grpc.TrainerStub
 
-    def step(self, rollouts: list[pb.Rollout], min_new_tokens: int | None = None) -> pb.StepResponse:
-        """One update; ``min_new_tokens``: the EOS minimum the rollouts were sampled with."""
-        return self.stub.Step(pb.StepRequest(rollouts=rollouts, min_new_tokens=min_new_tokens), timeout=self.timeout)
+    def step(self, rollouts: list[pb.Rollout], min_new_tokens: int | None = None, step_id: str = "") -> pb.StepResponse:
+        """One update; ``min_new_tokens``: the EOS minimum the rollouts were sampled with; ``step_id``:
+        the trainer applies each id once (a repeated one gets the stored answer)."""
+        return self.stub.Step(pb.StepRequest(rollouts=rollouts, min_new_tokens=min_new_tokens, step_id=step_id),
+                              timeout=self.timeout)
 
-    def save_checkpoint(self, directory: str = "") -> pb.SaveCheckpointResponse:
-        return self.stub.SaveCheckpoint(pb.SaveCheckpointRequest(directory=directory), timeout=self.timeout)
+    def save_checkpoint(self, label: str, coordinator_state: bytes = b"") -> pb.SaveCheckpointResponse:
+        """A verified checkpoint named ``label`` inside the trainer's --checkpoint-dir."""
+        return self.stub.SaveCheckpoint(pb.SaveCheckpointRequest(label=label, coordinator_state=coordinator_state),
+                                        timeout=self.timeout)

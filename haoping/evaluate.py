@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from haoping import text_metrics
+from haoping.checkpoint import CheckpointError, policy_of
 from haoping.generation import PolicyGenerator, SampleSpec, SamplingParams, sample_seed
 from haoping.log import get_logger
 from haoping.models import ModelLoadError, pick_device
@@ -43,9 +44,10 @@ def cmd_evaluate(args) -> int:
     try:
         scorers = {"scorer": build_scorer(args.scorer_backend, args.scorer_model, device),
                    "evaluator": build_scorer(args.evaluator_backend, args.evaluator_model, device)}
-        rows = [evaluate_policy(ref, args.prompts, args.samples, args.max_new_tokens, scorers, device)
+        rows = [evaluate_policy(ref if ref.startswith("starter:") or not Path(ref).exists() else str(policy_of(ref)),
+                                args.prompts, args.samples, args.max_new_tokens, scorers, device)
                 for ref in (args.before, args.after)]
-    except (ModelLoadError, OSError, ValueError) as err:
+    except (ModelLoadError, CheckpointError, OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"{'':8} {'scorer':>8} {'evaluator':>10} {'eval pos%':>9} {'distinct2':>9} {'repeat%':>8}  policy")
@@ -64,7 +66,8 @@ def cmd_evaluate(args) -> int:
 def add_cli(subparsers) -> None:
     p = subparsers.add_parser("evaluate", help="compare two policies on held-out samples with an independent judge")
     p.add_argument("--before", default="starter:policy", help="policy before training")
-    p.add_argument("--after", default="runs/latest/checkpoint/policy", help="policy after training")
+    p.add_argument("--after", default="runs/latest",
+                   help="policy after training: a run directory (its newest good checkpoint), a checkpoint, or a policy")
     p.add_argument("--samples", type=int, default=256)
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--scorer-backend", default="classifier")

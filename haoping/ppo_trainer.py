@@ -12,10 +12,12 @@ and ``ppo_epochs`` passes of shuffled minibatches.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
+import itertools
 import json
 import math
-import shutil
+import random
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -28,10 +30,16 @@ from safetensors.torch import load_file, save, save_file
 from transformers import get_scheduler
 
 from haoping import algorithms, ppo
+from haoping.checkpoint import CheckpointStore, verify_checkpoint
 from haoping.log import get_logger
 from haoping.models import TokenFormat, autocast, decode_clean, load_causal_lm, load_tokenizer
 
 log = get_logger(__name__)
+STEP_RESPONSES_KEPT = 1000  # applied Step ids older than this keep their version, not their statistics
+
+
+class NonFiniteStep(RuntimeError):
+    """An update whose loss, gradients or weights were non-finite; it was rolled back."""
 
 
 def option(default, help: str, choices: tuple | None = None):
@@ -314,6 +322,7 @@ class PPOTrainer:
         self.recent_rewards: list[float] = []  # the last 3 batches' mean raw score (target_reward)
         self._weights_cache: tuple[int, bytes, str] | None = None
         self.fuse_first_forward = True  # see _rollout_forward_with_grad; tests compare both paths
+        self.applied_steps: dict[str, dict] = {}  # Step id -> its answer, in the order applied (exactly once)
 
     # ------------------------------------------------------------ setup
 
@@ -575,44 +584,48 @@ class PPOTrainer:
             self._weights_cache = (self.version, data, hashlib.sha256(data).hexdigest())
         return self._weights_cache
 
-    def save_checkpoint(self, directory: str | Path) -> Path:
-        """Policy (save_pretrained), value head, optimizer and trainer state; all safetensors + JSON.
+    def save_checkpoint(self, directory: str | Path, extra_files: dict[str, bytes] | None = None) -> Path:
+        """Everything needed to continue as if nothing happened: policy (save_pretrained), value
+        head, optimizer, KL controller, normalizer, the torch, Python and numpy RNG states and the
+        applied Step ids; plus ``extra_files`` (e.g. the coordinator's own state).
 
-        Written to a temp dir and renamed, so an interrupted save never clobbers the last good one.
+        A new verified checkpoint directory (see :mod:`haoping.checkpoint`): staged under a temp
+        name, fsynced, with a manifest of sizes and sha256, renamed; the previous one is kept.
         """
         directory = Path(directory)
-        tmp = directory.with_name(directory.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        self.model.lm.save_pretrained(tmp / "policy")
-        self.tokenizer.save_pretrained(tmp / "policy")
-        save_file(self.model.value_head.state_dict(), tmp / "value_head.safetensors")
-        tensors, meta = optimizer_to_flat(self.optimizer)
-        save_file(tensors, tmp / "optimizer.safetensors")
-        save_file({"torch_rng": torch.get_rng_state()}, tmp / "rng.safetensors")
-        state = {
-            "version": self.version, "steps_done": self.steps_done, "kl_coef": self.kl_ctl.value,
-            "score_moments": self.score_moments.state_dict() if self.score_moments else None,
-            "policy_ref": self.policy_ref, "ref_model_ref": self.ref_model_ref,
-            "config": asdict(self.config), "optimizer": meta,
-        }
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-        if directory.exists():
-            old = directory.with_name(directory.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            directory.rename(old)
-            tmp.rename(directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(directory)
+        store = CheckpointStore(directory.parent)
+        with store.writing(directory.name, sequence=self.steps_done,
+                           extra={"policy_version": self.version, "steps_done": self.steps_done}) as tmp:
+            self.model.lm.save_pretrained(tmp / "policy")
+            self.tokenizer.save_pretrained(tmp / "policy")
+            save_file(self.model.value_head.state_dict(), tmp / "value_head.safetensors")
+            tensors, meta = optimizer_to_flat(self.optimizer)
+            save_file(tensors, tmp / "optimizer.safetensors")
+            save_file({"torch_rng": torch.get_rng_state()}, tmp / "rng.safetensors")
+            state = {
+                "version": self.version, "steps_done": self.steps_done, "kl_coef": self.kl_ctl.value,
+                "score_moments": self.score_moments.state_dict() if self.score_moments else None,
+                "policy_ref": self.policy_ref, "ref_model_ref": self.ref_model_ref,
+                "config": asdict(self.config), "optimizer": meta,
+                "python_rng": _python_rng_to_json(random.getstate()),
+                "numpy_rng": _numpy_rng_to_json(np.random.get_state()),
+                "applied_steps": self.applied_steps,
+            }
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+            for name, data in (extra_files or {}).items():
+                (tmp / name).write_bytes(data)
         return directory
 
     @classmethod
     def from_checkpoint(cls, directory: str | Path, device: str | torch.device = "cpu",
                         dtype: torch.dtype = torch.float32, config: PPOConfig | None = None) -> "PPOTrainer":
-        """Resume: the policy, value head, optimizer, KL coefficient, version and RNG come back;
-        the reference model is the original one, not the checkpoint."""
+        """Resume: the policy, value head, optimizer, KL coefficient, version, RNGs and applied Step
+        ids come back; the reference model is the original one, not the checkpoint.
+
+        The checkpoint is verified first (manifest sizes and sha256, every tensor finite):
+        :class:`haoping.checkpoint.CheckpointError` names the file and the reason."""
         directory = Path(directory)
+        verify_checkpoint(directory)
         state = json.loads((directory / "trainer_state.json").read_text())
         config = config or PPOConfig.from_dict(state["config"])
         trainer = cls(str(directory / "policy"), config, device, dtype, ref_model_ref=state["ref_model_ref"])
@@ -620,11 +633,101 @@ class PPOTrainer:
         trainer.model.value_head.load_state_dict(load_file(directory / "value_head.safetensors"))
         optimizer_from_flat(trainer.optimizer, load_file(directory / "optimizer.safetensors"), state["optimizer"])
         torch.set_rng_state(load_file(directory / "rng.safetensors")["torch_rng"])
+        if state.get("python_rng"):
+            random.setstate(_python_rng_from_json(state["python_rng"]))
+        if state.get("numpy_rng"):
+            np.random.set_state(_numpy_rng_from_json(state["numpy_rng"]))
         trainer.version, trainer.steps_done = state["version"], state["steps_done"]
         trainer.kl_ctl.value = state["kl_coef"]
         if trainer.score_moments and state["score_moments"]:
             trainer.score_moments.load_state_dict(state["score_moments"])
+        trainer.applied_steps = dict(state.get("applied_steps", {}))
         return trainer
+
+    # ------------------------------------------------------------ guarded, exactly-once updates
+
+    def guarded_step(self, queries: list[list[int]], responses: list[list[int]], scores: list[float],
+                     *args, **kwargs) -> dict[str, float]:
+        """:meth:`step`, undone when its loss, gradients or updated weights are non-finite (or it
+        raises): the policy, value head, optimizer, KL controller, normalizer, counters and RNG
+        are then exactly as before, and :class:`NonFiniteStep` says what was non-finite."""
+        snapshot = self._snapshot()
+        try:
+            stats = self.step(queries, responses, scores, *args, **kwargs)
+        except BaseException:
+            self._restore(snapshot)
+            raise
+        problem = self._non_finite_problem(stats)
+        if problem:
+            self._restore(snapshot)
+            raise NonFiniteStep(f"update rolled back: {problem}")
+        return stats
+
+    def apply_step(self, step_id: str, queries: list[list[int]], responses: list[list[int]], scores: list[float],
+                   *args, **kwargs) -> tuple[dict[str, float], int, bool]:
+        """(statistics, policy version, repeated): a ``step_id`` already applied gets its stored
+        answer and no second update; an empty id is always applied."""
+        if step_id and step_id in self.applied_steps:
+            answer = self.applied_steps[step_id]
+            return dict(answer["stats"]), answer["policy_version"], True
+        stats = self.guarded_step(queries, responses, scores, *args, **kwargs)
+        if step_id:
+            self.applied_steps[step_id] = {"policy_version": self.version, "stats": stats}
+            if len(self.applied_steps) > STEP_RESPONSES_KEPT:
+                oldest = next(itertools.islice(self.applied_steps, len(self.applied_steps) - STEP_RESPONSES_KEPT - 1,
+                                               None))
+                self.applied_steps[oldest]["stats"] = {}
+        return stats, self.version, False
+
+    def _snapshot(self) -> dict:
+        return {"model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+                "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+                "kl_ctl": copy.deepcopy(self.kl_ctl.__dict__),
+                "score_moments": copy.deepcopy(self.score_moments.__dict__) if self.score_moments else None,
+                "counters": (self.version, self.steps_done, self._weights_cache),
+                "rng": torch.get_rng_state()}
+
+    def _restore(self, snapshot: dict) -> None:
+        with torch.no_grad():
+            self.model.load_state_dict(snapshot["model"])
+        self.optimizer.load_state_dict(snapshot["optimizer"])
+        self.optimizer.zero_grad(set_to_none=True)
+        self.kl_ctl.__dict__.update(snapshot["kl_ctl"])
+        if self.score_moments is not None:
+            self.score_moments.__dict__.update(snapshot["score_moments"])
+        self.version, self.steps_done, self._weights_cache = snapshot["counters"]
+        torch.set_rng_state(snapshot["rng"])
+
+    def _non_finite_problem(self, stats: dict[str, float]) -> str:
+        """What is non-finite after an update ('' when nothing): a loss, a gradient, a weight."""
+        losses = sorted(k for k, v in stats.items() if "loss" in k and not math.isfinite(v))
+        if losses:
+            return f"non-finite {', '.join(losses)}"
+        for name, p in self.model.named_parameters():
+            if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+                return f"non-finite gradient of {name}"
+            if not bool(torch.isfinite(p).all()):
+                return f"non-finite weights in {name}"
+        return ""
+
+
+def _python_rng_to_json(state: tuple) -> list:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _python_rng_from_json(value: list) -> tuple:
+    return value[0], tuple(value[1]), value[2]
+
+
+def _numpy_rng_to_json(state: tuple) -> list:
+    kind, keys, pos, has_gauss, cached = state
+    return [kind, [int(k) for k in keys], int(pos), int(has_gauss), float(cached)]
+
+
+def _numpy_rng_from_json(value: list) -> tuple:
+    kind, keys, pos, has_gauss, cached = value
+    return kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached
 
 
 def validate_rollouts(queries: list[list[int]], responses: list[list[int]], scores: list[float]) -> None:

@@ -30,7 +30,8 @@ def stack(tiny_policy, tiny_classifier, tmp_path_factory):
     services = []
     try:
         services.append(start_service("trainer", ["--model", str(tiny_policy), "--ppo-config", FAST_PPO,
-                                                  "--device", "cpu"], run_dir, timeout=120))
+                                                  "--device", "cpu", "--checkpoint-dir", str(run_dir / "checkpoints")],
+                                      run_dir, timeout=120))
         services.append(start_service("generator", ["--model", str(tiny_policy), "--device", "cpu",
                                                     "--trainer-address", services[0].address], run_dir, timeout=120))
         services.append(start_service("scorer", ["--model", str(tiny_classifier), "--device", "cpu"], run_dir,
@@ -66,7 +67,7 @@ def test_cycles_advance_policy_and_change_seeded_outputs(stack):
             assert_clean_text(sample.full_text)
     for name in ("cycles.jsonl", "samples_before.jsonl", "samples_after.jsonl", "reward_kl.png"):
         assert (stack.run_dir / name).exists(), name
-    assert (stack.run_dir / "checkpoint" / "policy" / "model.safetensors").exists()
+    assert (stack.run_dir / "checkpoints" / "cycle-000002" / "policy" / "model.safetensors").exists()
 
 
 def test_every_metrics_endpoint_answers(stack):
@@ -99,14 +100,19 @@ def test_haoping_run_writes_the_run_directory(tiny_policy, tiny_classifier, tmp_
         for row in rows:
             assert_clean_text(row["text"])
     assert (run_dir / "reward_kl.png").stat().st_size > 1000
-    assert (run_dir / "checkpoint" / "policy" / "config.json").exists()
+    assert (run_dir / "checkpoints" / "cycle-000002" / "policy" / "config.json").exists()
     assert "Generator serving" in (run_dir / "logs" / "generator-2.log").read_text()  # the second replica
     assert "cycle   1" in result.stdout
     # the trainer masks EOS exactly where the generator did
     assert json.loads((run_dir / "config.json").read_text())["min_new_tokens"] == 2
-    # a second run with the same name refuses instead of overwriting
+    # a second run with the same name continues it (here: nothing left to do) instead of overwriting
+    written = {name: (run_dir / name).read_text() for name in ("cycles.jsonl", "samples_before.jsonl", "config.json")}
     again = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    assert again.returncode == 2 and "already holds a run" in again.stderr
+    assert again.returncode == 0 and "continuing run e2e from checkpoint" in again.stdout, again.stdout + again.stderr
+    assert {name: (run_dir / name).read_text() for name in written} == written
+    # a differing flag that may not change is refused
+    differing = subprocess.run(command + ["--seed", "7"], capture_output=True, text=True, timeout=120)
+    assert differing.returncode == 2 and "--seed" in differing.stderr
 
 
 def test_generator_replicas_split_rollouts_and_all_load_new_weights(stack, tmp_path):

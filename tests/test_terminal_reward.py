@@ -168,7 +168,7 @@ def test_haoping_run_takes_each_reward_from_the_terminal_and_steps_on_each_batch
     after = [json.loads(line)["reward"] for line in (run_dir / "samples_after.jsonl").read_text().splitlines()]
     assert (before, after) == ([1.0, 0.0], [0.75, 0.25])
     assert not (run_dir / "logs" / "scorer.log").exists()  # no scorer service: the terminal is the scorer
-    assert (run_dir / "checkpoint" / "policy" / "config.json").exists()
+    assert (run_dir / "checkpoints" / "cycle-000002" / "policy" / "config.json").exists()
 
 
 @pytest.mark.slow
@@ -187,7 +187,7 @@ def test_end_of_input_stops_cleanly_and_keeps_the_policy(tiny_policy, tmp_path):
     assert "stopped: the input ended" in output and "1 cycle(s) done" in output and "Traceback" not in output
     run_dir = tmp_path / "terminal"
     assert [json.loads(line)["cycle"] for line in (run_dir / "cycles.jsonl").read_text().splitlines()] == [0]
-    assert json.loads((run_dir / "checkpoint" / "trainer_state.json").read_text())["version"] == 1
+    assert json.loads((run_dir / "checkpoints" / "cycle-000001" / "trainer_state.json").read_text())["version"] == 1
 
 
 def test_terminal_mode_refuses_without_a_terminal_or_the_human_backend(tmp_path, capsys, monkeypatch):

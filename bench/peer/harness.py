@@ -21,6 +21,7 @@ from pathlib import Path
 
 from bench.peer import metrics
 from haoping.atomic import atomic_write_json
+from haoping.checkpoint import policy_of
 from services.common.config import add_flag
 
 REPO = Path(__file__).resolve().parents[2]
@@ -146,7 +147,7 @@ def run_haoping(algorithm: str, run_dir: Path, args, with_flag: bool, peer_secon
         learning += ["--algorithm", algorithm]
     command = [sys.executable, "-m", "bench.learning", *learning]
     _run(command, run_dir, args.threads, cwd=REPO)
-    return {"steps": haoping_steps(out / "cycles.jsonl"), "policy": str(out / "checkpoint" / "policy"),
+    return {"steps": haoping_steps(out / "cycles.jsonl"), "policy": str(policy_of(out)),
             "config": {"command": command}, "bench_learning_summary": json.loads((out / "summary.json").read_text())}
 
 

@@ -139,15 +139,17 @@ class Rollout(_message.Message):
     def __init__(self, query_token_ids: _Optional[_Iterable[int]] = ..., response_token_ids: _Optional[_Iterable[int]] = ..., reward: _Optional[float] = ..., policy_version: _Optional[int] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("rollouts", "min_new_tokens")
+    __slots__ = ("rollouts", "min_new_tokens", "step_id")
     ROLLOUTS_FIELD_NUMBER: _ClassVar[int]
     MIN_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    STEP_ID_FIELD_NUMBER: _ClassVar[int]
     rollouts: _containers.RepeatedCompositeFieldContainer[Rollout]
     min_new_tokens: int
-    def __init__(self, rollouts: _Optional[_Iterable[_Union[Rollout, _Mapping]]] = ..., min_new_tokens: _Optional[int] = ...) -> None: ...
+    step_id: str
+    def __init__(self, rollouts: _Optional[_Iterable[_Union[Rollout, _Mapping]]] = ..., min_new_tokens: _Optional[int] = ..., step_id: _Optional[str] = ...) -> None: ...
 
 class StepResponse(_message.Message):
-    __slots__ = ("policy_version", "stats")
+    __slots__ = ("policy_version", "stats", "repeated")
     class StatsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -157,9 +159,11 @@ class StepResponse(_message.Message):
         def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
+    REPEATED_FIELD_NUMBER: _ClassVar[int]
     policy_version: int
     stats: _containers.ScalarMap[str, float]
-    def __init__(self, policy_version: _Optional[int] = ..., stats: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    repeated: bool
+    def __init__(self, policy_version: _Optional[int] = ..., stats: _Optional[_Mapping[str, float]] = ..., repeated: _Optional[bool] = ...) -> None: ...
 
 class GetWeightsRequest(_message.Message):
     __slots__ = ("version",)
@@ -182,18 +186,26 @@ class WeightsChunk(_message.Message):
     def __init__(self, policy_version: _Optional[int] = ..., offset: _Optional[int] = ..., total_bytes: _Optional[int] = ..., data: _Optional[bytes] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class SaveCheckpointRequest(_message.Message):
-    __slots__ = ("directory",)
+    __slots__ = ("directory", "label", "coordinator_state")
     DIRECTORY_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_STATE_FIELD_NUMBER: _ClassVar[int]
     directory: str
-    def __init__(self, directory: _Optional[str] = ...) -> None: ...
+    label: str
+    coordinator_state: bytes
+    def __init__(self, directory: _Optional[str] = ..., label: _Optional[str] = ..., coordinator_state: _Optional[bytes] = ...) -> None: ...
 
 class SaveCheckpointResponse(_message.Message):
-    __slots__ = ("directory", "policy_version")
+    __slots__ = ("directory", "policy_version", "label", "steps_done")
     DIRECTORY_FIELD_NUMBER: _ClassVar[int]
     POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    STEPS_DONE_FIELD_NUMBER: _ClassVar[int]
     directory: str
     policy_version: int
-    def __init__(self, directory: _Optional[str] = ..., policy_version: _Optional[int] = ...) -> None: ...
+    label: str
+    steps_done: int
+    def __init__(self, directory: _Optional[str] = ..., policy_version: _Optional[int] = ..., label: _Optional[str] = ..., steps_done: _Optional[int] = ...) -> None: ...
 
 class GetInfoRequest(_message.Message):
     __slots__ = ()

@@ -31,6 +31,10 @@ class QueueFull(Exception):
     pass
 
 
+class ShuttingDown(Exception):
+    """The batcher was closed (the service is stopping) before this request finished."""
+
+
 @dataclass
 class _Pending:
     items: list
@@ -56,7 +60,23 @@ class _QueuedBatcher:
         self._queue: deque = deque()
         self._cond = threading.Condition()
         self._arriving = 0  # requests between arriving() and their submit()
-        threading.Thread(target=self._loop, name=f"{service}-batcher", daemon=True).start()
+        self._closing = False
+        self._thread = threading.Thread(target=self._loop, name=f"{service}-batcher", daemon=True)
+        self._thread.start()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the batcher thread and wait for it: requests still queued or running get
+        ShuttingDown. A process must not exit while this thread is inside a model call (torch
+        aborts the interpreter: "terminate called without an active exception")."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+
+    def _fail_queued(self) -> None:
+        with self._cond:
+            while self._queue:
+                self._queue.popleft().future.set_exception(ShuttingDown(f"{self.service} is shutting down"))
 
     def _loop(self) -> None:
         raise NotImplementedError
@@ -106,8 +126,10 @@ class DynamicBatcher(_QueuedBatcher):
 
     def _take_batch(self) -> list[_Pending]:
         with self._cond:
-            while not self._queue:
+            while not self._queue and not self._closing:
                 self._cond.wait()
+            if self._closing:
+                return []
             batch = [self._queue.popleft()]
             size = len(batch[0].items)
             deadline = time.monotonic() + self.max_wait_seconds
@@ -126,7 +148,7 @@ class DynamicBatcher(_QueuedBatcher):
             return batch
 
     def _loop(self) -> None:
-        while True:
+        while not self._closing:
             batch = []
             for pending in self._take_batch():
                 if pending.is_cancelled():  # gone before its turn: no model work for it
@@ -147,6 +169,7 @@ class DynamicBatcher(_QueuedBatcher):
             for p in batch:
                 p.future.set_result((results[start:start + len(p.items)], extra))
                 start += len(p.items)
+        self._fail_queued()
 
 
 class RunningBatch(Protocol):
@@ -204,7 +227,7 @@ class ContinuousBatcher(_QueuedBatcher):
         """The waiting requests that join now; blocks while there is nothing to do."""
         with self._cond:
             if not running:
-                while not self._queue:
+                while not self._queue and not self._closing:
                     self._cond.wait()
                 deadline = time.monotonic() + self.max_wait_seconds
                 while self._arriving and sum(len(r.items) for r in self._queue) < self.max_batch_size:
@@ -226,6 +249,13 @@ class ContinuousBatcher(_QueuedBatcher):
         active: list[_Request] = []   # requests with items in the batch
         owner: dict = {}              # key -> (request, item index)
         while True:
+            if self._closing:
+                for request in active:
+                    request.future.set_exception(ShuttingDown(f"{self.service} is shutting down"))
+                if batch is not None:
+                    batch.close()
+                self._fail_queued()
+                return
             running = len(batch) if batch is not None else 0
             joining = []
             for request in self._admit(running, batch is None or batch.accepting()):

@@ -56,6 +56,12 @@ TRAINER_KL_COEF = Gauge("haoping_trainer_kl_coef", "KL penalty coefficient used 
 TRAINER_POLICY_LOSS = Gauge("haoping_trainer_policy_loss", "PPO clipped policy loss, latest batch", registry=None)
 TRAINER_VALUE_LOSS = Gauge("haoping_trainer_value_loss", "PPO clipped value loss, latest batch", registry=None)
 TRAINER_STEPS = Counter("haoping_trainer_steps", "PPO steps completed", registry=None)
+TRAINER_NON_FINITE_STEPS = Counter("haoping_trainer_non_finite_steps",
+                                   "Steps rolled back because the loss, gradients or weights were non-finite",
+                                   registry=None)
+TRAINER_REPEATED_STEPS = Counter("haoping_trainer_repeated_steps", "Steps whose id was already applied (answered "
+                                 "from the stored response, no second update)", registry=None)
+CHECKPOINTS_SAVED = Counter("haoping_checkpoints_saved", "Verified checkpoints written", registry=None)
 TRAINER_STEP_DURATION = Histogram("haoping_trainer_step_duration_seconds", "PPO step wall time",
                                   buckets=LATENCY_BUCKETS, registry=None)
 
@@ -64,7 +70,8 @@ SERVICE_COLLECTORS = {
                   WEIGHT_LOAD_DURATION, WEIGHT_LOADS_REFUSED),
     "scorer": (SCORED_TEXTS, SCORE_VALUE),
     "trainer": (TRAINER_STAT, TRAINER_REWARD_MEAN, TRAINER_KL, TRAINER_KL_COEF, TRAINER_POLICY_LOSS,
-                TRAINER_VALUE_LOSS, TRAINER_STEPS, TRAINER_STEP_DURATION),
+                TRAINER_VALUE_LOSS, TRAINER_STEPS, TRAINER_STEP_DURATION, TRAINER_NON_FINITE_STEPS,
+                TRAINER_REPEATED_STEPS, CHECKPOINTS_SAVED),
 }
 
 

@@ -5,12 +5,13 @@ SERVING only after the service's warm-up succeeded, and NOT_SERVING as soon as d
 """
 from __future__ import annotations
 
+import ctypes
+import os
 import signal
 import sys
 import threading
 import time
 from concurrent import futures
-from pathlib import Path
 from typing import Callable
 
 import grpc
@@ -18,6 +19,7 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from haoping.atomic import atomic_write_text
 from haoping.log import get_logger
 from haoping.v1 import haoping_pb2
 from services.common.interceptors import AuthInterceptor, ErrorInterceptor, MetricsInterceptor
@@ -41,6 +43,24 @@ class Draining:
         return self.event.is_set()
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def exit_with_parent() -> None:
+    """When started by a coordinator (HAOPING_PARENT_PID), die with it whatever ends it, kill -9
+    included: the kernel sends SIGKILL on the parent's exit (prctl PR_SET_PDEATHSIG)."""
+    parent = os.environ.get("HAOPING_PARENT_PID")
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        log.warning("prctl(PR_SET_PDEATHSIG) failed (errno %d): this service may outlive its coordinator",
+                    ctypes.get_errno())
+    if os.getppid() != int(parent):  # the coordinator died before prctl took effect
+        log.warning("coordinator %s is gone; exiting", parent)
+        os._exit(1)
+
+
 def server_interceptors(service: str, security: ServerSecurity) -> list[grpc.ServerInterceptor]:
     """Outermost first: metrics see the final code of every call, refused ones included."""
     return [MetricsInterceptor(service), ErrorInterceptor(service),
@@ -50,6 +70,7 @@ def server_interceptors(service: str, security: ServerSecurity) -> list[grpc.Ser
 def serve(short_name: str, args, register: Callable[[grpc.Server], None],
           warm_up: Callable[[], None] | None = None, draining: Draining | None = None) -> int:
     """Run a service until SIGTERM/SIGINT; returns the process exit code."""
+    exit_with_parent()
     if args.threads:
         torch.set_num_threads(args.threads)
     if getattr(args, "gil_switch_ms", None):
@@ -103,7 +124,7 @@ def serve(short_name: str, args, register: Callable[[grpc.Server], None],
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     log.info("%s serving", short_name)
     if args.ready_file:
-        Path(args.ready_file).write_text(f"{args.host}:{port} {metrics_port}\n")
+        atomic_write_text(args.ready_file, f"{args.host}:{port} {metrics_port}\n")  # never read half-written
 
     stop.wait()
     # stay reachable briefly so health checkers see NOT_SERVING; new work already gets UNAVAILABLE

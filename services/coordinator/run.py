@@ -1,22 +1,32 @@
 """The coordinator: starts the three services (or uses running ones, e.g. under docker compose),
 runs rollout -> score -> update -> sync cycles, and writes the run directory (cycles.jsonl,
-samples, curves, final policy)."""
+samples, curves, checkpoints).
+
+It never loses a run: a checkpoint every ``--checkpoint-every`` cycles and on every graceful
+stop; a service it started that dies is restarted (the trainer from the newest good
+checkpoint) and the interrupted cycle redone; running services are waited for; and
+``haoping run --name X`` on an existing run continues it."""
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
+import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
 
 import grpc
 
 from haoping import text_metrics
+from haoping.atomic import atomic_write_json, atomic_write_text
+from haoping.checkpoint import CheckpointError, CheckpointStore, cycle_label, verify_checkpoint
 from haoping.client import GeneratorClient, GeneratorReplicas, ScorerClient, TrainerClient
 from haoping.log import get_logger
 from haoping.plots import plot_reward_kl
@@ -27,6 +37,8 @@ from haoping.ppo_trainer import PPOConfig
 from haoping.v1 import haoping_pb2 as pb
 from services.common.config import add_client_access_flags, add_dataclass_flags, add_flag, dataclass_flag_values
 from services.common.security import client_access, write_token_file
+from services.coordinator.rundir import ConfigMismatch, CycleLog, fresh_name, resumed_settings, save_config
+from services.coordinator.supervisor import RestartBudgetExceeded, Supervisor
 
 log = get_logger(__name__)
 
@@ -42,6 +54,8 @@ class ServiceProcess:
     metrics_port: int
     log_path: Path
     token_file: Path | None = None  # the token its protected RPCs take (see :func:`start_service`)
+    module: str = ""  # services.<module>, and the arguments it was started with: to restart it
+    args: list[str] = field(default_factory=list)
 
     def log_tail(self, lines: int = 30) -> str:
         try:
@@ -57,6 +71,12 @@ def start_service(name: str, extra_args: list[str], run_dir: Path, timeout: floa
     ``label`` (default: the name) names its log and ready files, e.g. generator-2 for a replica.
     The service takes ``token_file`` (default: ``run_dir/auth-token``, made once with a random
     token), so the services of one run dir share a token; clients pass ``token_file=``."""
+    return wait_ready(launch_service(name, extra_args, run_dir, label, token_file), timeout)
+
+
+def launch_service(name: str, extra_args: list[str], run_dir: Path, label: str = "",
+                   token_file: Path | None = None) -> ServiceProcess:
+    """Start `python -m services.<name>` without waiting; :func:`wait_ready` fills in its address."""
     label = label or name
     if token_file is None:
         token_file = run_dir / "auth-token"
@@ -67,19 +87,29 @@ def start_service(name: str, extra_args: list[str], run_dir: Path, timeout: floa
     log_path = run_dir / "logs" / f"{label}.log"
     command = [sys.executable, "-m", f"services.{name}", "--host", "127.0.0.1", "--port", "0",
                "--metrics-port", "0", "--ready-file", str(ready), "--auth-token-file", str(token_file), *extra_args]
+    env = {**os.environ, "HAOPING_PARENT_PID": str(os.getpid())}  # the service exits when this process dies
     with open(log_path, "ab") as log_file:
-        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=os.environ.copy())
+        # its own session: a Ctrl-C in the terminal reaches the coordinator, which stops it after a checkpoint
+        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env,
+                                   start_new_session=True)
+    return ServiceProcess(label, process, "", 0, log_path, token_file=token_file, module=name, args=list(extra_args))
+
+
+def wait_ready(service: ServiceProcess, timeout: float = 900.0) -> ServiceProcess:
+    """Wait until ``service`` wrote its ready file (it is SERVING); fills in address and metrics port."""
+    ready = service.log_path.with_suffix(".ready")
     deadline = time.monotonic() + timeout
     while not ready.exists():
-        if process.poll() is not None:
-            raise RuntimeError(f"{label} exited with code {process.returncode}; log {log_path}:\n"
-                               + ServiceProcess(label, process, "", 0, log_path).log_tail())
+        if service.process.poll() is not None:
+            raise RuntimeError(f"{service.name} exited with code {service.process.returncode}; log "
+                               f"{service.log_path}:\n" + service.log_tail())
         if time.monotonic() > deadline:
-            process.kill()
-            raise TimeoutError(f"{label} not ready after {timeout:.0f}s; see {log_path}")
-        time.sleep(0.2)
+            service.process.kill()
+            raise TimeoutError(f"{service.name} not ready after {timeout:.0f}s; see {service.log_path}")
+        time.sleep(0.1)
     address, metrics_port = ready.read_text().split()
-    return ServiceProcess(label, process, address, int(metrics_port), log_path, token_file)
+    service.address, service.metrics_port = address, int(metrics_port)
+    return service
 
 
 def stop_services(services: list[ServiceProcess], timeout: float = 30.0) -> None:
@@ -104,9 +134,7 @@ def sample_records(response: pb.GenerateResponse, scores: pb.ScoreResponse, prom
 
 
 def write_jsonl(path: Path, records: list[dict]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    atomic_write_text(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
 
 
 def guard_figures(texts: list[str]) -> dict[str, float]:
@@ -120,14 +148,49 @@ def cycle_seed(seed: int, index: int) -> int:
     return seed * 100003 + index
 
 
+RECOVERABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+MAX_FAILURES_WITHOUT_PROGRESS = 10
+
+
+@dataclass
+class RunState:
+    """The coordinator's own state, saved in every checkpoint (coordinator_state.json)."""
+    run_id: str = field(default_factory=lambda: secrets.token_hex(6))
+    next_cycle: int = 0
+    ppo_seconds: float = 0.0
+    start_distinct2: float = 0.0
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(asdict(self)).encode()
+
+    @classmethod
+    def of_checkpoint(cls, checkpoint: Path | None, run_id: str) -> "RunState":
+        """The state saved in ``checkpoint``, or a start at cycle 0 (same run id) without one."""
+        path = checkpoint / "coordinator_state.json" if checkpoint else None
+        if path is None or not path.exists():
+            return cls(run_id=run_id)
+        return cls(**json.loads(path.read_text()))
+
+
 class Coordinator:
     def __init__(self, args, generator: GeneratorClient | GeneratorReplicas, scorer: ScorerClient,
-                 trainer: TrainerClient, trainer_address: str, run_dir: Path):
+                 trainer: TrainerClient, trainer_address: str, run_dir: Path, state: RunState | None = None,
+                 supervisor: Supervisor | None = None, stop: threading.Event | None = None, label_prefix: str = ""):
         self.args = args
         self.generator, self.scorer, self.trainer = generator, scorer, trainer
         self.trainer_address = trainer_address
         self.run_dir = run_dir
         self.prompts = args.prompts
+        self.state = state or RunState()
+        self.supervisor = supervisor  # None: running services, waited for instead of restarted
+        self.stop = stop or threading.Event()
+        self.cycle_log = CycleLog(run_dir)
+        self.checkpoint_every = getattr(args, "checkpoint_every", 10)
+        self.faults: list[dict] = []
+        self.resumed_from: Path | None = None  # set by the trainer restart: the checkpoint it loaded
+        self._failures = 0
+        self._checkpointed_at = -1
+        self.label_prefix = label_prefix
 
     def _sample(self, seed: int, n: int) -> tuple[pb.GenerateResponse, pb.ScoreResponse]:
         response = self.generator.generate(self.prompts, n=n, max_new_tokens=self.args.max_new_tokens,
@@ -146,6 +209,9 @@ class Coordinator:
         write_jsonl(self.run_dir / name, records)
         return records
 
+    def step_id(self, index: int) -> str:
+        return f"{self.state.run_id}:{index}"
+
     def cycle(self, index: int) -> dict:
         a = self.args
         t0 = time.perf_counter()
@@ -159,7 +225,7 @@ class Coordinator:
         rollouts = [pb.Rollout(query_token_ids=s.prompt_token_ids, response_token_ids=s.response_token_ids,
                                reward=score.score, policy_version=s.policy_version)
                     for s, score in zip(response.samples, scores.scores)]
-        step = self.trainer.step(rollouts, min_new_tokens=a.min_new_tokens)
+        step = self.trainer.step(rollouts, min_new_tokens=a.min_new_tokens, step_id=self.step_id(index))
         t3 = time.perf_counter()
         self.generator.load_weights(self.trainer_address, step.policy_version)
         t4 = time.perf_counter()
@@ -184,46 +250,163 @@ class Coordinator:
     def check_guards(self, record: dict) -> list[str]:
         a = self.args
         warnings = []
-        if record["kl"] > a.max_kl:
+        if not record["kl"] <= a.max_kl:  # NaN fails too
             warnings.append(f"KL {record['kl']:.2f} nats/seq above --max-kl {a.max_kl}")
-        if self.start_distinct2 and record["distinct2"] < a.min_distinct2_ratio * self.start_distinct2:
+        start = self.state.start_distinct2
+        if start and not record["distinct2"] >= a.min_distinct2_ratio * start:
             warnings.append(f"distinct-2 {record['distinct2']:.3f} below {a.min_distinct2_ratio:.2f}x "
-                            f"the start ({self.start_distinct2:.3f})")
-        if record["repetition_rate"] > a.max_repetition_rate:
+                            f"the start ({start:.3f})")
+        if not record["repetition_rate"] <= a.max_repetition_rate:
             warnings.append(f"repetition rate {record['repetition_rate']:.2f} above --max-repetition-rate "
                             f"{a.max_repetition_rate}")
         return warnings
 
-    def run(self, start_cycle: int = 0) -> list[dict]:
+    # ------------------------------------------------------------ the run, resilient
+
+    def run(self) -> list[dict]:
+        """Cycles from ``state.next_cycle`` up to ``--cycles``; a fault (a service gone or too
+        slow) is recovered from and the interrupted cycle redone. Returns every cycle's record."""
+        while True:
+            try:
+                return self._run_from_state()
+            except grpc.RpcError as err:
+                failed: grpc.RpcError | None = err
+            while failed is not None:  # a fault during the recovery (e.g. the resync) is recovered from too
+                try:
+                    self.recover(failed)
+                    failed = None
+                except grpc.RpcError as err:
+                    if err is failed:
+                        raise
+                    failed = err
+
+    def _run_from_state(self) -> list[dict]:
         a = self.args
-        before = self.write_samples("samples_before.jsonl")
-        self.start_distinct2 = text_metrics.distinct_n([r["response"] for r in before], 2)
-        log.info("before training: mean reward %.3f over %d samples", _mean(r["reward"] for r in before), len(before))
-        records: list[dict] = []
-        started = time.perf_counter()
-        with open(self.run_dir / "cycles.jsonl", "a", encoding="utf-8") as out:
-            for index in range(start_cycle, start_cycle + a.cycles):
-                record = self.cycle(index)
-                record["elapsed"] = time.perf_counter() - started
-                records.append(record)
-                out.write(json.dumps(record, ensure_ascii=False) + "\n")
-                out.flush()
-                print(f"cycle {index:3d}  reward {record['reward_mean']:.3f}  kl {record['kl']:6.2f}  "
-                      f"kl_coef {record['objective/kl_coef']:.3f}  distinct2 {record['distinct2']:.2f}  "
-                      f"v{record['policy_version']}  {record['seconds']:.1f}s", flush=True)
-                for example in record["examples"]:
-                    print(f"    {example}", flush=True)
-                for warning in self.check_guards(record):
-                    log.warning("guard: %s", warning)
-                if a.max_seconds and record["elapsed"] >= a.max_seconds:
-                    log.info("stopping after %d cycles: --max-seconds %.0f reached", len(records), a.max_seconds)
-                    break
+        before_path = self.run_dir / "samples_before.jsonl"
+        if not before_path.exists():
+            before = self.write_samples(before_path.name)
+            log.info("before training: mean reward %.3f over %d samples", _mean(r["reward"] for r in before),
+                     len(before))
+        else:  # a continued run keeps the start it had
+            before = [json.loads(line) for line in before_path.read_text(encoding="utf-8").splitlines() if line]
+        self.state.start_distinct2 = text_metrics.distinct_n([r["response"] for r in before], 2)
+        while self.state.next_cycle < a.cycles and not self.stop.is_set():
+            if a.max_seconds and self.state.ppo_seconds >= a.max_seconds:
+                log.info("stopping at cycle %d: --max-seconds %.0f reached", self.state.next_cycle, a.max_seconds)
+                break
+            self._check_services()
+            self._one_cycle(self.state.next_cycle)
+            self._failures = 0
+            if self.checkpoint_every and self.state.next_cycle % self.checkpoint_every == 0:
+                self.checkpoint()
+        if self._checkpointed_at != self.state.next_cycle:
+            self.checkpoint()  # the end, --max-seconds or a signal: a graceful stop always checkpoints
+        records = self.cycle_log.records()
+        if self.stop.is_set():
+            return records
         after = self.write_samples("samples_after.jsonl")
         log.info("after training: mean reward %.3f over %d samples", _mean(r["reward"] for r in after), len(after))
         plot_reward_kl(records, self.run_dir / "reward_kl.png", title=f"haoping run {self.run_dir.name}")
-        saved = self.trainer.save_checkpoint(str(self.run_dir / "checkpoint"))
-        log.info("final policy (version %d) saved to %s/policy", saved.policy_version, saved.directory)
         return records
+
+    def _one_cycle(self, index: int) -> None:
+        record = self.cycle(index)
+        self.state.ppo_seconds += record["seconds"]
+        record["elapsed"] = self.state.ppo_seconds
+        self.cycle_log.append(record)
+        self.state.next_cycle = index + 1
+        print(f"cycle {index:3d}  reward {record['reward_mean']:.3f}  kl {record['kl']:6.2f}  "
+              f"kl_coef {record['objective/kl_coef']:.3f}  distinct2 {record['distinct2']:.2f}  "
+              f"v{record['policy_version']}  {record['seconds']:.1f}s", flush=True)
+        for example in record["examples"]:
+            print(f"    {example}", flush=True)
+        for warning in self.check_guards(record):
+            log.warning("guard: %s", warning)
+
+    def checkpoint(self) -> pb.SaveCheckpointResponse:
+        """The trainer's state and this coordinator's, as checkpoints/cycle-NNNNNN (cycles done)."""
+        saved = self.trainer.save_checkpoint(self.label_prefix + cycle_label(self.state.next_cycle),
+                                             self.state.to_bytes())
+        atomic_write_json(self.run_dir / "coordinator_state.json", asdict(self.state))
+        self._checkpointed_at = self.state.next_cycle
+        log.info("checkpoint %s: %d cycles, policy version %d, %d updates applied", saved.label,
+                 self.state.next_cycle, saved.policy_version, saved.steps_done)
+        return saved
+
+    def _check_services(self) -> None:
+        """Before a cycle: restart a supervised service found dead, without waiting for an RPC to fail."""
+        if self.supervisor is not None and self.supervisor.dead():
+            self._recover_supervised("a service exited")
+
+    def recover(self, err: grpc.RpcError) -> None:
+        """After an RPC failed: restart what died (or wait for running services), resync the
+        generators; the caller redoes the interrupted cycle. Re-raises what is not a fault."""
+        dead = self.supervisor.dead() if self.supervisor is not None else []
+        if err.code() not in RECOVERABLE and not dead:
+            raise err
+        self._failures += 1
+        if self._failures > MAX_FAILURES_WITHOUT_PROGRESS:
+            raise err
+        reason = f"{err.code().name}: {err.details()}"
+        if self.supervisor is not None:
+            self._recover_supervised(reason)
+        else:
+            self._wait_for_running_services(reason)
+
+    def _recover_supervised(self, reason: str) -> None:
+        started = time.perf_counter()
+        log.warning("cycle %d interrupted (%s)", self.state.next_cycle, reason)
+        if any(s.module == "trainer" for s in self.supervisor.dead()):
+            # the trainer comes back at its checkpoint's version, older than the generators' now, which
+            # they would refuse: they restart with it, at once, and load it
+            self._kill_generators()
+        restarted = self.supervisor.restart_dead()
+        if "trainer" in restarted:
+            self.rewind(self.resumed_from)
+        self.resync_generators()
+        self.faults.append({"cycle": self.state.next_cycle, "restarted": restarted,
+                            "seconds": time.perf_counter() - started})
+
+    def _wait_for_running_services(self, reason: str) -> None:
+        started = time.perf_counter()
+        wait = getattr(self.args, "service_wait_seconds", 600.0)
+        log.warning("cycle %d interrupted (%s); waiting up to %.0fs for the services", self.state.next_cycle,
+                    reason, wait)
+        clients = [self.trainer, self.scorer, *getattr(self.generator, "clients", [self.generator])]
+        for client in clients:
+            client.await_serving(wait)
+        self.resync_generators()
+        self.faults.append({"cycle": self.state.next_cycle, "restarted": [],
+                            "seconds": time.perf_counter() - started})
+
+    def rewind(self, checkpoint: Path | None) -> None:
+        """The trainer came back from ``checkpoint`` (None: from the start): continue from there."""
+        start_distinct2 = self.state.start_distinct2
+        self.state = RunState.of_checkpoint(checkpoint, self.state.run_id)
+        self.state.start_distinct2 = self.state.start_distinct2 or start_distinct2
+        moved = self.cycle_log.rewind(self.state.next_cycle)
+        log.warning("continuing from %s at cycle %d; %d later cycle(s) moved to %s and redone",
+                    checkpoint.name if checkpoint else "the start", self.state.next_cycle, moved,
+                    self.cycle_log.superseded.name)
+
+    def _kill_generators(self) -> None:
+        for service in self.supervisor.services:
+            if service.module == "generator" and service.process.poll() is None:
+                self.supervisor.stop(service)
+
+    def resync_generators(self) -> None:
+        try:
+            synced = self.generator.load_weights(self.trainer_address)
+        except grpc.RpcError as err:
+            # a generator that refuses a version older than its own (after the trainer went back
+            # to a checkpoint) starts afresh and loads it
+            if err.code() != grpc.StatusCode.FAILED_PRECONDITION or self.supervisor is None:
+                raise
+            log.warning("a generator refused the trainer's weights (%s); restarting the generators", err.details())
+            self._kill_generators()
+            self.supervisor.restart_dead()
+            synced = self.generator.load_weights(self.trainer_address)
+        log.info("generators at policy version %d", synced.policy_version)
 
 
 def _mean(values) -> float:
@@ -254,7 +437,16 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
              "seconds each Score request may take (the human backend waits for a person's ratings)")
     add_flag(parser, "--ppo-config", "", help="JSON object of PPO options passed to the trainer; a typed "
              "PPO option flag below overrides its key")
-    add_flag(parser, "--resume", "", help="trainer checkpoint dir to resume from (e.g. runs/latest/checkpoint)")
+    add_flag(parser, "--resume", "",
+             help="a new run's trainer starts from this checkpoint (e.g. runs/other/checkpoints/cycle-000050); "
+                  "an existing run (--name) always continues from its own newest good checkpoint")
+    add_flag(parser, "--fresh", False, bool, "when --name exists, start a new run under a new name (name-2, ...)")
+    add_flag(parser, "--checkpoint-every", 10, int, "checkpoint every K cycles (and on every graceful stop)")
+    add_flag(parser, "--keep-checkpoints", 3, int, "newest verified checkpoints kept in <run>/checkpoints")
+    add_flag(parser, "--rpc-timeout", 300.0, float, "deadline of every Generate, Step and LoadWeights call")
+    add_flag(parser, "--service-wait-seconds", 600.0, float,
+             "with running services: how long to wait for one that went away to serve again")
+    add_flag(parser, "--max-restarts-per-hour", 5, int, "restarts of each service this run started, per hour")
     add_flag(parser, "--generator-replicas", 1, int,
              "generator processes; each rollout's samples are split across them and run concurrently")
     add_flag(parser, "--device", "auto", help="torch device for all services")
@@ -321,26 +513,7 @@ def build_parser_defaults() -> argparse.Namespace:
 
 
 def run(args) -> int:
-    name = args.name or datetime.now().strftime("%Y%m%d-%H%M%S")
     runs_dir = Path(args.runs_dir)
-    run_dir = runs_dir / name
-    if (run_dir / "cycles.jsonl").exists() and not args.resume:
-        print(f"error: {run_dir} already holds a run; pick another --name or pass --resume", file=sys.stderr)
-        return 2
-    if not 0 <= args.min_new_tokens <= args.max_new_tokens:
-        print(f"error: --min-new-tokens {args.min_new_tokens} must be in [0, --max-new-tokens {args.max_new_tokens}]",
-              file=sys.stderr)
-        return 2
-    if args.generator_replicas < 1:
-        print(f"error: --generator-replicas must be >= 1, got {args.generator_replicas}", file=sys.stderr)
-        return 2
-    if human_in_terminal(args):
-        if args.scorer_backend != "human":
-            print("error: --human-ui terminal needs --scorer-backend human", file=sys.stderr)
-            return 2
-        if not sys.stdin.isatty():
-            print("error: --human-ui terminal needs a terminal on standard input to ask the person", file=sys.stderr)
-            return 2
     try:
         connect_to = running_services(args)
     except ValueError as err:
@@ -349,43 +522,60 @@ def run(args) -> int:
     if args.auth_token_file and not os.access(args.auth_token_file, os.R_OK):
         print(f"error: --auth-token-file {args.auth_token_file} cannot be read", file=sys.stderr)
         return 2
-    if args.resume and not (Path(args.resume) / "trainer_state.json").exists():
-        print(f"error: --resume {args.resume} is not a trainer checkpoint (no trainer_state.json)", file=sys.stderr)
+    try:
+        args, run_dir, checkpoint = prepare_run_dir(args, runs_dir)
+    except (ConfigMismatch, CheckpointError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
-    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    if checkpoint and RunState.of_checkpoint(checkpoint, "").next_cycle >= args.cycles \
+            and (run_dir / "samples_after.jsonl").exists():
+        print(f"run {run_dir.name} already completed its {args.cycles} cycles (raise --cycles to continue it)")
+        return 0
     latest = runs_dir / "latest"
     if latest.is_symlink() or not latest.exists():
         latest.unlink(missing_ok=True)
-        latest.symlink_to(name)
-    settings = {k: v for k, v in vars(args).items() if k != "func"}
-    (run_dir / "config.json").write_text(json.dumps(settings, indent=2, ensure_ascii=False))
+        latest.symlink_to(run_dir.name)
 
     from haoping.bootstrap import ensure_starter_models
 
     models = (args.policy,) if args.scorer_backend == "human" else (args.policy, args.scorer_model)
     if connect_to is None and any(ref.startswith("starter:") for ref in models):
         ensure_starter_models()  # once, here, with progress bars, before the services race for it
+    stop = threading.Event()
+    restore_signals = _stop_on_signals(stop)
     # services this run starts get a fresh token; running ones take the token they were given
     token_file = Path(args.auth_token_file) if args.auth_token_file else None
     if connect_to is None and token_file is None:
         token_file = write_token_file(run_dir / "auth-token")
     services: list[ServiceProcess] = []
     try:
+        state = initial_state(run_dir, checkpoint, supervised=connect_to is None)
+        supervisor = None
         if connect_to is None:
             log.info("starting services (logs in %s)", run_dir / "logs")
-            start_services(args, run_dir, services, token_file)
+            start_services(args, run_dir, services, token_file, resume_from=checkpoint)
             for s in services:
                 log.info("%s serving at %s (metrics http://%s:%d/metrics)", s.name, s.address,
                          s.address.split(":")[0], s.metrics_port)
             trainer_service, generator_services, scorer_service = split_services(services)
             connect_to = trainer_service.address, [g.address for g in generator_services], \
                 scorer_service.address if scorer_service else ""
+            supervisor = Supervisor(services, lambda dead: None, wait_ready, args.max_restarts_per_hour)
         trainer_address, generator_addresses, scorer_address = connect_to
         access = {**client_access(args), "token_file": token_file}
         scorer_client = (LocalScorerClient(TerminalScorer(), timeout=args.score_timeout) if human_in_terminal(args)
                          else ScorerClient(scorer_address, timeout=args.score_timeout, **access))
-        with GeneratorReplicas([GeneratorClient(a, **access) for a in generator_addresses]) as generator, \
-                scorer_client as scorer, TrainerClient(trainer_address, **access) as trainer:
+        with GeneratorReplicas([GeneratorClient(a, timeout=args.rpc_timeout, **access)
+                                for a in generator_addresses]) as generator, \
+                scorer_client as scorer, \
+                TrainerClient(trainer_address, timeout=args.rpc_timeout, **access) as trainer:
+            # running services may keep several runs' checkpoints in one folder: there, name them by run
+            prefix = "" if supervisor else re.sub(r"[^A-Za-z0-9._-]", "_", run_dir.name)[:40] + "."
+            coordinator = Coordinator(args, generator, scorer, trainer, trainer_address, run_dir, state, supervisor,
+                                      stop, prefix)
+            if supervisor is not None:
+                supervisor.launch = lambda dead: relaunch_service(dead, coordinator, run_dir)
+            coordinator.cycle_log.rewind(state.next_cycle)
             try:
                 synced = generator.load_weights(trainer_address)  # a resumed trainer's policy, or the same start
             except grpc.RpcError as err:
@@ -394,23 +584,129 @@ def run(args) -> int:
                 print(f"error: {err.code().name}: {err.details()}\n(pass the services' token file with "
                       "--auth-token-file)", file=sys.stderr)
                 return 2
-            start_cycle = _cycles_done(run_dir) if args.resume else 0
-            log.info("%d generator(s) at policy version %d; running %d cycles", len(generator_addresses),
-                     synced.policy_version, args.cycles)
+            log.info("%d generator(s) at policy version %d; cycles %d..%d", len(generator_addresses),
+                     synced.policy_version, state.next_cycle, args.cycles - 1)
             try:
-                records = Coordinator(args, generator, scorer, trainer, trainer_address, run_dir).run(start_cycle)
-            except (HumanStopped, ScoreTimeout) as stop:  # the person stopped, or gave no rating in time
-                saved = trainer.save_checkpoint(str(run_dir / "checkpoint"))
-                print(f"stopped: {stop}; {_cycles_done(run_dir) - start_cycle} cycle(s) done, in "
+                records = coordinator.run()
+            except (HumanStopped, ScoreTimeout) as stopped:  # the person stopped, or gave no rating in time
+                saved = coordinator.checkpoint()
+                print(f"stopped: {stopped}; {coordinator.state.next_cycle} cycle(s) done, in "
                       f"{run_dir / 'cycles.jsonl'}; policy version {saved.policy_version} saved to {saved.directory}",
                       flush=True)
-                return 0 if isinstance(stop, HumanStopped) else 1
-        first, last = records[:5], records[-5:]
-        print(f"mean reward, first {len(first)} cycles {_mean(r['reward_mean'] for r in first):.3f} -> "
-              f"last {len(last)} cycles {_mean(r['reward_mean'] for r in last):.3f}; run dir {run_dir}")
+                return 0 if isinstance(stopped, HumanStopped) else 1
+        print_summary(records, coordinator, run_dir, stop.is_set())
         return 0
+    except (RestartBudgetExceeded, TimeoutError) as err:
+        print(f"error: {err}; continue the run later with: haoping run --name {run_dir.name} --runs-dir "
+              f"{run_dir.parent}", file=sys.stderr)
+        return 1
     finally:
+        restore_signals()
         stop_services(services)
+
+
+def prepare_run_dir(args, runs_dir: Path) -> tuple[argparse.Namespace, Path, Path | None]:
+    """(the run's settings, its directory, the checkpoint to continue from or None).
+
+    A new name: a new run (config.json written). An existing one: continued with its saved
+    settings (a differing flag refused), unless --fresh picks a new name."""
+    if not 0 <= args.min_new_tokens <= args.max_new_tokens:
+        raise ValueError(f"--min-new-tokens {args.min_new_tokens} must be in [0, --max-new-tokens {args.max_new_tokens}]")
+    if args.generator_replicas < 1:
+        raise ValueError(f"--generator-replicas must be >= 1, got {args.generator_replicas}")
+    if human_in_terminal(args):
+        if args.scorer_backend != "human":
+            raise ValueError("--human-ui terminal needs --scorer-backend human")
+        if not sys.stdin.isatty():
+            raise ValueError("--human-ui terminal needs a terminal on standard input to ask the person")
+    name = args.name or datetime.now().strftime("%Y%m%d-%H%M%S")
+    if args.fresh:
+        name = fresh_name(runs_dir, name)
+    run_dir = runs_dir / name
+    store = CheckpointStore(run_dir / "checkpoints", args.keep_checkpoints)
+    if (run_dir / "config.json").exists():
+        settings = resumed_settings(run_dir, args, vars(build_parser_defaults()))
+        args = argparse.Namespace(**{**vars(args), **settings})
+        checkpoint = store.newest_good()
+        print(f"continuing run {name} from " + (f"checkpoint {checkpoint}" if checkpoint else
+                                                "its start (no checkpoint yet)"), flush=True)
+        return args, run_dir, checkpoint
+    if (run_dir / "cycles.jsonl").exists():
+        raise ValueError(f"{run_dir} holds cycles but no config.json; pick another --name or pass --fresh")
+    if args.resume:
+        verify_checkpoint(args.resume)
+    args = argparse.Namespace(**{**vars(args), "name": name})
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    save_config(run_dir, args)
+    return args, run_dir, None
+
+
+def initial_state(run_dir: Path, checkpoint: Path | None, supervised: bool) -> RunState:
+    """Where the run continues: the checkpoint's coordinator state when this run starts the
+    trainer from it; with running services (whose trainer kept its state) the last saved state,
+    advanced past the cycles logged since (the trainer answers a repeated Step id from its store)."""
+    saved = run_dir / "coordinator_state.json"
+    run_id = json.loads(saved.read_text())["run_id"] if saved.exists() else secrets.token_hex(6)
+    if supervised:
+        return RunState.of_checkpoint(checkpoint, run_id)
+    state = RunState(**json.loads(saved.read_text())) if saved.exists() else RunState(run_id=run_id)
+    state.next_cycle = max([state.next_cycle, *(r["cycle"] + 1 for r in CycleLog(run_dir).records())])
+    return state
+
+
+def relaunch_service(dead: ServiceProcess, coordinator: Coordinator, run_dir: Path) -> ServiceProcess:
+    """``dead`` started again with its own arguments on its old ports (not yet serving: see
+    :func:`wait_ready`); the trainer from the newest good checkpoint (remembered in
+    ``coordinator.resumed_from``)."""
+    extra = list(dead.args)
+    if dead.module == "trainer":
+        checkpoint = CheckpointStore(run_dir / "checkpoints", coordinator.args.keep_checkpoints).newest_good()
+        coordinator.resumed_from = checkpoint
+        resume = checkpoint or coordinator.args.resume
+        extra = _without_flag(extra, "--resume") + (["--resume", str(resume)] if resume else [])
+    port = dead.address.rsplit(":", 1)[1]
+    restarted = launch_service(dead.module, extra + ["--port", port, "--metrics-port", str(dead.metrics_port)],
+                               run_dir, label=dead.name, token_file=dead.token_file)
+    restarted.args = extra
+    return restarted
+
+
+def _without_flag(args: list[str], flag: str) -> list[str]:
+    out, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == flag:
+            skip = True
+        else:
+            out.append(arg)
+    return out
+
+
+def _stop_on_signals(stop: threading.Event):
+    """SIGINT/SIGTERM: finish the cycle, checkpoint, stop the services. A second one stops at once."""
+    def on_signal(signum, _frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        log.warning("signal %d: stopping after this cycle (a checkpoint is written first)", signum)
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    return lambda: [signal.signal(sig, handler) for sig, handler in previous.items()]
+
+
+def print_summary(records: list[dict], coordinator: Coordinator, run_dir: Path, stopped: bool) -> None:
+    if coordinator.faults:
+        restarts = dict(coordinator.supervisor.restarts) if coordinator.supervisor else {}
+        log.warning("%d fault(s) recovered from, restarts %s, seconds each %s", len(coordinator.faults), restarts,
+                    [round(f["seconds"], 1) for f in coordinator.faults])
+    if stopped:
+        print(f"stopped after {coordinator.state.next_cycle} cycles; continue with: haoping run --name "
+              f"{run_dir.name} --runs-dir {run_dir.parent}", flush=True)
+        return
+    first, last = records[:5], records[-5:]
+    print(f"mean reward, first {len(first)} cycles {_mean(r['reward_mean'] for r in first):.3f} -> "
+          f"last {len(last)} cycles {_mean(r['reward_mean'] for r in last):.3f}; run dir {run_dir}")
 
 
 def trainer_ppo_config(args) -> dict:
@@ -425,37 +721,45 @@ def trainer_ppo_config(args) -> dict:
     return ppo_config
 
 
-def start_services(args, run_dir: Path, services: list[ServiceProcess], token_file: Path | None = None) -> None:
+def start_services(args, run_dir: Path, services: list[ServiceProcess], token_file: Path | None = None,
+                   resume_from: Path | None = None) -> None:
     """Start the trainer, ``--generator-replicas`` generators and the scorer, appending each to
     ``services`` as soon as it serves (so the caller can stop whatever did start); all take
-    ``token_file``."""
+    ``token_file``. The trainer starts from ``resume_from`` (the run's own checkpoint), else from
+    ``--resume``, else fresh."""
     common = ["--device", args.device, "--dtype", args.dtype]
     trainer_args = ["--model", args.policy, "--ppo-config", json.dumps(trainer_ppo_config(args)),
-                    "--checkpoint-dir", str(run_dir / "checkpoint"), *common]
-    if args.resume:
-        trainer_args += ["--resume", args.resume]
-    services.append(start_service("trainer", trainer_args, run_dir, token_file=token_file))
-    # replicas keep torch's default threads: the same thread count gives bit-identical samples,
-    # so a rollout does not depend on how many replicas share it
-    generator_args = ["--model", args.policy, *common, "--trainer-address", services[0].address]
-    for replica in range(args.generator_replicas):
-        label = "generator" if replica == 0 else f"generator-{replica + 1}"
-        services.append(start_service("generator", generator_args, run_dir, label=label, token_file=token_file))
-    if not human_in_terminal(args):
-        services.append(start_service("scorer", ["--backend", args.scorer_backend, "--model", args.scorer_model,
-                                                 *common], run_dir, token_file=token_file))
+                    "--checkpoint-dir", str(run_dir / "checkpoints"),
+                    "--keep-checkpoints", str(getattr(args, "keep_checkpoints", 3)), *common]
+    resume = resume_from or args.resume
+    if resume:
+        trainer_args += ["--resume", str(resume)]
+    # the trainer and the scorer start together, the generators once the trainer's address is known
+    services.append(launch_service("trainer", trainer_args, run_dir, token_file=token_file))
+    # with --human-ui terminal the person at this terminal is the scorer: no scorer service
+    scorer = None if human_in_terminal(args) else launch_service(
+        "scorer", ["--backend", args.scorer_backend, "--model", args.scorer_model, *common], run_dir,
+        token_file=token_file)
+    try:
+        wait_ready(services[0])
+        # replicas keep torch's default threads: the same thread count gives bit-identical samples,
+        # so a rollout does not depend on how many replicas share it
+        generator_args = ["--model", args.policy, *common, "--trainer-address", services[0].address]
+        for replica in range(args.generator_replicas):
+            label = "generator" if replica == 0 else f"generator-{replica + 1}"
+            services.append(launch_service("generator", generator_args, run_dir, label=label, token_file=token_file))
+        for generator in services[1:]:
+            wait_ready(generator)
+    finally:
+        if scorer is not None:
+            services.append(scorer)  # last, as split_services expects; stopped with the rest on a failure
+    if scorer is not None:
+        wait_ready(scorer)
 
 
-def split_services(services: list[ServiceProcess]) -> tuple[ServiceProcess, list[ServiceProcess], ServiceProcess | None]:
+def split_services(services: list[ServiceProcess]) -> tuple[ServiceProcess, list[ServiceProcess],
+                                                           ServiceProcess | None]:
     """(trainer, generators, scorer or None) from the list :func:`start_services` filled."""
     if services[-1].name == "scorer":
         return services[0], services[1:-1], services[-1]
     return services[0], services[1:], None
-
-
-def _cycles_done(run_dir: Path) -> int:
-    path = run_dir / "cycles.jsonl"
-    if not path.exists():
-        return 0
-    lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return (lines[-1]["cycle"] + 1) if lines else 0

@@ -20,7 +20,7 @@ from haoping.models import parse_dtype, pick_device
 from haoping.v1 import haoping_pb2 as pb
 from haoping.v1 import haoping_pb2_grpc as pb_grpc
 from services.common import metrics
-from services.common.batching import ContinuousBatcher, QueueFull
+from services.common.batching import ContinuousBatcher, QueueFull, ShuttingDown
 from services.common.config import add_batching_flags, add_common_server_flags, add_flag
 from services.common.security import check_security_flags, client_tls
 from services.common.server import Draining, serve
@@ -133,6 +133,8 @@ class GeneratorService(pb_grpc.GeneratorServicer):
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
         except Cancelled:
             context.abort(grpc.StatusCode.CANCELLED, "request cancelled by the client")
+        except ShuttingDown as err:
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
         self._record(samples)
         return samples, version, time.perf_counter() - started
 
@@ -334,5 +336,9 @@ def main(argv: list[str] | None = None) -> int:
         spec = SampleSpec(tuple(generator.encode("好")), SamplingParams(max_new_tokens=2), seed=0)
         generator.generate([spec])
 
-    return serve("Generator", args, lambda server: pb_grpc.add_GeneratorServicer_to_server(service, server),
-                 warm_up, draining)
+    try:
+        return serve("Generator", args, lambda server: pb_grpc.add_GeneratorServicer_to_server(service, server),
+                     warm_up, draining)
+    finally:
+        # after the grace period: stop generating before the interpreter exits (exit 0, never an abort)
+        service.batcher.close(timeout=args.grace_seconds)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 import threading
 from dataclasses import dataclass, fields
@@ -11,9 +12,10 @@ from pathlib import Path
 
 import grpc
 
+from haoping.checkpoint import CheckpointError, CheckpointStore, check_label
 from haoping.log import get_logger, setup_logging
 from haoping.models import parse_dtype, pick_device
-from haoping.ppo_trainer import PPOConfig, PPOTrainer, StaleRolloutsError
+from haoping.ppo_trainer import NonFiniteStep, PPOConfig, PPOTrainer, StaleRolloutsError
 from haoping.v1 import haoping_pb2 as pb
 from haoping.v1 import haoping_pb2_grpc as pb_grpc
 from services.common import metrics
@@ -23,14 +25,16 @@ from services.common.server import Draining, serve
 
 log = get_logger(__name__)
 CHUNK_BYTES = 1 << 20  # well under any sane gRPC message limit
+STEP_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 class TrainerService(pb_grpc.TrainerServicer):
     def __init__(self, trainer: PPOTrainer, args, draining: Draining):
         self.trainer = trainer
         self.draining = draining
-        self.checkpoint_dir = args.checkpoint_dir
+        self.checkpoints = CheckpointStore(args.checkpoint_dir, args.keep_checkpoints) if args.checkpoint_dir else None
         self.checkpoint_every = args.checkpoint_every
+        self.max_coordinator_state_bytes = args.max_coordinator_state_bytes
         self.device, self.dtype = args.device, args.dtype
         self._lock = threading.Lock()  # one update at a time; weights are read between updates
         config = trainer.model.lm.config
@@ -49,20 +53,42 @@ class TrainerService(pb_grpc.TrainerServicer):
         queries = [list(r.query_token_ids) for r in rollouts]
         responses = [list(r.response_token_ids) for r in rollouts]
         rewards = [r.reward for r in rollouts]
-        min_tokens = request.min_new_tokens if request.HasField("min_new_tokens") else None
+        if request.step_id and not STEP_ID.fullmatch(request.step_id):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "step_id must match [A-Za-z0-9._:-]{1,128}")
         with self._lock:
-            try:
-                stats = self.trainer.step(queries, responses, rewards, min_tokens,
-                                          [r.policy_version for r in rollouts])
-            except StaleRolloutsError as err:
-                context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
-            except ValueError as err:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
-            version = self.trainer.version
-            if self.checkpoint_dir and self.checkpoint_every and version % self.checkpoint_every == 0:
-                self.trainer.save_checkpoint(self.checkpoint_dir)
-        record_step_metrics(stats, version)
-        return pb.StepResponse(policy_version=version, stats=stats)
+            min_tokens = request.min_new_tokens if request.HasField("min_new_tokens") else None
+            stats, version, repeated = self._apply(request.step_id, queries, responses, rewards, context, min_tokens,
+                                                   [r.policy_version for r in rollouts])
+            if not repeated and self.checkpoints and self.checkpoint_every and version % self.checkpoint_every == 0:
+                self._save(f"step-{self.trainer.steps_done:06d}", b"")
+        if repeated:
+            metrics.TRAINER_REPEATED_STEPS.inc()
+            log.info("Step %s was applied before: answering with its stored response", request.step_id)
+        else:
+            record_step_metrics(stats, version)
+        return pb.StepResponse(policy_version=version, stats=stats, repeated=repeated)
+
+    def _apply(self, step_id, queries, responses, rewards, context, *step_args):
+        try:
+            return self.trainer.apply_step(step_id, queries, responses, rewards, *step_args)
+        except StaleRolloutsError as err:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
+        except ValueError as err:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        except NonFiniteStep as err:
+            metrics.TRAINER_NON_FINITE_STEPS.inc()
+            log.error("Step %s: %s; the trainer state is unchanged at version %d", step_id or "(no id)", err,
+                      self.trainer.version)
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"non-finite update: {err}")
+
+    def _save(self, label: str, coordinator_state: bytes):
+        path = self.trainer.save_checkpoint(self.checkpoints.path_of(label),
+                                            {"coordinator_state.json": coordinator_state} if coordinator_state else None)
+        metrics.CHECKPOINTS_SAVED.inc()
+        removed = self.checkpoints.prune()
+        log.info("checkpoint %s saved (policy version %d)%s", path, self.trainer.version,
+                 f"; removed {', '.join(p.name for p in removed)}" if removed else "")
+        return path
 
     def GetWeights(self, request, context):
         with self._lock:
@@ -76,15 +102,26 @@ class TrainerService(pb_grpc.TrainerServicer):
                                   data=data[offset:offset + CHUNK_BYTES], sha256=sha)
 
     def SaveCheckpoint(self, request, context):
-        directory = request.directory or self.checkpoint_dir
-        if not directory:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no directory given and no --checkpoint-dir configured")
+        if request.directory:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          "directory: paths are not accepted; name a label, written inside --checkpoint-dir")
+        try:
+            label = check_label(request.label)
+        except ValueError as err:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        if len(request.coordinator_state) > self.max_coordinator_state_bytes:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"coordinator_state: {len(request.coordinator_state)} bytes, at most "
+                          f"{self.max_coordinator_state_bytes} (--max-coordinator-state-bytes)")
+        if self.checkpoints is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the trainer was started without --checkpoint-dir")
         with self._lock:
             try:
-                path = self.trainer.save_checkpoint(directory)
-            except OSError as err:
-                context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"cannot write checkpoint: {err}")
-            return pb.SaveCheckpointResponse(directory=str(path), policy_version=self.trainer.version)
+                path = self._save(label, request.coordinator_state)
+            except (OSError, CheckpointError) as err:
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"cannot write checkpoint {label}: {err}")
+            return pb.SaveCheckpointResponse(directory=str(path), policy_version=self.trainer.version, label=label,
+                                             steps_done=self.trainer.steps_done)
 
     def GetInfo(self, request, context):
         t = self.trainer
@@ -94,7 +131,8 @@ class TrainerService(pb_grpc.TrainerServicer):
                               limits={"minibatch_size": t.config.minibatch_size, "ppo_epochs": t.config.ppo_epochs,
                                       "max_rollouts": self.limits.max_rollouts,
                                       "max_step_tokens": self.limits.max_step_tokens,
-                                      "max_abs_reward": int(self.limits.max_abs_reward)})
+                                      "max_abs_reward": int(self.limits.max_abs_reward),
+                                      "max_coordinator_state_bytes": self.max_coordinator_state_bytes})
 
 
 @dataclass(frozen=True)
@@ -165,9 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="haoping serve trainer", description=__doc__)
     add_common_server_flags(parser, port=50053, metrics_port=9103)
     add_flag(parser, "--model", "starter:policy", help="initial policy and reference model")
-    add_flag(parser, "--resume", "", help="checkpoint directory to resume from")
-    add_flag(parser, "--checkpoint-dir", "", help="where SaveCheckpoint and periodic checkpoints go")
+    add_flag(parser, "--resume", "",
+             help="checkpoint directory to resume from, or 'latest': the newest good one in --checkpoint-dir "
+                  "(none yet: start from --model)")
+    add_flag(parser, "--checkpoint-dir", "", help="the only folder SaveCheckpoint and periodic checkpoints write in")
     add_flag(parser, "--checkpoint-every", 0, int, "checkpoint every N steps (0: only on request)")
+    add_flag(parser, "--keep-checkpoints", 3, int, "newest verified checkpoints kept in --checkpoint-dir")
+    add_flag(parser, "--max-coordinator-state-bytes", 1 << 20, int, "largest SaveCheckpoint coordinator_state")
     add_flag(parser, "--max-rollouts", 2048, int, "most rollouts in one Step (RESOURCE_EXHAUSTED beyond)")
     add_flag(parser, "--max-step-tokens", 262144, int,
              "most query + response tokens over all rollouts of one Step (RESOURCE_EXHAUSTED beyond)")
@@ -202,11 +244,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: PPO options: {err}", file=sys.stderr)
         return 2
     device, dtype = pick_device(args.device), parse_dtype(args.dtype)
-    if args.resume:
-        if not (Path(args.resume) / "trainer_state.json").exists():
-            raise SystemExit(f"--resume {args.resume}: not a trainer checkpoint (no trainer_state.json)")
-        trainer = PPOTrainer.from_checkpoint(args.resume, device, dtype, config if options else None)
-        log.info("resumed from %s at policy version %d", args.resume, trainer.version)
+    resume = args.resume
+    if resume == "latest":
+        if not args.checkpoint_dir:
+            raise SystemExit("--resume latest needs --checkpoint-dir")
+        resume = CheckpointStore(args.checkpoint_dir, args.keep_checkpoints).newest_good()
+    if resume:
+        try:
+            trainer = PPOTrainer.from_checkpoint(resume, device, dtype, config if options else None)
+        except (CheckpointError, FileNotFoundError) as err:
+            raise SystemExit(f"--resume: {err}")
+        log.info("resumed from %s at policy version %d (%d steps applied)", resume, trainer.version,
+                 trainer.steps_done)
     else:
         trainer = PPOTrainer(args.model, config, device, dtype)
     draining = Draining()
