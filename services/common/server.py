@@ -126,7 +126,10 @@ def serve(short_name: str, args, register: Callable[[grpc.Server], None],
     if args.ready_file:
         atomic_write_text(args.ready_file, f"{args.host}:{port} {metrics_port}\n")  # never read half-written
 
-    stop.wait()
+    # a signal the kernel hands to a gRPC thread runs its Python handler only when the main thread
+    # next executes bytecode: wake it often, or SIGTERM could wait until the next RPC
+    while not stop.wait(0.2):
+        pass
     # stay reachable briefly so health checkers see NOT_SERVING; new work already gets UNAVAILABLE
     time.sleep(min(args.drain_announce_seconds, args.grace_seconds))
     server.stop(args.grace_seconds).wait()
