@@ -5,7 +5,6 @@ SERVING only after the service's warm-up succeeded, and NOT_SERVING as soon as d
 """
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import sys
@@ -43,22 +42,25 @@ class Draining:
         return self.event.is_set()
 
 
-PR_SET_PDEATHSIG = 1
+PARENT_POLL_SECONDS = 0.5
 
 
 def exit_with_parent() -> None:
     """When started by a coordinator (HAOPING_PARENT_PID), die with it whatever ends it, kill -9
-    included: the kernel sends SIGKILL on the parent's exit (prctl PR_SET_PDEATHSIG)."""
+    included: a daemon thread exits the process once it has another parent. (The kernel's
+    PR_SET_PDEATHSIG would fire when the *thread* that started us ends, which kills services a
+    launcher started from a worker thread.)"""
     parent = os.environ.get("HAOPING_PARENT_PID")
-    if not parent or not sys.platform.startswith("linux"):
+    if not parent:
         return
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-        log.warning("prctl(PR_SET_PDEATHSIG) failed (errno %d): this service may outlive its coordinator",
-                    ctypes.get_errno())
-    if os.getppid() != int(parent):  # the coordinator died before prctl took effect
+
+    def watch() -> None:
+        while os.getppid() == int(parent):
+            time.sleep(PARENT_POLL_SECONDS)
         log.warning("coordinator %s is gone; exiting", parent)
         os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def server_interceptors(service: str, security: ServerSecurity) -> list[grpc.ServerInterceptor]:
