@@ -85,6 +85,13 @@ def test_score_validation_statuses(api):
         assert len(reply.scores) == 2 and all(0 <= s.score <= 1 for s in reply.scores)
 
 
+def test_a_text_longer_than_the_scorer_context_is_reported_truncated(api):
+    with ScorerClient(api.scorer.address) as client:
+        context = client.info().max_context
+        reply = client.score(["质量很好", "好" * context, "好" * (context - 2)])
+    assert [s.truncated for s in reply.scores] == [False, True, False]
+
+
 def test_concurrent_identical_requests_equal_one_batch(api):
     with GeneratorClient(api.generator.address) as client:
         single = client.generate([PROMPT], n=4, max_new_tokens=8, seed=42)

@@ -10,6 +10,20 @@ class ScoreResult:
     score: float      # the backend's score: positive probability, reward-model scalar, or stars mapped to [0, 1]
     label: str        # classifier: the argmax label; reward model: "reward"; human: "human"
     raw_score: float  # classifier: positive-class logit; reward model: the scalar; human: the stars
+    truncated: bool = False  # only the first max_length tokens of the text were read
+
+
+def truncated_flags(tokenizer, texts: Sequence[str], max_length: int) -> list[bool]:
+    """Which texts have more than ``max_length`` tokens (special tokens included). Every token
+    covers at least one byte, so only texts of more than ``max_length - 2`` UTF-8 bytes are
+    tokenized to find out."""
+    flags = [False] * len(texts)
+    long = [i for i, text in enumerate(texts) if len(text.encode("utf-8")) + 2 > max_length]
+    if long:
+        ids = tokenizer([texts[i] for i in long], truncation=False)["input_ids"]
+        for i, row in zip(long, ids):
+            flags[i] = len(row) > max_length
+    return flags
 
 
 class ScoreTimeout(TimeoutError):

@@ -6,7 +6,7 @@ from typing import Callable, Sequence
 import torch
 
 from haoping.models import load_sequence_classifier, load_tokenizer, positive_label_index
-from haoping.scorers.base import ModelScorer, ScoreResult
+from haoping.scorers.base import ModelScorer, ScoreResult, truncated_flags
 
 
 class ClassifierScorer(ModelScorer):
@@ -40,10 +40,11 @@ class ClassifierScorer(ModelScorer):
                                  return_tensors="pt").to(self.device)
             logits = self.model(**enc).logits.float()
             probs = torch.softmax(logits, -1)
-            for row_logits, row_probs in zip(logits, probs):
+            truncated = truncated_flags(self.tokenizer, chunk, self.max_length)
+            for row_logits, row_probs, cut in zip(logits, probs, truncated):
                 label = id2label[int(row_probs.argmax())]
                 results.append(ScoreResult(float(row_probs[self.positive_index]), str(label),
-                                           float(row_logits[self.positive_index])))
+                                           float(row_logits[self.positive_index]), cut))
         return results
 
 

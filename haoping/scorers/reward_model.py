@@ -9,7 +9,7 @@ import torch
 
 from haoping import models
 from haoping.reward_model.model import REWARD_LABEL, forward_scores, text_max_length
-from haoping.scorers.base import ModelScorer, ScoreResult
+from haoping.scorers.base import ModelScorer, ScoreResult, truncated_flags
 
 NORMALIZE_KINDS = ("none", "sigmoid", "running")
 
@@ -57,7 +57,9 @@ class RewardModelScorer(ModelScorer):
             scores = [1.0 / (1.0 + math.exp(-r)) if r >= 0 else math.exp(r) / (1.0 + math.exp(r)) for r in raw]
         else:
             scores = self._update_and_standardize(raw)
-        return [ScoreResult(score=float(s), label=REWARD_LABEL, raw_score=float(r)) for s, r in zip(scores, raw)]
+        truncated = truncated_flags(self.tokenizer, list(texts), self.max_length)
+        return [ScoreResult(score=float(s), label=REWARD_LABEL, raw_score=float(r), truncated=cut)
+                for s, r, cut in zip(scores, raw, truncated)]
 
     def _update_and_standardize(self, raw: list[float]) -> list[float]:
         if not raw:

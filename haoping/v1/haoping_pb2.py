@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18haoping/v1/haoping.proto\x12\nhaoping.v1\"\xb1\x02\n\x0fGenerateRequest\x12\x0f\n\x07prompts\x18\x01 \x03(\t\x12\x1f\n\x12samples_per_prompt\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x1b\n\x0emax_new_tokens\x18\x03 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x02\x88\x01\x01\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x04\x88\x01\x01\x12\x16\n\x0emin_new_tokens\x18\x08 \x01(\x05\x12\x1a\n\x12\x66irst_sample_index\x18\t \x01(\rB\x15\n\x13_samples_per_promptB\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"\xd4\x01\n\x06Sample\x12\x14\n\x0cprompt_index\x18\x01 \x01(\r\x12\x14\n\x0csample_index\x18\x02 \x01(\r\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12\x1a\n\x12response_token_ids\x18\x04 \x03(\x05\x12\x0c\n\x04text\x18\x05 \x01(\t\x12\x11\n\tfull_text\x18\x06 \x01(\t\x12/\n\rfinish_reason\x18\x07 \x01(\x0e\x32\x18.haoping.v1.FinishReason\x12\x16\n\x0epolicy_version\x18\x08 \x01(\x04\"`\n\x10GenerateResponse\x12#\n\x07samples\x18\x01 \x03(\x0b\x32\x12.haoping.v1.Sample\x12\x16\n\x0epolicy_version\x18\x02 \x01(\x04\x12\x0f\n\x07seconds\x18\x03 \x01(\x01\"\x8e\x01\n\x16GenerateStreamResponse\x12\x14\n\x0cprompt_index\x18\x01 \x01(\r\x12\x14\n\x0csample_index\x18\x02 \x01(\r\x12\x12\n\ntext_delta\x18\x03 \x01(\t\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12\"\n\x06sample\x18\x05 \x01(\x0b\x32\x12.haoping.v1.Sample\">\n\x12LoadWeightsRequest\x12\x17\n\x0ftrainer_address\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\"M\n\x13LoadWeightsResponse\x12\x16\n\x0epolicy_version\x18\x01 \x01(\x04\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\x12\x0f\n\x07seconds\x18\x03 \x01(\x01\"\x1d\n\x0cScoreRequest\x12\r\n\x05texts\x18\x01 \x03(\t\"<\n\tTextScore\x12\r\n\x05score\x18\x01 \x01(\x02\x12\r\n\x05label\x18\x02 \x01(\t\x12\x11\n\traw_score\x18\x03 \x01(\x02\"Y\n\rScoreResponse\x12%\n\x06scores\x18\x01 \x03(\x0b\x32\x15.haoping.v1.TextScore\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\"f\n\x07Rollout\x12\x17\n\x0fquery_token_ids\x18\x01 \x03(\x05\x12\x1a\n\x12response_token_ids\x18\x02 \x03(\x05\x12\x0e\n\x06reward\x18\x03 \x01(\x02\x12\x16\n\x0epolicy_version\x18\x04 \x01(\x04\"u\n\x0bStepRequest\x12%\n\x08rollouts\x18\x01 \x03(\x0b\x32\x13.haoping.v1.Rollout\x12\x1b\n\x0emin_new_tokens\x18\x02 \x01(\rH\x00\x88\x01\x01\x12\x0f\n\x07step_id\x18\x03 \x01(\tB\x11\n\x0f_min_new_tokens\"\x9a\x01\n\x0cStepResponse\x12\x16\n\x0epolicy_version\x18\x01 \x01(\x04\x12\x32\n\x05stats\x18\x02 \x03(\x0b\x32#.haoping.v1.StepResponse.StatsEntry\x12\x10\n\x08repeated\x18\x03 \x01(\x08\x1a,\n\nStatsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"$\n\x11GetWeightsRequest\x12\x0f\n\x07version\x18\x01 \x01(\x04\"i\n\x0cWeightsChunk\x12\x16\n\x0epolicy_version\x18\x01 \x01(\x04\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x0e\n\x06sha256\x18\x05 \x01(\t\"T\n\x15SaveCheckpointRequest\x12\x11\n\tdirectory\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12\x19\n\x11\x63oordinator_state\x18\x03 \x01(\x0c\"f\n\x16SaveCheckpointResponse\x12\x11\n\tdirectory\x18\x01 \x01(\t\x12\x16\n\x0epolicy_version\x18\x02 \x01(\x04\x12\r\n\x05label\x18\x03 \x01(\t\x12\x12\n\nsteps_done\x18\x04 \x01(\x04\"\x10\n\x0eGetInfoRequest\"\xf1\x01\n\x0bServiceInfo\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x16\n\x0epolicy_version\x18\x03 \x01(\x04\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x13\n\x0bmax_context\x18\x06 \x01(\x05\x12\x33\n\x06limits\x18\x07 \x03(\x0b\x32#.haoping.v1.ServiceInfo.LimitsEntry\x12\x0f\n\x07\x62\x61\x63kend\x18\x08 \x01(\t\x1a-\n\x0bLimitsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01*^\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\xb7\x02\n\tGenerator\x12\x45\n\x08Generate\x12\x1b.haoping.v1.GenerateRequest\x1a\x1c.haoping.v1.GenerateResponse\x12S\n\x0eGenerateStream\x12\x1b.haoping.v1.GenerateRequest\x1a\".haoping.v1.GenerateStreamResponse0\x01\x12N\n\x0bLoadWeights\x12\x1e.haoping.v1.LoadWeightsRequest\x1a\x1f.haoping.v1.LoadWeightsResponse\x12>\n\x07GetInfo\x12\x1a.haoping.v1.GetInfoRequest\x1a\x17.haoping.v1.ServiceInfo2\x86\x01\n\x06Scorer\x12<\n\x05Score\x12\x18.haoping.v1.ScoreRequest\x1a\x19.haoping.v1.ScoreResponse\x12>\n\x07GetInfo\x12\x1a.haoping.v1.GetInfoRequest\x1a\x17.haoping.v1.ServiceInfo2\xa6\x02\n\x07Trainer\x12\x39\n\x04Step\x12\x17.haoping.v1.StepRequest\x1a\x18.haoping.v1.StepResponse\x12G\n\nGetWeights\x12\x1d.haoping.v1.GetWeightsRequest\x1a\x18.haoping.v1.WeightsChunk0\x01\x12W\n\x0eSaveCheckpoint\x12!.haoping.v1.SaveCheckpointRequest\x1a\".haoping.v1.SaveCheckpointResponse\x12>\n\x07GetInfo\x12\x1a.haoping.v1.GetInfoRequest\x1a\x17.haoping.v1.ServiceInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18haoping/v1/haoping.proto\x12\nhaoping.v1\"\xb1\x02\n\x0fGenerateRequest\x12\x0f\n\x07prompts\x18\x01 \x03(\t\x12\x1f\n\x12samples_per_prompt\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x1b\n\x0emax_new_tokens\x18\x03 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x02\x88\x01\x01\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x04\x88\x01\x01\x12\x16\n\x0emin_new_tokens\x18\x08 \x01(\x05\x12\x1a\n\x12\x66irst_sample_index\x18\t \x01(\rB\x15\n\x13_samples_per_promptB\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"\xd4\x01\n\x06Sample\x12\x14\n\x0cprompt_index\x18\x01 \x01(\r\x12\x14\n\x0csample_index\x18\x02 \x01(\r\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12\x1a\n\x12response_token_ids\x18\x04 \x03(\x05\x12\x0c\n\x04text\x18\x05 \x01(\t\x12\x11\n\tfull_text\x18\x06 \x01(\t\x12/\n\rfinish_reason\x18\x07 \x01(\x0e\x32\x18.haoping.v1.FinishReason\x12\x16\n\x0epolicy_version\x18\x08 \x01(\x04\"`\n\x10GenerateResponse\x12#\n\x07samples\x18\x01 \x03(\x0b\x32\x12.haoping.v1.Sample\x12\x16\n\x0epolicy_version\x18\x02 \x01(\x04\x12\x0f\n\x07seconds\x18\x03 \x01(\x01\"\x8e\x01\n\x16GenerateStreamResponse\x12\x14\n\x0cprompt_index\x18\x01 \x01(\r\x12\x14\n\x0csample_index\x18\x02 \x01(\r\x12\x12\n\ntext_delta\x18\x03 \x01(\t\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12\"\n\x06sample\x18\x05 \x01(\x0b\x32\x12.haoping.v1.Sample\">\n\x12LoadWeightsRequest\x12\x17\n\x0ftrainer_address\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\"M\n\x13LoadWeightsResponse\x12\x16\n\x0epolicy_version\x18\x01 \x01(\x04\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\x12\x0f\n\x07seconds\x18\x03 \x01(\x01\"\x1d\n\x0cScoreRequest\x12\r\n\x05texts\x18\x01 \x03(\t\"O\n\tTextScore\x12\r\n\x05score\x18\x01 \x01(\x02\x12\r\n\x05label\x18\x02 \x01(\t\x12\x11\n\traw_score\x18\x03 \x01(\x02\x12\x11\n\ttruncated\x18\x04 \x01(\x08\"Y\n\rScoreResponse\x12%\n\x06scores\x18\x01 \x03(\x0b\x32\x15.haoping.v1.TextScore\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\"f\n\x07Rollout\x12\x17\n\x0fquery_token_ids\x18\x01 \x03(\x05\x12\x1a\n\x12response_token_ids\x18\x02 \x03(\x05\x12\x0e\n\x06reward\x18\x03 \x01(\x02\x12\x16\n\x0epolicy_version\x18\x04 \x01(\x04\"u\n\x0bStepRequest\x12%\n\x08rollouts\x18\x01 \x03(\x0b\x32\x13.haoping.v1.Rollout\x12\x1b\n\x0emin_new_tokens\x18\x02 \x01(\rH\x00\x88\x01\x01\x12\x0f\n\x07step_id\x18\x03 \x01(\tB\x11\n\x0f_min_new_tokens\"\x9a\x01\n\x0cStepResponse\x12\x16\n\x0epolicy_version\x18\x01 \x01(\x04\x12\x32\n\x05stats\x18\x02 \x03(\x0b\x32#.haoping.v1.StepResponse.StatsEntry\x12\x10\n\x08repeated\x18\x03 \x01(\x08\x1a,\n\nStatsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"$\n\x11GetWeightsRequest\x12\x0f\n\x07version\x18\x01 \x01(\x04\"i\n\x0cWeightsChunk\x12\x16\n\x0epolicy_version\x18\x01 \x01(\x04\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x0e\n\x06sha256\x18\x05 \x01(\t\"T\n\x15SaveCheckpointRequest\x12\x11\n\tdirectory\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12\x19\n\x11\x63oordinator_state\x18\x03 \x01(\x0c\"f\n\x16SaveCheckpointResponse\x12\x11\n\tdirectory\x18\x01 \x01(\t\x12\x16\n\x0epolicy_version\x18\x02 \x01(\x04\x12\r\n\x05label\x18\x03 \x01(\t\x12\x12\n\nsteps_done\x18\x04 \x01(\x04\"\x10\n\x0eGetInfoRequest\"\xf1\x01\n\x0bServiceInfo\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x16\n\x0epolicy_version\x18\x03 \x01(\x04\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x13\n\x0bmax_context\x18\x06 \x01(\x05\x12\x33\n\x06limits\x18\x07 \x03(\x0b\x32#.haoping.v1.ServiceInfo.LimitsEntry\x12\x0f\n\x07\x62\x61\x63kend\x18\x08 \x01(\t\x1a-\n\x0bLimitsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01*^\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\xb7\x02\n\tGenerator\x12\x45\n\x08Generate\x12\x1b.haoping.v1.GenerateRequest\x1a\x1c.haoping.v1.GenerateResponse\x12S\n\x0eGenerateStream\x12\x1b.haoping.v1.GenerateRequest\x1a\".haoping.v1.GenerateStreamResponse0\x01\x12N\n\x0bLoadWeights\x12\x1e.haoping.v1.LoadWeightsRequest\x1a\x1f.haoping.v1.LoadWeightsResponse\x12>\n\x07GetInfo\x12\x1a.haoping.v1.GetInfoRequest\x1a\x17.haoping.v1.ServiceInfo2\x86\x01\n\x06Scorer\x12<\n\x05Score\x12\x18.haoping.v1.ScoreRequest\x1a\x19.haoping.v1.ScoreResponse\x12>\n\x07GetInfo\x12\x1a.haoping.v1.GetInfoRequest\x1a\x17.haoping.v1.ServiceInfo2\xa6\x02\n\x07Trainer\x12\x39\n\x04Step\x12\x17.haoping.v1.StepRequest\x1a\x18.haoping.v1.StepResponse\x12G\n\nGetWeights\x12\x1d.haoping.v1.GetWeightsRequest\x1a\x18.haoping.v1.WeightsChunk0\x01\x12W\n\x0eSaveCheckpoint\x12!.haoping.v1.SaveCheckpointRequest\x1a\".haoping.v1.SaveCheckpointResponse\x12>\n\x07GetInfo\x12\x1a.haoping.v1.GetInfoRequest\x1a\x17.haoping.v1.ServiceInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,8 +35,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STEPRESPONSE_STATSENTRY']._serialized_options = b'8\001'
   _globals['_SERVICEINFO_LIMITSENTRY']._loaded_options = None
   _globals['_SERVICEINFO_LIMITSENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=2110
-  _globals['_FINISHREASON']._serialized_end=2204
+  _globals['_FINISHREASON']._serialized_start=2129
+  _globals['_FINISHREASON']._serialized_end=2223
   _globals['_GENERATEREQUEST']._serialized_start=41
   _globals['_GENERATEREQUEST']._serialized_end=346
   _globals['_SAMPLE']._serialized_start=349
@@ -52,35 +52,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SCOREREQUEST']._serialized_start=949
   _globals['_SCOREREQUEST']._serialized_end=978
   _globals['_TEXTSCORE']._serialized_start=980
-  _globals['_TEXTSCORE']._serialized_end=1040
-  _globals['_SCORERESPONSE']._serialized_start=1042
-  _globals['_SCORERESPONSE']._serialized_end=1131
-  _globals['_ROLLOUT']._serialized_start=1133
-  _globals['_ROLLOUT']._serialized_end=1235
-  _globals['_STEPREQUEST']._serialized_start=1237
-  _globals['_STEPREQUEST']._serialized_end=1354
-  _globals['_STEPRESPONSE']._serialized_start=1357
-  _globals['_STEPRESPONSE']._serialized_end=1511
-  _globals['_STEPRESPONSE_STATSENTRY']._serialized_start=1467
-  _globals['_STEPRESPONSE_STATSENTRY']._serialized_end=1511
-  _globals['_GETWEIGHTSREQUEST']._serialized_start=1513
-  _globals['_GETWEIGHTSREQUEST']._serialized_end=1549
-  _globals['_WEIGHTSCHUNK']._serialized_start=1551
-  _globals['_WEIGHTSCHUNK']._serialized_end=1656
-  _globals['_SAVECHECKPOINTREQUEST']._serialized_start=1658
-  _globals['_SAVECHECKPOINTREQUEST']._serialized_end=1742
-  _globals['_SAVECHECKPOINTRESPONSE']._serialized_start=1744
-  _globals['_SAVECHECKPOINTRESPONSE']._serialized_end=1846
-  _globals['_GETINFOREQUEST']._serialized_start=1848
-  _globals['_GETINFOREQUEST']._serialized_end=1864
-  _globals['_SERVICEINFO']._serialized_start=1867
-  _globals['_SERVICEINFO']._serialized_end=2108
-  _globals['_SERVICEINFO_LIMITSENTRY']._serialized_start=2063
-  _globals['_SERVICEINFO_LIMITSENTRY']._serialized_end=2108
-  _globals['_GENERATOR']._serialized_start=2207
-  _globals['_GENERATOR']._serialized_end=2518
-  _globals['_SCORER']._serialized_start=2521
-  _globals['_SCORER']._serialized_end=2655
-  _globals['_TRAINER']._serialized_start=2658
-  _globals['_TRAINER']._serialized_end=2952
+  _globals['_TEXTSCORE']._serialized_end=1059
+  _globals['_SCORERESPONSE']._serialized_start=1061
+  _globals['_SCORERESPONSE']._serialized_end=1150
+  _globals['_ROLLOUT']._serialized_start=1152
+  _globals['_ROLLOUT']._serialized_end=1254
+  _globals['_STEPREQUEST']._serialized_start=1256
+  _globals['_STEPREQUEST']._serialized_end=1373
+  _globals['_STEPRESPONSE']._serialized_start=1376
+  _globals['_STEPRESPONSE']._serialized_end=1530
+  _globals['_STEPRESPONSE_STATSENTRY']._serialized_start=1486
+  _globals['_STEPRESPONSE_STATSENTRY']._serialized_end=1530
+  _globals['_GETWEIGHTSREQUEST']._serialized_start=1532
+  _globals['_GETWEIGHTSREQUEST']._serialized_end=1568
+  _globals['_WEIGHTSCHUNK']._serialized_start=1570
+  _globals['_WEIGHTSCHUNK']._serialized_end=1675
+  _globals['_SAVECHECKPOINTREQUEST']._serialized_start=1677
+  _globals['_SAVECHECKPOINTREQUEST']._serialized_end=1761
+  _globals['_SAVECHECKPOINTRESPONSE']._serialized_start=1763
+  _globals['_SAVECHECKPOINTRESPONSE']._serialized_end=1865
+  _globals['_GETINFOREQUEST']._serialized_start=1867
+  _globals['_GETINFOREQUEST']._serialized_end=1883
+  _globals['_SERVICEINFO']._serialized_start=1886
+  _globals['_SERVICEINFO']._serialized_end=2127
+  _globals['_SERVICEINFO_LIMITSENTRY']._serialized_start=2082
+  _globals['_SERVICEINFO_LIMITSENTRY']._serialized_end=2127
+  _globals['_GENERATOR']._serialized_start=2226
+  _globals['_GENERATOR']._serialized_end=2537
+  _globals['_SCORER']._serialized_start=2540
+  _globals['_SCORER']._serialized_end=2674
+  _globals['_TRAINER']._serialized_start=2677
+  _globals['_TRAINER']._serialized_end=2971
 # @@protoc_insertion_point(module_scope)

@@ -107,14 +107,16 @@ class ScoreRequest(_message.Message):
     def __init__(self, texts: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TextScore(_message.Message):
-    __slots__ = ("score", "label", "raw_score")
+    __slots__ = ("score", "label", "raw_score", "truncated")
     SCORE_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
     RAW_SCORE_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATED_FIELD_NUMBER: _ClassVar[int]
     score: float
     label: str
     raw_score: float
-    def __init__(self, score: _Optional[float] = ..., label: _Optional[str] = ..., raw_score: _Optional[float] = ...) -> None: ...
+    truncated: bool
+    def __init__(self, score: _Optional[float] = ..., label: _Optional[str] = ..., raw_score: _Optional[float] = ..., truncated: _Optional[bool] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
     __slots__ = ("scores", "model_id", "backend")

@@ -72,7 +72,8 @@ class ScorerService(pb_grpc.ScorerServicer):
         for r in results:
             metrics.SCORE_VALUE.observe(r.score)
         return pb.ScoreResponse(
-            scores=[pb.TextScore(score=r.score, label=r.label, raw_score=r.raw_score) for r in results],
+            scores=[pb.TextScore(score=r.score, label=r.label, raw_score=r.raw_score, truncated=r.truncated)
+                    for r in results],
             model_id=self.scorer.model_id, backend=self.scorer.backend)
 
     def GetInfo(self, request, context):
