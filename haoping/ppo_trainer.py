@@ -27,12 +27,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save, save_file
-from transformers import get_scheduler
 
 from haoping import algorithms, ppo
 from haoping.checkpoint import CheckpointStore, verify_checkpoint
 from haoping.log import get_logger
 from haoping.models import TokenFormat, autocast, decode_clean, load_causal_lm, load_tokenizer
+from haoping.training import lr_factors
 
 log = get_logger(__name__)
 STEP_RESPONSES_KEPT = 1000  # applied Step ids older than this keep their version, not their statistics
@@ -275,12 +275,8 @@ SCHEDULER_NAMES = {"constant": "constant_with_warmup", "linear": "linear", "cosi
 
 
 def lr_schedule(schedule: str, warmup: int, total: int):
-    """step -> learning-rate factor, from transformers.get_scheduler. Warm-up counts the update
-    about to run as done, so the first update learns at 1/warmup rather than not at all."""
-    dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-    factor = get_scheduler(SCHEDULER_NAMES[schedule], dummy, num_warmup_steps=warmup,
-                           num_training_steps=total).lr_lambdas[0]
-    return lambda step: factor(step + 1) if step < warmup else factor(step)
+    """step -> learning-rate factor of ``constant``, ``linear`` or ``cosine`` (with warm-up)."""
+    return lr_factors(SCHEDULER_NAMES[schedule], warmup, total)
 
 
 def lr_factor(step: int, schedule: str, warmup: int, total: int) -> float:

@@ -11,19 +11,22 @@ from transformers import get_scheduler
 Item = TypeVar("Item")
 
 
+def lr_factors(name: str, warmup_steps: int, total_steps: int, **options) -> Callable[[int], float]:
+    """step -> learning-rate factor of transformers.get_scheduler's schedule ``name``, except that
+    warm-up counts the step about to run as done ((step + 1) / warmup), so the first step learns
+    at 1/warmup of the peak rather than not at all."""
+    dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    factor = get_scheduler(name, dummy, num_warmup_steps=warmup_steps, num_training_steps=total_steps,
+                           scheduler_specific_kwargs=options or None).lr_lambdas[0]
+    return lambda step: factor(step + 1) if step < warmup_steps else factor(step)
+
+
 def warmup_cosine_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
                            min_lr_rate: float = 0.1) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up over ``warmup_steps``, then cosine decay to ``min_lr_rate`` of the peak at
-    ``total_steps``; call ``.step()`` after each optimizer step.
-
-    The factors are transformers.get_scheduler's ``cosine_with_min_lr``, except that warm-up counts
-    the step about to run as done ((step + 1) / warmup), so the first step learns at 1/warmup of
-    the peak rather than not at all."""
-    dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-    factor = get_scheduler("cosine_with_min_lr", dummy, num_warmup_steps=warmup_steps, num_training_steps=total_steps,
-                           scheduler_specific_kwargs={"min_lr_rate": min_lr_rate}).lr_lambdas[0]
+    ``total_steps``; call ``.step()`` after each optimizer step."""
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: factor(step + 1) if step < warmup_steps else factor(step))
+        optimizer, lr_factors("cosine_with_min_lr", warmup_steps, total_steps, min_lr_rate=min_lr_rate))
 
 
 def endless_batches(items: Sequence[Item], batch_size: int, rng: random.Random,
