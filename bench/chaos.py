@@ -48,19 +48,13 @@ def cycles_logged(run_dir: Path) -> list[dict]:
 
 
 def service_pid(run_dir: Path, label: str) -> int | None:
-    """The PID of the run's live ``label`` service, found by its ready-file argument."""
-    ready = f"{run_dir}/logs/{label}.ready".encode()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes()
-            state = (entry / "stat").read_text().split(")")[-1].split()[0]
-        except OSError:
-            continue
-        if ready in cmdline and state != "Z":
-            return int(entry.name)
-    return None
+    """The PID of the run's live ``label`` service, from its ready file (address, metrics port, PID)."""
+    try:
+        pid = int((run_dir / "logs" / f"{label}.ready").read_text().split()[2])
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, ValueError, IndexError):
+        return None
+    return pid if state != "Z" else None
 
 
 def run_pids(run_dir: Path) -> list[int]:

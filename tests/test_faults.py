@@ -1,6 +1,8 @@
 """Fault injection with the real processes and tiny models: kill -9 of each service in the
 middle of its work, of the coordinator, and damaged newest checkpoints. Each run must finish
-every cycle asked for, log each cycle once, apply each update once, and leave no process."""
+every cycle asked for, log each cycle once, apply each update once, and leave no process; and
+where the run was given the same settings as an unfaulted one, repeat it exactly: the same
+rollouts, rewards and updates, bit for bit."""
 import json
 import os
 import re
@@ -27,7 +29,36 @@ def run_command(tiny_policy, tiny_classifier, runs_dir: Path, cycles: int = CYCL
     return [sys.executable, "-m", "services.cli", "run", "--policy", str(tiny_policy), "--scorer-model",
             str(tiny_classifier), "--cycles", str(cycles), "--samples-per-prompt", "4", "--max-new-tokens", "20",
             "--min-new-tokens", "2", "--eval-samples", "4", "--runs-dir", str(runs_dir), "--name", "faulty",
-            "--ppo-config", PPO, "--device", "cpu", "--checkpoint-every", "2", "--rpc-timeout", "60", *extra]
+            "--ppo-config", PPO, "--device", "cpu", "--checkpoint-every", "2", "--checkpoint-every-seconds", "0", "--rpc-timeout", "60", *extra]
+
+
+# what a cycle record holds besides its timings: the rollouts, the rewards, the update's statistics
+TIMINGS = ("seconds", "elapsed")
+
+
+def replayed(run_dir: Path) -> list[dict]:
+    """Each cycle's record without its timings."""
+    records = [json.loads(line) for line in (run_dir / "cycles.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in TIMINGS and not k.startswith("time/")} for r in records]
+
+
+def assert_same_as_unfaulted(run_dir: Path, unfaulted: list[dict]) -> None:
+    faulted = replayed(run_dir)
+    assert len(faulted) == len(unfaulted)
+    for mine, theirs in zip(faulted, unfaulted):
+        differing = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        assert not differing, f"cycle {mine['cycle']} differs from the unfaulted run in {differing[:8]}: " \
+                              f"{[(mine.get(k), theirs.get(k)) for k in differing[:3]]}"
+
+
+@pytest.fixture(scope="module")
+def unfaulted(tiny_policy, tiny_classifier, tmp_path_factory) -> list[dict]:
+    """The cycles of a run with the tests' settings that nothing interrupts."""
+    runs_dir = tmp_path_factory.mktemp("unfaulted")
+    done = subprocess.run(run_command(tiny_policy, tiny_classifier, runs_dir), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return replayed(runs_dir / "faulty")
 
 
 def run_processes(run_dir: Path) -> list[int]:
@@ -45,14 +76,14 @@ def run_processes(run_dir: Path) -> list[int]:
 
 
 def service_pid(run_dir: Path, label: str) -> int | None:
-    ready = f"{run_dir}/logs/{label}.ready"
-    for pid in run_processes(run_dir):
-        try:
-            if ready in (Path(f"/proc/{pid}/cmdline")).read_bytes().replace(b"\0", b" ").decode():
-                return pid
-        except OSError:
-            pass
-    return None
+    """The process serving as ``label``: its ready file names it (a warm spare that became the
+    service has the spare's command line)."""
+    try:
+        pid = int((run_dir / "logs" / f"{label}.ready").read_text().split()[2])
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, ValueError, IndexError):
+        return None
+    return pid if state != "Z" and pid in run_processes(run_dir) else None
 
 
 def in_flight(run_dir: Path, label: str) -> bool:
@@ -106,7 +137,7 @@ def assert_run_complete(run_dir: Path, cycles: int = CYCLES) -> None:
 
 @pytest.mark.parametrize("label", ["generator", "scorer", "trainer"])
 def test_a_service_killed_mid_request_is_restarted_and_the_run_finishes(tiny_policy, tiny_classifier, tmp_path,
-                                                                        label):
+                                                                        label, unfaulted):
     run_dir = tmp_path / "faulty"
     # the scorer's work is the shortest: more texts a cycle so that a kill lands inside a Score
     extra = ["--samples-per-prompt", "12"] if label == "scorer" else []
@@ -126,9 +157,43 @@ def test_a_service_killed_mid_request_is_restarted_and_the_run_finishes(tiny_pol
         assert "continuing from cycle-000002" in output, output
         superseded = [json.loads(line)["cycle"] for line in (run_dir / "cycles.superseded.jsonl").read_text().splitlines()]
         assert superseded and min(superseded) >= 2
+    if not extra:
+        assert_same_as_unfaulted(run_dir, unfaulted)
 
 
-def test_the_coordinator_stopped_or_killed_and_the_same_command_continues(tiny_policy, tiny_classifier, tmp_path):
+def test_a_generator_killed_after_the_step_and_before_the_weight_sync_changes_nothing(tiny_policy, tiny_classifier,
+                                                                                      tmp_path, unfaulted):
+    """The generator dies while the trainer applies cycle 3's Step: the cycle resumes at the weight
+    sync instead of rolling out again with the updated policy, and the run repeats the unfaulted
+    one exactly."""
+    run_dir = tmp_path / "faulty"
+    process = subprocess.Popen(run_command(tiny_policy, tiny_classifier, tmp_path), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    killed = {}
+
+    def kill_generator_during_step():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and cycles_logged(run_dir) < 3:
+            time.sleep(0.05)
+        while time.monotonic() < deadline and not in_flight(run_dir, "trainer"):
+            time.sleep(0.001)
+        killed["pid"] = service_pid(run_dir, "generator")
+        killed["during_step"] = in_flight(run_dir, "trainer")
+        os.kill(killed["pid"], signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_generator_during_step)
+    killer.start()
+    output, _ = process.communicate(timeout=300)
+    killer.join()
+    assert process.returncode == 0, output
+    assert f"generator (pid {killed['pid']}) exited" in output, output
+    assert killed["during_step"], "the kill did not land during a Step"
+    assert_run_complete(run_dir)
+    assert_same_as_unfaulted(run_dir, unfaulted)
+
+
+def test_the_coordinator_stopped_or_killed_and_the_same_command_continues(tiny_policy, tiny_classifier, tmp_path,
+                                                                          unfaulted):
     run_dir = tmp_path / "faulty"
     command = run_command(tiny_policy, tiny_classifier, tmp_path)
     # SIGTERM: the cycle in progress finishes, a checkpoint is written, the services stop, exit 0
@@ -162,6 +227,7 @@ def test_the_coordinator_stopped_or_killed_and_the_same_command_continues(tiny_p
     assert (run_dir / "samples_before.jsonl").read_text() == before
     assert (run_dir / "config.json").read_text() == config
     assert_run_complete(run_dir)
+    assert_same_as_unfaulted(run_dir, unfaulted)
 
 
 def _truncate(checkpoint: Path) -> Path:

@@ -126,7 +126,8 @@ def serve(short_name: str, args, register: Callable[[grpc.Server], None],
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     log.info("%s serving", short_name)
     if args.ready_file:
-        atomic_write_text(args.ready_file, f"{args.host}:{port} {metrics_port}\n")  # never read half-written
+        # address, metrics port and process id; written atomically: never read half-written
+        atomic_write_text(args.ready_file, f"{args.host}:{port} {metrics_port} {os.getpid()}\n")
 
     # a signal the kernel hands to a gRPC thread runs its Python handler only when the main thread
     # next executes bytecode: wake it often, or SIGTERM could wait until the next RPC

@@ -9,11 +9,13 @@ checkpoint) and the interrupted cycle redone; running services are waited for; a
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -38,7 +40,7 @@ from haoping.v1 import haoping_pb2 as pb
 from services.common.config import add_client_access_flags, add_dataclass_flags, add_flag, dataclass_flag_values
 from services.common.security import client_access, write_token_file
 from services.coordinator.rundir import ConfigMismatch, CycleLog, fresh_name, resumed_settings, save_config
-from services.coordinator.supervisor import RestartBudgetExceeded, Supervisor
+from services.coordinator.supervisor import RestartBudgetExceeded, SparePool, Supervisor
 
 log = get_logger(__name__)
 
@@ -75,8 +77,9 @@ def start_service(name: str, extra_args: list[str], run_dir: Path, timeout: floa
 
 
 def launch_service(name: str, extra_args: list[str], run_dir: Path, label: str = "",
-                   token_file: Path | None = None) -> ServiceProcess:
-    """Start `python -m services.<name>` without waiting; :func:`wait_ready` fills in its address."""
+                   token_file: Path | None = None, spare: subprocess.Popen | None = None) -> ServiceProcess:
+    """Start `python -m services.<name>` without waiting; :func:`wait_ready` fills in its address.
+    With ``spare`` (see :func:`launch_spare`), that process becomes the service instead."""
     label = label or name
     if token_file is None:
         token_file = run_dir / "auth-token"
@@ -87,12 +90,31 @@ def launch_service(name: str, extra_args: list[str], run_dir: Path, label: str =
     log_path = run_dir / "logs" / f"{label}.log"
     command = [sys.executable, "-m", f"services.{name}", "--host", "127.0.0.1", "--port", "0",
                "--metrics-port", "0", "--ready-file", str(ready), "--auth-token-file", str(token_file), *extra_args]
-    env = {**os.environ, "HAOPING_PARENT_PID": str(os.getpid())}  # the service exits when this process dies
-    with open(log_path, "ab") as log_file:
-        # its own session: a Ctrl-C in the terminal reaches the coordinator, which stops it after a checkpoint
-        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env,
-                                   start_new_session=True)
+    if spare is not None:
+        spare.stdin.write(json.dumps({"module": name, "argv": command[3:], "log": str(log_path)}).encode() + b"\n")
+        spare.stdin.close()
+        process = spare
+    else:
+        with open(log_path, "ab") as log_file:
+            process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=_service_env(),
+                                       start_new_session=True)
     return ServiceProcess(label, process, "", 0, log_path, token_file=token_file, module=name, args=list(extra_args))
+
+
+def _service_env() -> dict:
+    # the service exits when this process dies; its own session: a Ctrl-C in the terminal reaches the
+    # coordinator, which stops it after a checkpoint
+    return {**os.environ, "HAOPING_PARENT_PID": str(os.getpid())}
+
+
+def launch_spare(run_dir: Path, number: int) -> subprocess.Popen:
+    """A warm spare (services.common.spare) for this run: it imports the services' code now and
+    becomes a service when :func:`launch_service` hands it one; it exits with this process."""
+    log_path = run_dir / "logs" / f"spare-{number}.log"
+    with open(log_path, "ab") as log_file:
+        return subprocess.Popen([sys.executable, "-m", "services.common.spare", "--log", str(log_path)],
+                                stdin=subprocess.PIPE, stdout=log_file, stderr=subprocess.STDOUT, env=_service_env(),
+                                start_new_session=True)
 
 
 def wait_ready(service: ServiceProcess, timeout: float = 900.0) -> ServiceProcess:
@@ -107,7 +129,7 @@ def wait_ready(service: ServiceProcess, timeout: float = 900.0) -> ServiceProces
             service.process.kill()
             raise TimeoutError(f"{service.name} not ready after {timeout:.0f}s; see {service.log_path}")
         time.sleep(0.1)
-    address, metrics_port = ready.read_text().split()
+    address, metrics_port = ready.read_text().split()[:2]
     service.address, service.metrics_port = address, int(metrics_port)
     return service
 
@@ -186,10 +208,13 @@ class Coordinator:
         self.stop = stop or threading.Event()
         self.cycle_log = CycleLog(run_dir)
         self.checkpoint_every = getattr(args, "checkpoint_every", 10)
+        self.checkpoint_every_seconds = getattr(args, "checkpoint_every_seconds", 0.0)
+        self._checkpointed_time = time.monotonic()
         self.faults: list[dict] = []
         self.resumed_from: Path | None = None  # set by the trainer restart: the checkpoint it loaded
         self._failures = 0
         self._checkpointed_at = -1
+        self._progress: dict = {}  # the phases of the cycle in progress done so far (see :meth:`cycle`)
         self.label_prefix = label_prefix
 
     def _sample(self, seed: int, n: int) -> tuple[pb.GenerateResponse, pb.ScoreResponse]:
@@ -213,22 +238,38 @@ class Coordinator:
         return f"{self.state.run_id}:{index}"
 
     def cycle(self, index: int) -> dict:
+        """One rollout -> score -> update -> weight-sync cycle. Each phase's result is kept until the
+        cycle is logged, so a cycle redone after a fault resumes at the phase that failed: after an
+        applied Step it only syncs the weights, and does not roll out again with the updated policy
+        (which the unfaulted run never did). A trainer restart drops them (see :meth:`rewind`)."""
         a = self.args
-        t0 = time.perf_counter()
-        response = self.generator.generate(self.prompts, n=a.samples_per_prompt, max_new_tokens=a.max_new_tokens,
-                                           temperature=1.0, top_k=0, top_p=1.0, seed=cycle_seed(a.seed, index),
-                                           min_new_tokens=a.min_new_tokens)
-        t1 = time.perf_counter()
-        scores = self.scorer.score([s.full_text for s in response.samples])
-        t2 = time.perf_counter()
+        if self._progress.get("cycle") != index:
+            self._progress = {"cycle": index}
+        done = self._progress  # phase -> (result, seconds)
+        if "rollout" not in done:
+            t0 = time.perf_counter()
+            done["rollout"] = (self.generator.generate(
+                self.prompts, n=a.samples_per_prompt, max_new_tokens=a.max_new_tokens, temperature=1.0, top_k=0,
+                top_p=1.0, seed=cycle_seed(a.seed, index), min_new_tokens=a.min_new_tokens),
+                time.perf_counter() - t0)
+        response = done["rollout"][0]
+        if "score" not in done:
+            t0 = time.perf_counter()
+            done["score"] = (self.scorer.score([s.full_text for s in response.samples]), time.perf_counter() - t0)
+        scores = done["score"][0]
         # raw scores: every reward transformation (empty responses, normalization, ...) is the trainer's
         rollouts = [pb.Rollout(query_token_ids=s.prompt_token_ids, response_token_ids=s.response_token_ids,
                                reward=score.score, policy_version=s.policy_version)
                     for s, score in zip(response.samples, scores.scores)]
-        step = self.trainer.step(rollouts, min_new_tokens=a.min_new_tokens, step_id=self.step_id(index))
-        t3 = time.perf_counter()
+        if "update" not in done:
+            t0 = time.perf_counter()
+            done["update"] = (self.trainer.step(rollouts, min_new_tokens=a.min_new_tokens,
+                                                step_id=self.step_id(index)), time.perf_counter() - t0)
+        step = done["update"][0]
+        t0 = time.perf_counter()
         self.generator.load_weights(self.trainer_address, step.policy_version)
-        t4 = time.perf_counter()
+        done["weight_sync"] = (None, time.perf_counter() - t0)
+        seconds = {phase: done[phase][1] for phase in ("rollout", "score", "update", "weight_sync")}
         stats = dict(step.stats)
         stats["env/score_mean"] = sum(s.score for s in scores.scores) / len(scores.scores)
         texts = [s.text for s in response.samples]
@@ -238,9 +279,9 @@ class Coordinator:
             "kl": stats["objective/kl"],
             "policy_version": step.policy_version,
             "rollout_policy_version": response.policy_version,
-            "seconds": t4 - t0,
+            "seconds": sum(seconds.values()),
             "samples": len(rollouts),
-            "time/rollout": t1 - t0, "time/score": t2 - t1, "time/update": t3 - t2, "time/weight_sync": t4 - t3,
+            **{f"time/{phase}": value for phase, value in seconds.items()},
             **guard_figures(texts),
             **stats,
         }
@@ -297,7 +338,7 @@ class Coordinator:
             self._check_services()
             self._one_cycle(self.state.next_cycle)
             self._failures = 0
-            if self.checkpoint_every and self.state.next_cycle % self.checkpoint_every == 0:
+            if self.checkpoint_due():
                 self.checkpoint()
         if self._checkpointed_at != self.state.next_cycle:
             self.checkpoint()  # the end, --max-seconds or a signal: a graceful stop always checkpoints
@@ -323,12 +364,21 @@ class Coordinator:
         for warning in self.check_guards(record):
             log.warning("guard: %s", warning)
 
+    def checkpoint_due(self) -> bool:
+        """After a cycle: every ``--checkpoint-every`` cycles, or once ``--checkpoint-every-seconds``
+        passed since the last checkpoint (or the start), so a trainer fault redoes at most that much."""
+        by_count = self.checkpoint_every and self.state.next_cycle % self.checkpoint_every == 0
+        by_time = self.checkpoint_every_seconds and \
+            time.monotonic() - self._checkpointed_time >= self.checkpoint_every_seconds
+        return bool(by_count or by_time)
+
     def checkpoint(self) -> pb.SaveCheckpointResponse:
         """The trainer's state and this coordinator's, as checkpoints/cycle-NNNNNN (cycles done)."""
         saved = self.trainer.save_checkpoint(self.label_prefix + cycle_label(self.state.next_cycle),
                                              self.state.to_bytes())
         atomic_write_json(self.run_dir / "coordinator_state.json", asdict(self.state))
         self._checkpointed_at = self.state.next_cycle
+        self._checkpointed_time = time.monotonic()
         log.info("checkpoint %s: %d cycles, policy version %d, %d updates applied", saved.label,
                  self.state.next_cycle, saved.policy_version, saved.steps_done)
         return saved
@@ -375,6 +425,9 @@ class Coordinator:
         clients = [self.trainer, self.scorer, *getattr(self.generator, "clients", [self.generator])]
         for client in clients:
             client.await_serving(wait)
+        update = self._progress.get("update")
+        if update and self.trainer.info().policy_version < update[0].policy_version:
+            self._progress.pop("update")  # a trainer that came back from an older checkpoint lost this Step
         self.resync_generators()
         self.faults.append({"cycle": self.state.next_cycle, "restarted": [],
                             "seconds": time.perf_counter() - started})
@@ -382,6 +435,7 @@ class Coordinator:
     def rewind(self, checkpoint: Path | None) -> None:
         """The trainer came back from ``checkpoint`` (None: from the start): continue from there."""
         start_distinct2 = self.state.start_distinct2
+        self._progress = {}  # the trainer forgot any Step since its checkpoint: those cycles are redone whole
         self.state = RunState.of_checkpoint(checkpoint, self.state.run_id)
         self.state.start_distinct2 = self.state.start_distinct2 or start_distinct2
         moved = self.cycle_log.rewind(self.state.next_cycle)
@@ -442,11 +496,17 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
                   "an existing run (--name) always continues from its own newest good checkpoint")
     add_flag(parser, "--fresh", False, bool, "when --name exists, start a new run under a new name (name-2, ...)")
     add_flag(parser, "--checkpoint-every", 10, int, "checkpoint every K cycles (and on every graceful stop)")
+    add_flag(parser, "--checkpoint-every-seconds", 5.0, float,
+             "also checkpoint after a cycle once this many seconds passed since the last checkpoint: a trainer "
+             "or coordinator fault redoes at most about this much work (0: by --checkpoint-every only)")
     add_flag(parser, "--keep-checkpoints", 3, int, "newest verified checkpoints kept in <run>/checkpoints")
     add_flag(parser, "--rpc-timeout", 300.0, float, "deadline of every Generate, Step and LoadWeights call")
     add_flag(parser, "--service-wait-seconds", 600.0, float,
              "with running services: how long to wait for one that went away to serve again")
     add_flag(parser, "--max-restarts-per-hour", 5, int, "restarts of each service this run started, per hour")
+    add_flag(parser, "--warm-spares", 2, int,
+             "processes kept ready with the services' code imported, so that restarting a service this run "
+             "started skips the interpreter's imports (a trainer restart restarts the generators too)")
     add_flag(parser, "--generator-replicas", 1, int,
              "generator processes; each rollout's samples are split across them and run concurrently")
     add_flag(parser, "--device", "auto", help="torch device for all services")
@@ -548,9 +608,9 @@ def run(args) -> int:
     if connect_to is None and token_file is None:
         token_file = write_token_file(run_dir / "auth-token")
     services: list[ServiceProcess] = []
+    supervisor = None
     try:
         state = initial_state(run_dir, checkpoint, supervised=connect_to is None)
-        supervisor = None
         if connect_to is None:
             log.info("starting services (logs in %s)", run_dir / "logs")
             start_services(args, run_dir, services, token_file, resume_from=checkpoint)
@@ -560,7 +620,11 @@ def run(args) -> int:
             trainer_service, generator_services, scorer_service = split_services(services)
             connect_to = trainer_service.address, [g.address for g in generator_services], \
                 scorer_service.address if scorer_service else ""
-            supervisor = Supervisor(services, lambda dead: None, wait_ready, args.max_restarts_per_hour)
+            spares = itertools.count(1)
+            supervisor = Supervisor(services, lambda dead: None, wait_ready, args.max_restarts_per_hour,
+                                    spares=SparePool(lambda: launch_spare(run_dir, next(spares)),
+                                                     getattr(args, "warm_spares", 0)))
+            supervisor.spares.refill()  # after the services serve: the spares' imports do not slow their start
         trainer_address, generator_addresses, scorer_address = connect_to
         access = {**client_access(args), "token_file": token_file}
         scorer_client = (LocalScorerClient(TerminalScorer(), timeout=args.score_timeout) if human_in_terminal(args)
@@ -602,6 +666,8 @@ def run(args) -> int:
         return 1
     finally:
         restore_signals()
+        if supervisor is not None:
+            supervisor.spares.close()
         stop_services(services)
 
 
@@ -665,8 +731,10 @@ def relaunch_service(dead: ServiceProcess, coordinator: Coordinator, run_dir: Pa
         resume = checkpoint or coordinator.args.resume
         extra = _without_flag(extra, "--resume") + (["--resume", str(resume)] if resume else [])
     port = dead.address.rsplit(":", 1)[1]
+    spares = coordinator.supervisor.spares if coordinator.supervisor else None
     restarted = launch_service(dead.module, extra + ["--port", port, "--metrics-port", str(dead.metrics_port)],
-                               run_dir, label=dead.name, token_file=dead.token_file)
+                               run_dir, label=dead.name, token_file=dead.token_file,
+                               spare=spares.take() if spares else None)
     restarted.args = extra
     return restarted
 
@@ -734,27 +802,35 @@ def start_services(args, run_dir: Path, services: list[ServiceProcess], token_fi
     resume = resume_from or args.resume
     if resume:
         trainer_args += ["--resume", str(resume)]
-    # the trainer and the scorer start together, the generators once the trainer's address is known
-    services.append(launch_service("trainer", trainer_args, run_dir, token_file=token_file))
+    # all start at once: the trainer on a port picked here, so the generators know its address
+    trainer_address = f"127.0.0.1:{free_port()}"
+    services.append(launch_service("trainer", trainer_args + ["--port", trainer_address.rsplit(":", 1)[1]], run_dir,
+                                   token_file=token_file))
     # with --human-ui terminal the person at this terminal is the scorer: no scorer service
     scorer = None if human_in_terminal(args) else launch_service(
         "scorer", ["--backend", args.scorer_backend, "--model", args.scorer_model, *common], run_dir,
         token_file=token_file)
     try:
-        wait_ready(services[0])
         # replicas keep torch's default threads: the same thread count gives bit-identical samples,
         # so a rollout does not depend on how many replicas share it
-        generator_args = ["--model", args.policy, *common, "--trainer-address", services[0].address]
+        generator_args = ["--model", args.policy, *common, "--trainer-address", trainer_address]
         for replica in range(args.generator_replicas):
             label = "generator" if replica == 0 else f"generator-{replica + 1}"
             services.append(launch_service("generator", generator_args, run_dir, label=label, token_file=token_file))
-        for generator in services[1:]:
-            wait_ready(generator)
+        for service in services:
+            wait_ready(service)
     finally:
         if scorer is not None:
             services.append(scorer)  # last, as split_services expects; stopped with the rest on a failure
     if scorer is not None:
         wait_ready(scorer)
+
+
+def free_port() -> int:
+    """A loopback port free now (the service binds it a moment later, as a restart reuses its port)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def split_services(services: list[ServiceProcess]) -> tuple[ServiceProcess, list[ServiceProcess],

@@ -1,8 +1,10 @@
 """Supervision of the services a run started: a service that died is restarted on its old
 port (so every address stays valid), at most ``max_per_hour`` times per service; each restart
-is logged and counted."""
+is logged and counted. A restart takes a warm spare (:class:`SparePool`) when one is ready, so it
+costs the model load and warm-up, not the interpreter's imports."""
 from __future__ import annotations
 
+import subprocess
 import time
 from collections import defaultdict, deque
 from typing import Callable
@@ -16,9 +18,45 @@ class RestartBudgetExceeded(RuntimeError):
     pass
 
 
+class SparePool:
+    """Up to ``size`` warm spares (``python -m services.common.spare``), each started by ``start``;
+    :meth:`take` hands out a live one, :meth:`refill` starts replacements."""
+
+    def __init__(self, start: Callable[[], subprocess.Popen], size: int):
+        self.start, self.size = start, size
+        self.idle: list[subprocess.Popen] = []
+        self.taken = 0
+
+    def refill(self) -> None:
+        self.idle = [p for p in self.idle if p.poll() is None]
+        while len(self.idle) < self.size:
+            self.idle.append(self.start())
+
+    def take(self) -> subprocess.Popen | None:
+        while self.idle:
+            spare = self.idle.pop(0)
+            if spare.poll() is None:
+                self.taken += 1
+                return spare
+        return None
+
+    def close(self, timeout: float = 5.0) -> None:
+        """End of input tells an idle spare to exit; one that does not is killed."""
+        for spare in self.idle:
+            if spare.stdin and not spare.stdin.closed:
+                spare.stdin.close()
+        for spare in self.idle:
+            try:
+                spare.wait(timeout)
+            except subprocess.TimeoutExpired:
+                spare.kill()
+                spare.wait()
+        self.idle = []
+
+
 class Supervisor:
     def __init__(self, services: list, launch: Callable[[object], object], wait: Callable[[object], object],
-                 max_per_hour: int = 5, clock: Callable[[], float] = time.monotonic):
+                 max_per_hour: int = 5, clock: Callable[[], float] = time.monotonic, spares: SparePool | None = None):
         self.services = services  # ServiceProcess list, replaced in place on restart
         self.launch = launch      # dead ServiceProcess -> a started one (not yet serving)
         self.wait = wait          # started ServiceProcess -> the same, serving
@@ -27,6 +65,7 @@ class Supervisor:
         self.restart_times: dict[str, deque] = defaultdict(deque)
         self.restarts: dict[str, int] = defaultdict(int)
         self.stopped_on_purpose: set[int] = set()  # PIDs this run ended itself: restarted without charge
+        self.spares = spares      # warm spares the launch may take; refilled after each restart
 
     def stop(self, service) -> None:
         """End ``service`` on purpose (e.g. to restart it); its restart is not counted as a fault."""
@@ -72,4 +111,6 @@ class Supervisor:
             log.warning("%s serving again at %s after %.1fs", service.name, self.services[i].address,
                         time.perf_counter() - started)
             restarted.append(service.name)
+        if self.spares is not None:
+            self.spares.refill()
         return restarted
