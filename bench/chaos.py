@@ -31,7 +31,8 @@ TARGETS = ("trainer", "generator", "scorer", "coordinator")
 def run_command(args, runs_dir: Path, name: str) -> list[str]:
     return [sys.executable, "-m", "services.cli", "run", "--name", name, "--runs-dir", str(runs_dir),
             "--cycles", str(args.cycles), "--seed", str(args.seed), "--device", "cpu",
-            "--checkpoint-every", str(args.checkpoint_every), "--rpc-timeout", "60", *args.run_args]
+            "--checkpoint-every", str(args.checkpoint_every), "--checkpoint-every-seconds",
+            str(args.checkpoint_every_seconds), "--rpc-timeout", "60", *args.run_args]
 
 
 def cycles_logged(run_dir: Path) -> list[dict]:
@@ -121,7 +122,7 @@ class Chaos:
         if pid is None:
             return
         at = len(cycles_logged(self.run_dir))
-        killed = time.monotonic()
+        killed, killed_at = time.monotonic(), time.time()
         os.kill(pid, signal.SIGKILL)
         if target == "coordinator":
             self.coordinator.wait()
@@ -136,7 +137,7 @@ class Chaos:
         waited = self.wait_for(min(at + 2, self.args.cycles), timeout=300)
         cost = None if waited is None else max(0.0, waited - 2 * self.cycle_seconds)
         self.faults.append({"target": target, "pid": pid, "at_cycle": at, "seconds": cost, "orphans": orphans,
-                            "t": killed})
+                            "t": killed, "killed_at": killed_at})
         print(f"  killed {target:11s} (pid {pid}) at cycle {at:3d}: "
               + (f"cost {cost:5.1f}s" if cost is not None else "the run finished meanwhile"), flush=True)
 
@@ -155,6 +156,34 @@ class Chaos:
         self.coordinator.wait()
 
 
+def breakdown(faults: list[dict], recoveries: list[dict]) -> list[dict]:
+    """What each fault's cost consists of, from the coordinator's recoveries.jsonl: until the
+    recovery began (detection; for the coordinator: its exit, the services following it, the new
+    one's imports), the restart (or, for the coordinator, starting the services), the weight sync,
+    and the cycles redone; the rest of the cost is redoing work and the slower cycles after it."""
+    out = []
+    for fault in faults:
+        after = [r for r in recoveries if r["time"] > fault["killed_at"]]
+        record = after[0] if after else None
+        if record is None or fault["seconds"] is None:
+            out.append({"target": fault["target"], "cost": fault["seconds"]})
+            continue
+        began = record["time"] - record["seconds"]
+        if record["kind"] == "resume":
+            parts = {"until_relaunched_coordinator_ran": began - fault["killed_at"],
+                     "start_services": record.get("services_seconds") or 0.0,
+                     "checkpoint_and_sync": record["seconds"] - (record.get("services_seconds") or 0.0)}
+        else:
+            parts = {"detect": began - fault["killed_at"], "restart": record["restart_seconds"],
+                     "sync": record["sync_seconds"]}
+        parts = {k: round(v, 2) for k, v in parts.items()}
+        out.append({"target": fault["target"], "at_cycle": fault["at_cycle"], "cost": round(fault["seconds"], 1),
+                    **parts, "cycles_redone": record.get("cycles_redone", 0),
+                    "phases_kept": record.get("phases_kept", []), "spares_used": record.get("spares_used", 0),
+                    "rest": round(fault["seconds"] - sum(parts.values()), 2)})
+    return out
+
+
 def restarts_in(log_text: str) -> int:
     return len(re.findall(r"restarting it \(restart", log_text))
 
@@ -166,9 +195,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="the runs' seed")
     parser.add_argument("--chaos-seed", type=int, default=1, help="seed of the kill schedule")
     parser.add_argument("--checkpoint-every", type=int, default=10)
+    parser.add_argument("--checkpoint-every-seconds", type=float, default=5.0)
     parser.add_argument("--work", default="runs/chaos", help="runs go here (replaced)")
     parser.add_argument("run_args", nargs="*", help="more `haoping run` flags (after --)")
     args = parser.parse_args(argv)
+    load_at_start = os.getloadavg()
     runs_dir = Path(args.work).resolve()
     shutil.rmtree(runs_dir, ignore_errors=True)
     runs_dir.mkdir(parents=True)
@@ -183,6 +214,10 @@ def main(argv: list[str] | None = None) -> int:
     faulted = cycles_logged(runs_dir / "faulted")
     log_text = (runs_dir / "faulted.log").read_text(errors="replace")
     costs = [f["seconds"] for f in chaos.faults if f["seconds"] is not None]
+    recoveries_path = runs_dir / "faulted" / "recoveries.jsonl"
+    recoveries = [json.loads(line) for line in recoveries_path.read_text().splitlines()] \
+        if recoveries_path.exists() else []
+    same = [a["reward_mean"] == b["reward_mean"] for a, b in zip(faulted, clean)]
     tail = [r["reward_mean"] for r in clean[-10:]]
     noise = statistics.stdev(tail) if len(tail) > 1 else 0.0
     report = {
@@ -196,12 +231,16 @@ def main(argv: list[str] | None = None) -> int:
         "fault_seconds": [round(c, 1) for c in costs],
         "max_fault_seconds": round(max(costs), 1) if costs else None,
         "orphans_after_coordinator_kill": sum(f["orphans"] for f in chaos.faults),
+        "fault_breakdown": breakdown(chaos.faults, recoveries),
         "final_reward_faulted": round(final_reward(faulted), 4),
         "final_reward_unfaulted": round(final_reward(clean), 4),
         "unfaulted_noise_std_last10": round(noise, 4),
+        "cycles_with_the_unfaulted_reward_bit_for_bit": sum(same),
+        "first_cycle_differing": same.index(False) if False in same else None,
         "wall_seconds": {"unfaulted": round(clean_seconds, 1), "faulted": round(faulted_seconds, 1)},
         "unfaulted_cycle_seconds": round(cycle_seconds, 2),
-        "load_average": os.getloadavg(),
+        "load_average_start": load_at_start,
+        "load_average_end": os.getloadavg(),
     }
     report["targets_met"] = {
         "every_cycle_completed": report["cycles_each_once"],

@@ -410,12 +410,23 @@ class Coordinator:
             # the trainer comes back at its checkpoint's version, older than the generators' now, which
             # they would refuse: they restart with it, at once, and load it
             self._kill_generators()
+        spares_before = self.supervisor.spares.taken if self.supervisor.spares else 0
         restarted = self.supervisor.restart_dead()
-        if "trainer" in restarted:
-            self.rewind(self.resumed_from)
+        restart_seconds = time.perf_counter() - started
+        redone = self.rewind(self.resumed_from) if "trainer" in restarted else 0
+        synced = time.perf_counter()
         self.resync_generators()
-        self.faults.append({"cycle": self.state.next_cycle, "restarted": restarted,
-                            "seconds": time.perf_counter() - started})
+        fault = {"cycle": self.state.next_cycle, "restarted": restarted, "seconds": time.perf_counter() - started,
+                 "restart_seconds": restart_seconds, "sync_seconds": time.perf_counter() - synced,
+                 "spares_used": (self.supervisor.spares.taken if self.supervisor.spares else 0) - spares_before,
+                 "cycles_redone": redone, "phases_kept": [p for p in self._progress if p != "cycle"]}
+        self.faults.append(fault)
+        self.record_recovery("restart", reason=reason, **fault)
+
+    def record_recovery(self, kind: str, **details) -> None:
+        """A line in recoveries.jsonl: what a fault cost, part by part (bench/chaos.py reads it)."""
+        with open(self.run_dir / "recoveries.jsonl", "a", encoding="utf-8") as out:
+            out.write(json.dumps({"kind": kind, "time": time.time(), **details}) + "\n")
 
     def _wait_for_running_services(self, reason: str) -> None:
         started = time.perf_counter()
@@ -432,8 +443,9 @@ class Coordinator:
         self.faults.append({"cycle": self.state.next_cycle, "restarted": [],
                             "seconds": time.perf_counter() - started})
 
-    def rewind(self, checkpoint: Path | None) -> None:
-        """The trainer came back from ``checkpoint`` (None: from the start): continue from there."""
+    def rewind(self, checkpoint: Path | None) -> int:
+        """The trainer came back from ``checkpoint`` (None: from the start): continue from there.
+        Returns how many logged cycles are redone."""
         start_distinct2 = self.state.start_distinct2
         self._progress = {}  # the trainer forgot any Step since its checkpoint: those cycles are redone whole
         self.state = RunState.of_checkpoint(checkpoint, self.state.run_id)
@@ -442,6 +454,7 @@ class Coordinator:
         log.warning("continuing from %s at cycle %d; %d later cycle(s) moved to %s and redone",
                     checkpoint.name if checkpoint else "the start", self.state.next_cycle, moved,
                     self.cycle_log.superseded.name)
+        return moved
 
     def _kill_generators(self) -> None:
         for service in self.supervisor.services:
@@ -573,6 +586,7 @@ def build_parser_defaults() -> argparse.Namespace:
 
 
 def run(args) -> int:
+    entered = time.perf_counter()
     runs_dir = Path(args.runs_dir)
     try:
         connect_to = running_services(args)
@@ -608,12 +622,14 @@ def run(args) -> int:
     if connect_to is None and token_file is None:
         token_file = write_token_file(run_dir / "auth-token")
     services: list[ServiceProcess] = []
-    supervisor = None
+    supervisor, services_seconds = None, None
     try:
         state = initial_state(run_dir, checkpoint, supervised=connect_to is None)
         if connect_to is None:
             log.info("starting services (logs in %s)", run_dir / "logs")
+            services_started = time.perf_counter()
             start_services(args, run_dir, services, token_file, resume_from=checkpoint)
+            services_seconds = time.perf_counter() - services_started
             for s in services:
                 log.info("%s serving at %s (metrics http://%s:%d/metrics)", s.name, s.address,
                          s.address.split(":")[0], s.metrics_port)
@@ -639,7 +655,7 @@ def run(args) -> int:
                                       stop, prefix)
             if supervisor is not None:
                 supervisor.launch = lambda dead: relaunch_service(dead, coordinator, run_dir)
-            coordinator.cycle_log.rewind(state.next_cycle)
+            redone = coordinator.cycle_log.rewind(state.next_cycle)  # logged before a crash, after the checkpoint
             try:
                 synced = generator.load_weights(trainer_address)  # a resumed trainer's policy, or the same start
             except grpc.RpcError as err:
@@ -650,6 +666,10 @@ def run(args) -> int:
                 return 2
             log.info("%d generator(s) at policy version %d; cycles %d..%d", len(generator_addresses),
                      synced.policy_version, state.next_cycle, args.cycles - 1)
+            if checkpoint is not None or state.next_cycle:
+                coordinator.record_recovery(
+                    "resume", cycle=state.next_cycle, checkpoint=checkpoint.name if checkpoint else None,
+                    cycles_redone=redone, seconds=time.perf_counter() - entered, services_seconds=services_seconds)
             try:
                 records = coordinator.run()
             except (HumanStopped, ScoreTimeout) as stopped:  # the person stopped, or gave no rating in time
