@@ -19,6 +19,8 @@ import importlib
 import json
 import os
 import sys
+import threading
+import time
 
 SERVICES = ("trainer", "generator", "scorer")
 
@@ -43,10 +45,26 @@ def become(order: dict, modules: dict) -> int:
     return modules[module].main(argv)
 
 
+def exit_with_parent_while_importing() -> None:
+    """The imports take seconds: a coordinator killed meanwhile must not leave this process behind
+    until they end (once a service, the server's own watch takes over)."""
+    parent = os.environ.get("HAOPING_PARENT_PID")
+    if not parent:
+        return
+
+    def watch() -> None:
+        while os.getppid() == int(parent):
+            time.sleep(0.2)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="spare-parent-watch", daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m services.common.spare", description=__doc__)
     parser.add_argument("--log", required=True, help="where this spare's own output goes until it is a service")
     parser.parse_args(argv)
+    exit_with_parent_while_importing()
     modules = {name: importlib.import_module(f"services.{name}.server") for name in SERVICES}
     print("spare ready", flush=True)
     line = sys.stdin.readline()
