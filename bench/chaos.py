@@ -134,7 +134,8 @@ class Chaos:
         else:
             orphans = 0
         # two cycles past the kill: the first may have been nearly done when the kill landed
-        waited = self.wait_for(min(at + 2, self.args.cycles), timeout=300)
+        # a kill after the last cycle (during the final samples) costs no cycle: not counted
+        waited = self.wait_for(min(at + 2, self.args.cycles), timeout=300) if at < self.args.cycles else None
         cost = None if waited is None else max(0.0, waited - 2 * self.cycle_seconds)
         self.faults.append({"target": target, "pid": pid, "at_cycle": at, "seconds": cost, "orphans": orphans,
                             "t": killed, "killed_at": killed_at})
