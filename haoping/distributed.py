@@ -68,6 +68,24 @@ def torchrun_args(module: str, module_args: list[str], nproc: int, nnodes: int =
     return [*args, "-m", module, *module_args]
 
 
+LAUNCH_FLAGS = ("--nproc", "--nnodes", "--node-rank", "--rdzv-endpoint")
+
+
+def without_flags(argv: list[str], flags: tuple[str, ...] = LAUNCH_FLAGS) -> list[str]:
+    """``argv`` less ``flags`` and their values (``--flag value`` or ``--flag=value``): the
+    processes torchrun starts need no launch flags, and torchrun's own parser would take
+    ``--nproc`` for an abbreviation of its ``--nproc-per-node``."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in flags:
+            skip = True
+        elif not any(arg.startswith(flag + "=") for flag in flags):
+            kept.append(arg)
+    return kept
+
+
 def row_shard(n: int, rank: int, world: int) -> slice:
     """Rank ``rank``'s contiguous share of ``n`` rows; shares differ by at most one row and
     cover every row once, in order."""

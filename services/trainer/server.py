@@ -15,7 +15,8 @@ from pathlib import Path
 import grpc
 
 from haoping.checkpoint import CheckpointError, CheckpointStore, check_label
-from haoping.distributed import BACKENDS, DataParallel, LeaderCalls, follow_leader, launched_world_size, torchrun_args
+from haoping.distributed import BACKENDS, DataParallel, LeaderCalls, follow_leader, launched_world_size, torchrun_args, \
+    without_flags
 from haoping.log import get_logger, setup_logging
 from haoping.models import parse_dtype, pick_device
 from haoping.ppo_trainer import NonFiniteStep, PPOConfig, PPOTrainer, StaleRolloutsError
@@ -313,7 +314,7 @@ def launch_processes(args, argv: list[str]) -> int:
     import torch.distributed.run
 
     try:
-        command = torchrun_args("services.trainer", argv, args.nproc, args.nnodes, args.node_rank, args.rdzv_endpoint)
+        command = torchrun_args("services.trainer", without_flags(argv), args.nproc, args.nnodes, args.node_rank, args.rdzv_endpoint)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
