@@ -447,6 +447,8 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--service-wait-seconds", 600.0, float,
              "with running services: how long to wait for one that went away to serve again")
     add_flag(parser, "--max-restarts-per-hour", 5, int, "restarts of each service this run started, per hour")
+    add_flag(parser, "--trainer-nproc", 1, int,
+             "trainer processes (data parallel under torchrun; the same updates as one; see docs/distributed.md)")
     add_flag(parser, "--generator-replicas", 1, int,
              "generator processes; each rollout's samples are split across them and run concurrently")
     add_flag(parser, "--device", "auto", help="torch device for all services")
@@ -614,6 +616,8 @@ def prepare_run_dir(args, runs_dir: Path) -> tuple[argparse.Namespace, Path, Pat
         raise ValueError(f"--min-new-tokens {args.min_new_tokens} must be in [0, --max-new-tokens {args.max_new_tokens}]")
     if args.generator_replicas < 1:
         raise ValueError(f"--generator-replicas must be >= 1, got {args.generator_replicas}")
+    if getattr(args, "trainer_nproc", 1) < 1:
+        raise ValueError(f"--trainer-nproc must be >= 1, got {args.trainer_nproc}")
     if human_in_terminal(args):
         if args.scorer_backend != "human":
             raise ValueError("--human-ui terminal needs --scorer-backend human")
@@ -731,6 +735,8 @@ def start_services(args, run_dir: Path, services: list[ServiceProcess], token_fi
     trainer_args = ["--model", args.policy, "--ppo-config", json.dumps(trainer_ppo_config(args)),
                     "--checkpoint-dir", str(run_dir / "checkpoints"),
                     "--keep-checkpoints", str(getattr(args, "keep_checkpoints", 3)), *common]
+    if getattr(args, "trainer_nproc", 1) > 1:
+        trainer_args += ["--nproc", str(args.trainer_nproc)]
     resume = resume_from or args.resume
     if resume:
         trainer_args += ["--resume", str(resume)]
