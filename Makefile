@@ -7,7 +7,7 @@ REWARD_DEV ?= $(if $(wildcard ../shared/data/ranklists_sample.tsv),../shared/dat
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv run test proto bootstrap bench bench-learning bench-peer reward-model run-rm clean docker-wheels docker compose-test chaos
+.PHONY: venv run test proto bootstrap bench bench-distributed bench-learning bench-peer reward-model run-rm clean docker-wheels docker compose-test chaos
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -67,6 +67,11 @@ bench-learning: venv
 
 bench: venv
 	$(PY) -m bench.serving
+
+# the data-parallel trainer's Step: 1 process vs 2 on the same rollouts (docs/distributed.md)
+bench-distributed: venv
+	$(VENV)/bin/haoping bootstrap > /dev/null
+	$(PY) -m bench.distributed
 
 # haoping vs TRL on the same task, back to back, 300 s of training each (~30 min; docs/peer.md).
 # Each TRL release gets its own venv beside ours, pinned in bench/peer/requirements-*.txt.
