@@ -48,7 +48,7 @@ def _two_process_run(rank: int, world: int, port: int, policy: str, out: str) ->
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     from haoping.distributed import DataParallel
-    from haoping.ppo_trainer import PPOConfig, PPOTrainer
+    from haoping.ppo_trainer import NonFiniteStep, PPOConfig, PPOTrainer
 
     parallel = DataParallel.from_env("gloo", torch.device("cpu"), timeout_seconds=120)
     try:
@@ -63,6 +63,18 @@ def _two_process_run(rank: int, world: int, port: int, policy: str, out: str) ->
                 save_file(params, Path(out) / f"{name}-params.safetensors")
                 save_file(_parameters(trainer), Path(out) / f"{name}-params-after.safetensors")
                 results[name] = {"stats": stats, "after": after}
+        # an update only rank 1 finds non-finite is rolled back on every rank
+        if not parallel.is_leader:
+            trainer._non_finite_problem = lambda stats: "non-finite weights in rank 1's copy"
+        before = _parameters(trainer)
+        try:
+            trainer.guarded_step(QUERIES, RESPONSES, SCORES)
+            rolled_back = False
+        except NonFiniteStep as err:
+            rolled_back = str(err)
+        if parallel.is_leader:
+            results["rollback"] = {"message": rolled_back, "version": trainer.version,
+                                   "unchanged": all(torch.equal(v, before[k]) for k, v in _parameters(trainer).items())}
         if parallel.is_leader:
             (Path(out) / "results.json").write_text(json.dumps(results))
     finally:
@@ -118,6 +130,12 @@ def test_a_two_process_checkpoint_resumes_in_one_process_with_the_same_next_step
         assert torch.allclose(value, two[key], atol=1e-5, rtol=0), f"{name} resumed: parameter {key}"
 
 
+def test_an_update_one_process_finds_non_finite_is_rolled_back_on_every_process(two_process_results):
+    rollback = json.loads((two_process_results / "results.json").read_text())["rollback"]
+    assert rollback == {"message": "update rolled back: non-finite update in another trainer process",
+                        "version": STEPS + 1, "unchanged": True}
+
+
 def test_row_shards_cover_every_row_once_in_order():
     for n in range(0, 12):
         for world in range(1, 5):
@@ -169,6 +187,7 @@ def test_serve_trainer_with_two_processes_over_grpc(tiny_policy, tmp_path):
     try:
         assert len(ranks) == 2  # torchrun's two processes under the launcher
         with TrainerClient(service.address, timeout=120, token=service.token_file.read_text().strip()) as trainer:
+            assert trainer.stub.GetInfo(pb.GetInfoRequest(), timeout=30).limits["trainer_processes"] == 2
             first = trainer.step(rollouts, step_id="dp:0")
             again = trainer.step(rollouts, step_id="dp:0")
             assert (first.policy_version, again.policy_version, again.repeated) == (1, 1, True)

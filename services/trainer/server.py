@@ -139,7 +139,8 @@ class TrainerService(pb_grpc.TrainerServicer):
                                       "max_rollouts": self.limits.max_rollouts,
                                       "max_step_tokens": self.limits.max_step_tokens,
                                       "max_abs_reward": int(self.limits.max_abs_reward),
-                                      "max_coordinator_state_bytes": self.max_coordinator_state_bytes})
+                                      "max_coordinator_state_bytes": self.max_coordinator_state_bytes,
+                                      "trainer_processes": t.parallel.world if t.parallel else 1})
 
 
 @dataclass(frozen=True)
