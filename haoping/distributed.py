@@ -11,6 +11,7 @@ Nothing here runs in a single process: :class:`haoping.ppo_trainer.PPOTrainer` w
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -26,6 +27,25 @@ log = get_logger(__name__)
 
 BACKENDS = ("auto", "gloo", "nccl")
 GRAD_BUCKET_ELEMENTS = 1 << 24  # 64 MB of float32 per all-reduce: bounded extra memory
+
+
+class ProcessGroupFailed(RuntimeError):
+    """A collective failed (another process died or hung past the timeout): this process group
+    cannot take part in any further update."""
+
+
+def collective(method):
+    """Turn the failure of a collective (gloo raises a plain RuntimeError for a lost peer, NCCL a
+    DistError) into :class:`ProcessGroupFailed`."""
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        try:
+            return method(*args, **kwargs)
+        except ProcessGroupFailed:
+            raise
+        except RuntimeError as err:
+            raise ProcessGroupFailed(f"{method.__name__}: {str(err).splitlines()[0] if str(err) else err!r}") from err
+    return wrapper
 
 
 def pick_backend(choice: str, device: torch.device) -> str:
@@ -124,6 +144,7 @@ class DataParallel:
         """This rank's part of a minibatch's row index [m] -> [m_local]."""
         return index[row_shard(len(index), self.rank, self.world)]
 
+    @collective
     def gather_rows(self, local: torch.Tensor, n: int) -> torch.Tensor:
         """Each rank's :meth:`local_rows` of a [n, ...] tensor -> the whole tensor, on every rank."""
         width = -(-n // self.world)
@@ -133,6 +154,7 @@ class DataParallel:
         dist.all_gather(parts, padded.contiguous())
         return torch.cat([part[:len(range(n)[row_shard(n, r, self.world)])] for r, part in enumerate(parts)])
 
+    @collective
     def sum_gradients(self, params: list[torch.nn.Parameter]) -> None:
         """Sum every parameter's gradient over the ranks, in place. A gradient no rank has stays
         None (the optimizer then skips the parameter, as in one process); one that some rank
@@ -148,18 +170,21 @@ class DataParallel:
                 p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
                 offset += p.numel()
 
+    @collective
     def sum_values(self, values: torch.Tensor) -> torch.Tensor:
         """Element-wise sum over the ranks of a float tensor (statistics: float64)."""
         values = values.to(self.device).clone()
         dist.all_reduce(values)
         return values.cpu()
 
+    @collective
     def any(self, flag: bool) -> bool:
         """True on every rank when ``flag`` is true on some rank."""
         value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=self.device)
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
         return bool(value.item())
 
+    @collective
     def broadcast_json(self, value=None):
         """Rank 0's JSON-able ``value`` on every rank (the others pass None). JSON in a byte
         tensor, not pickle: ranks exchange data, never code."""
@@ -174,6 +199,7 @@ class DataParallel:
         dist.broadcast(buffer, src=0)
         return value if self.is_leader else json.loads(bytes(buffer.cpu().tolist()))
 
+    @collective
     def broadcast_module(self, module: torch.nn.Module) -> None:
         """Rank 0's parameters and buffers on every rank: all start from the same weights."""
         with torch.no_grad():
@@ -236,7 +262,7 @@ def follow_leader(trainer, parallel: DataParallel) -> None:
                 trainer.save_checkpoint(Path(message["directory"]))
             else:
                 raise RuntimeError(f"unknown call {call!r} from rank 0")
-        except dist.DistError:
+        except ProcessGroupFailed:
             raise
         except (ValueError, RuntimeError) as err:
             log.info("rank %d: %s failed as on rank 0: %s", parallel.rank, call, err)

@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save, save_file
 
 from haoping import algorithms, ppo
 from haoping.checkpoint import CheckpointError, CheckpointStore, verify_checkpoint
-from haoping.distributed import DataParallel
+from haoping.distributed import DataParallel, collective
 from haoping.log import get_logger
 from haoping.models import TokenFormat, autocast, decode_clean, load_causal_lm, load_tokenizer
 from haoping.training import lr_factors
@@ -666,7 +666,7 @@ class PPOTrainer:
         if not p.is_leader:
             staging = p.broadcast_json()
             if staging:  # None: rank 0 could not start the checkpoint
-                dcp.save(state, checkpoint_id=Path(staging) / SHARDED_DIR)
+                collective(dcp.save)(state, checkpoint_id=Path(staging) / SHARDED_DIR)
             return directory
         store = CheckpointStore(directory.parent)
         announced = False
@@ -676,7 +676,7 @@ class PPOTrainer:
                                       "world_size": p.world}) as tmp:
                 p.broadcast_json(str(tmp))
                 announced = True
-                dcp.save(state, checkpoint_id=tmp / SHARDED_DIR)
+                collective(dcp.save)(state, checkpoint_id=tmp / SHARDED_DIR)
                 self._write_checkpoint_files(tmp, {"sharded": SHARDED_DIR, "world_size": p.world}, extra_files)
         finally:
             if not announced:

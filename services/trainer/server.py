@@ -15,8 +15,8 @@ from pathlib import Path
 import grpc
 
 from haoping.checkpoint import CheckpointError, CheckpointStore, check_label
-from haoping.distributed import BACKENDS, DataParallel, LeaderCalls, follow_leader, launched_world_size, torchrun_args, \
-    without_flags
+from haoping.distributed import (BACKENDS, DataParallel, LeaderCalls, ProcessGroupFailed, follow_leader,
+                                 launched_world_size, torchrun_args, without_flags)
 from haoping.log import get_logger, setup_logging
 from haoping.models import parse_dtype, pick_device
 from haoping.ppo_trainer import NonFiniteStep, PPOConfig, PPOTrainer, StaleRolloutsError
@@ -67,7 +67,10 @@ class TrainerService(pb_grpc.TrainerServicer):
             stats, version, repeated = self._apply(request.step_id, queries, responses, rewards, context, min_tokens,
                                                    [r.policy_version for r in rollouts])
             if not repeated and self.checkpoints and self.checkpoint_every and version % self.checkpoint_every == 0:
-                self._save(f"step-{self.trainer.steps_done:06d}", b"")
+                try:
+                    self._save(f"step-{self.trainer.steps_done:06d}", b"")
+                except ProcessGroupFailed as err:
+                    process_group_failed(err, context)
         if repeated:
             metrics.TRAINER_REPEATED_STEPS.inc()
             log.info("Step %s was applied before: answering with its stored response", request.step_id)
@@ -82,6 +85,8 @@ class TrainerService(pb_grpc.TrainerServicer):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
         except ValueError as err:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        except ProcessGroupFailed as err:
+            process_group_failed(err, context)
         except NonFiniteStep as err:
             metrics.TRAINER_NON_FINITE_STEPS.inc()
             log.error("Step %s: %s; the trainer state is unchanged at version %d", step_id or "(no id)", err,
@@ -125,6 +130,8 @@ class TrainerService(pb_grpc.TrainerServicer):
         with self._lock:
             try:
                 path = self._save(label, request.coordinator_state)
+            except ProcessGroupFailed as err:
+                process_group_failed(err, context)
             except (OSError, CheckpointError) as err:
                 context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"cannot write checkpoint {label}: {err}")
             return pb.SaveCheckpointResponse(directory=str(path), policy_version=self.trainer.version, label=label,
@@ -141,6 +148,15 @@ class TrainerService(pb_grpc.TrainerServicer):
                                       "max_abs_reward": int(self.limits.max_abs_reward),
                                       "max_coordinator_state_bytes": self.max_coordinator_state_bytes,
                                       "trainer_processes": t.parallel.world if t.parallel else 1})
+
+
+def process_group_failed(err: Exception, context) -> None:
+    """Another trainer process is gone mid-call: this group can never update again. Exit, as a
+    one-process trainer killed mid-Step would, so that the coordinator restarts the trainer from
+    its newest checkpoint; the caller gets UNAVAILABLE."""
+    log.error("a trainer process failed (%s); exiting", str(err).splitlines()[0])
+    threading.Timer(0.5, os._exit, (1,)).start()
+    context.abort(grpc.StatusCode.UNAVAILABLE, "a trainer process failed; the trainer is restarting")
 
 
 @dataclass(frozen=True)
@@ -302,7 +318,10 @@ def main(argv: list[str] | None = None) -> int:
                          lambda: trainer.policy_weights(), draining)
         finally:
             if calls is not None:
-                calls.stop()
+                try:
+                    calls.stop()
+                except ProcessGroupFailed as err:  # the others are gone already
+                    log.warning("trainer processes: %s", err)
     finally:
         if parallel is not None:
             parallel.close()
@@ -332,6 +351,7 @@ def launch_processes(args, argv: list[str]) -> int:
         log.info("trainer processes stopped (%s)", err)
         return 0
     except Exception as err:  # torchrun's ChildFailedError names the process and its exit code
-        log.error("trainer processes failed: %s", str(err).splitlines()[0] if str(err) else type(err).__name__)
+        lines = [line for line in str(err).splitlines() if line.strip()]
+        log.error("trainer processes failed: %s", " ".join(lines[:4]) if lines else type(err).__name__)
         return 1
     return 0
