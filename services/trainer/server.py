@@ -283,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     device, dtype = pick_device(args.device), parse_dtype(args.dtype)
     resume = args.resume
     parallel = DataParallel.from_env(args.dist_backend, device, args.dist_timeout) if world > 1 else None
+    if parallel is not None:
+        device = parallel.device  # cuda:LOCAL_RANK on GPUs
     try:
         if resume == "latest":
             if not args.checkpoint_dir:
