@@ -282,7 +282,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     device, dtype = pick_device(args.device), parse_dtype(args.dtype)
     resume = args.resume
-    parallel = DataParallel.from_env(args.dist_backend, device, args.dist_timeout) if world > 1 else None
+    try:
+        parallel = DataParallel.from_env(args.dist_backend, device, args.dist_timeout) if world > 1 else None
+    except ValueError as err:  # e.g. --dist-backend nccl without CUDA
+        print(f"error: --dist-backend: {err}", file=sys.stderr)
+        return 2
     if parallel is not None:
         device = parallel.device  # cuda:LOCAL_RANK on GPUs
     try:
