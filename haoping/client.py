@@ -31,10 +31,13 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # grpc's own retry policy: a call that finds the service unreachable is retried with exponential
 # backoff and jitter within its deadline (a longer outage is the caller's to handle, e.g. the
 # coordinator's supervision). Every haoping RPC is safe to repeat: Step is exactly-once by its id.
-RETRY_SERVICE_CONFIG = json.dumps({"methodConfig": [{
-    "name": [{}],
-    "retryPolicy": {"maxAttempts": 5, "initialBackoff": "0.1s", "maxBackoff": "2s", "backoffMultiplier": 2,
-                    "retryableStatusCodes": ["UNAVAILABLE"]}}]})
+# Health checks are not retried: "is it serving now?" wants the answer at once (a replica that is
+# down is dropped from the coordinator's set in milliseconds, not after ~1.5 s of retries).
+RETRY_SERVICE_CONFIG = json.dumps({"methodConfig": [
+    {"name": [{}],
+     "retryPolicy": {"maxAttempts": 5, "initialBackoff": "0.1s", "maxBackoff": "2s", "backoffMultiplier": 2,
+                     "retryableStatusCodes": ["UNAVAILABLE"]}},
+    {"name": [{"service": "grpc.health.v1.Health"}]}]})
 
 
 def read_token_file(path: str | Path) -> str:
