@@ -91,35 +91,39 @@ def test_a_name_behind_two_loopback_addresses_splits_the_work_and_drops_a_killed
             GeneratorClient(loopback.generator.address, **loopback.access) as lone_generator:
         generators.refresh()
         scorers.refresh()
-        version = generators.load_weights(loopback.trainer.address).policy_version
-        alone = generators.generate(DEFAULT_PROMPTS, **request)
+        assert generators.load_weights(loopback.trainer.address).policy_version == 0
         alone_scores = [s.score for s in scorers.score(texts).scores]
+        coordinator = Coordinator(run_args(2), generators, scorers, trainer, loopback.trainer.address, tmp_path,
+                                  discovered=(generators, scorers))
+        records = coordinator.run()  # two updates with one generator: it holds version 2
+        assert [(r["replicas/generator"], r["replicas/scorer"]) for r in records] == [(1, 1), (1, 1)]
 
         dns.names = {"generators.test": ["127.0.0.2", "127.0.0.1"], "scorers.test": ["127.0.0.1", "127.0.0.2"]}
         second = f"127.0.0.2:{loopback.port['generator']}"
         assert generators.refresh() == ([second], [])
         assert scorers.refresh() == ([f"127.0.0.2:{loopback.port['scorer']}"], [])
-        # the joiner loaded the others' version before it got work
+        # the joiner (started at version 0) loaded the others' version before it got work
         with GeneratorClient(second, **loopback.access) as joiner:
-            assert joiner.info().policy_version == version
+            assert joiner.info().policy_version == 2
         served_before = generated_samples(loopback.generator_2)
         shared = generators.generate(DEFAULT_PROMPTS, **request)
         assert generated_samples(loopback.generator_2) - served_before == 2 * len(DEFAULT_PROMPTS)  # its shard
-        assert [(s.prompt_index, s.sample_index, list(s.response_token_ids)) for s in shared.samples] == \
-            [(s.prompt_index, s.sample_index, list(s.response_token_ids)) for s in alone.samples]
+        alone = lone_generator.generate(DEFAULT_PROMPTS, **request)
+        assert [(s.prompt_index, s.sample_index, list(s.response_token_ids), s.policy_version)
+                for s in shared.samples] == \
+            [(s.prompt_index, s.sample_index, list(s.response_token_ids), s.policy_version) for s in alone.samples]
         assert [s.score for s in scorers.score(texts).scores] == pytest.approx(alone_scores, abs=1e-5)
 
-        coordinator = Coordinator(run_args(2), generators, scorers, trainer, loopback.trainer.address, tmp_path,
-                                  discovered=(generators, scorers))
+        coordinator.args.cycles = 4
         records = coordinator.run()
-        assert [(r["replicas/generator"], r["replicas/scorer"]) for r in records] == [(2, 2), (2, 2)]
+        assert [(r["replicas/generator"], r["replicas/scorer"]) for r in records[2:]] == [(2, 2), (2, 2)]
 
         loopback.generator_2.process.send_signal(signal.SIGKILL)  # still in "DNS", no longer serving
         loopback.generator_2.process.wait(10)
-        coordinator.args.cycles = 4
+        coordinator.args.cycles = 6
         records = coordinator.run()
-        assert [r["cycle"] for r in records] == [0, 1, 2, 3]  # each once
-        assert [r["replicas/generator"] for r in records[2:]] == [1, 1]
+        assert [r["cycle"] for r in records] == list(range(6))  # each once
+        assert [r["replicas/generator"] for r in records[4:]] == [1, 1]
         assert metrics.REPLICAS_DROPPED.labels("generator")._value.get() == dropped_before + 1
         assert [c.address for c in generators.clients] == [loopback.generator.address]
         after = generators.generate(DEFAULT_PROMPTS, **request)
