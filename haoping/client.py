@@ -345,15 +345,15 @@ class ScorerReplicas:
     def await_members(self, timeout: float) -> None:
         self.replicas.await_members(timeout)
 
-    def score(self, texts: list[str]) -> pb.ScoreResponse:
+    def score(self, texts: list[str], normalization: int = pb.SCORE_NORMALIZATION_NONE) -> pb.ScoreResponse:
         clients = self.clients
         if not clients:
             raise NoReplicas(f"no scorer is serving at {', '.join(t.text for t in self.replicas.targets)}")
-        futures = [self.replicas.pool.submit(client.score, texts[first:first + count])
+        futures = [self.replicas.pool.submit(client.score, texts[first:first + count], normalization)
                    for client, (first, count) in zip(clients, contiguous_shards(len(texts), len(clients)))]
         parts = [future.result() for future in futures]
         if not parts:  # no texts: one call, for the model id and backend
-            return clients[0].score(texts)
+            return clients[0].score(texts, normalization)
         models = {(p.model_id, p.backend) for p in parts}
         if len(models) > 1:
             log.warning("scorer replicas disagree on the model (%s): one batch was scored by several",

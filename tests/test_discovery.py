@@ -103,8 +103,9 @@ class FakeScorer:
     def close(self) -> None:
         pass
 
-    def score(self, texts):
+    def score(self, texts, normalization=pb.SCORE_NORMALIZATION_NONE):
         self.log.append((self.address, len(texts)))
+        self.normalization = normalization
         return pb.ScoreResponse(scores=[pb.TextScore(score=len(t) / 10, label=t) for t in texts], model_id="m",
                                 backend="classifier")
 
@@ -211,6 +212,8 @@ def test_a_score_batch_is_split_across_the_scorers_in_order():
     assert [s.label for s in response.scores] == texts and response.model_id == "m"
     assert sorted(calls) == [("10.0.0.1:50052", 3), ("10.0.0.2:50052", 2), ("10.0.0.3:50052", 2)]
     assert list(scorers.score([]).scores) == []
+    scorers.score(texts, pb.SCORE_NORMALIZATION_SIGMOID)  # the request's options reach every replica
+    assert {client.normalization for client in scorers.clients} == {pb.SCORE_NORMALIZATION_SIGMOID}
 
 
 def test_a_fixed_list_is_a_replica_set_of_those_clients():
