@@ -100,6 +100,7 @@ class Network:
         self.bridge = f"{self.tag}-bridge"
         self.namespaces: list[str] = []
         self.hosts: dict[str, str] = {}  # role -> address
+        self.interfaces: dict[str, str] = {}  # role -> its veth's name inside its namespace
         self._links = 0
         self._add_namespace(self.bridge)
         ip("-n", self.bridge, "link", "add", "br0", "type", "bridge")
@@ -126,6 +127,7 @@ class Network:
         ip("-n", name, "addr", "add", f"{address}/24", "dev", inside)
         ip("-n", name, "link", "set", inside, "up")
         self.hosts[role] = address
+        self.interfaces[role] = inside
         return name
 
     def write_hosts(self, role: str, names: dict[str, list[str]]) -> Path:

@@ -30,6 +30,7 @@ METRICS_PORTS = {"trainer": 9103, "generator": 9101, "scorer": 9102}
 ADDRESSES = {"coordinator": f"{netns.SUBNET}.2", "generator-1": f"{netns.SUBNET}.21",
              "generator-2": f"{netns.SUBNET}.22", "scorer": f"{netns.SUBNET}.31"}
 TRAINER_RANKS = 1  # rank 0 serves gRPC; more ranks: one namespace each (see trainer_commands)
+RENDEZVOUS_PORT = 29400
 # how weights reach the generators: the coordinator's and the generators' extra flags per mode
 WEIGHT_SYNC = {"pull": {"coordinator": [], "generator": []}}
 PPO = json.dumps({"learning_rate": 0.01, "minibatch_size": 8})
@@ -73,14 +74,14 @@ class Cluster:
     work: Path
     hosts: list[Host] = field(default_factory=list)
 
-    def start(self, role: str, argv: list[str], ready: bool = True) -> Host:
+    def start(self, role: str, argv: list[str], ready: bool = True, env: dict | None = None) -> Host:
         log_path = self.work / f"{role}.log"
         ready_file = self.work / f"{role}.ready" if ready else None
         extra = ["--ready-file", str(ready_file)] if ready_file else []
         with open(log_path, "wb") as log_file:
             process = subprocess.Popen(self.network.command(role, [*argv, *extra]), stdout=log_file,
                                        stderr=subprocess.STDOUT, start_new_session=True,
-                                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                                       env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
         host = Host(role, process, log_path, ready_file)
         self.hosts.append(host)
         return host
@@ -112,12 +113,15 @@ def service(name: str, address: str, token: Path, *args: str) -> list[str]:
 
 
 def trainer_commands(ranks: int, token: Path, policy: Path, checkpoints: Path) -> dict[str, list[str]]:
-    """role -> command of each trainer rank; rank 0 (trainer-0) serves gRPC at .10."""
-    if ranks != 1:
-        raise NotImplementedError("a multi-rank trainer: one `haoping serve trainer` rank per namespace, "
-                                  "rendezvous at trainer-0")
-    return {"trainer-0": service("trainer", f"{netns.SUBNET}.10", token, "--model", str(policy),
-                                 "--ppo-config", PPO, "--checkpoint-dir", str(checkpoints))}
+    """role -> command of each trainer rank, one a namespace; rank 0 (trainer-0, at .10) serves gRPC
+    and is the others' rendezvous (`haoping serve trainer --nnodes N --node-rank R`)."""
+    common = ["--model", str(policy), "--ppo-config", PPO, "--checkpoint-dir", str(checkpoints)]
+    if ranks == 1:
+        return {"trainer-0": service("trainer", f"{netns.SUBNET}.10", token, *common)}
+    rendezvous = f"{netns.SUBNET}.10:{RENDEZVOUS_PORT}"
+    return {f"trainer-{rank}": service("trainer", f"{netns.SUBNET}.{10 + rank}", token, *common, "--nproc", "1",
+                                       "--nnodes", str(ranks), "--node-rank", str(rank), "--rdzv-endpoint", rendezvous)
+            for rank in range(ranks)}
 
 
 def cycles_logged(path: Path) -> list[dict]:
@@ -145,8 +149,9 @@ def test_a_run_across_namespaces_survives_a_generator_killed_with_sigkill(networ
 
     cluster = Cluster(network, tmp_path)
     try:
-        for role, command in commands.items():
-            cluster.start(role, command)
+        for rank, (role, command) in enumerate(commands.items()):
+            # gloo talks over the host's veth (its hostname resolves to loopback); only rank 0 serves
+            cluster.start(role, command, ready=rank == 0, env={"GLOO_SOCKET_IFNAME": network.interfaces[role]})
         generators = [cluster.start(role, service("generator", ADDRESSES[role], token, "--model", str(tiny_policy),
                                                   "--trainer-address", trainer_address, *sync["generator"]))
                       for role in ("generator-1", "generator-2")]
