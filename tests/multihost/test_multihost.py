@@ -124,6 +124,17 @@ def trainer_commands(ranks: int, token: Path, policy: Path, checkpoints: Path) -
             for rank in range(ranks)}
 
 
+def trainer_processes(network: netns.Network, address: str, token: Path) -> int:
+    """The trainer's process count by its GetInfo, asked from the coordinator's host (1 when not named)."""
+    ask = ("import sys; from haoping.client import TrainerClient; "
+           "client = TrainerClient(sys.argv[1], timeout=10, token_file=sys.argv[2]); "
+           "print(int(dict(client.info().limits).get('trainer_processes', 1)))")
+    done = subprocess.run(network.command("coordinator", [sys.executable, "-c", ask, address, str(token)]),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return int(done.stdout.strip())
+
+
 def cycles_logged(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
@@ -184,6 +195,7 @@ def test_a_run_across_namespaces_survives_a_generator_killed_with_sigkill(networ
         assert generators[1].process.wait(10) == -signal.SIGKILL
         print("".join(line + "\n" for line in output.splitlines() if "replicas:" in line or "interrupted" in line))
         assert generators[0].process.poll() is None  # the other one served on
+        assert trainer_processes(network, trainer_address, token) == TRAINER_RANKS
     finally:
         cluster.stop()
     print(f"multihost run ({weight_sync}): {time.monotonic() - started:.1f}s; cycle seconds "
