@@ -274,3 +274,14 @@ def test_haoping_run_refuses_a_malformed_address_with_exit_code_2(tmp_path, caps
     assert run(_run_args(*argv, "--runs-dir", str(tmp_path))) == 2
     assert flag in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # refused before a run directory was made
+
+
+def test_the_coordinators_metrics_endpoint_serves_the_replica_counts():
+    import urllib.request
+
+    discovery.count_change("scorer", ["10.0.0.1:50052"], [], ["10.0.0.1:50052"])
+    port = discovery.start_metrics("127.0.0.1:0")
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        body = response.read().decode()
+    assert 'haoping_replicas{role="scorer"} 1.0' in body
+    assert 'haoping_replicas_added_total{role="scorer"}' in body
