@@ -38,8 +38,8 @@ from haoping.ppo_trainer import PPOConfig
 from haoping.v1 import haoping_pb2 as pb
 from services.common.config import add_client_access_flags, add_dataclass_flags, add_flag, dataclass_flag_values
 from services.common.security import client_access, write_token_file
-from services.coordinator.rundir import ConfigMismatch, CycleLog, fresh_name, resumed_settings, save_config
 from services.coordinator import discovery
+from services.coordinator.rundir import ConfigMismatch, CycleLog, fresh_name, resumed_settings, save_config
 from services.coordinator.supervisor import RestartBudgetExceeded, Supervisor
 
 log = get_logger(__name__)
@@ -537,7 +537,7 @@ def run(args) -> int:
     try:
         connect_to = running_services(args)
         if args.metrics_address:
-            discovery.metrics_host_port(args.metrics_address)
+            discovery.metrics_host_port(args.metrics_address)  # checked here, served once the run starts
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -586,8 +586,12 @@ def run(args) -> int:
         trainer_address, generator_targets, scorer_targets = connect_to
         access = {**client_access(args), "token_file": token_file}
         if args.metrics_address:
-            log.info("coordinator metrics on http://%s:%d/metrics", args.metrics_address.rpartition(":")[0],
-                     discovery.start_metrics(args.metrics_address))
+            try:
+                port = discovery.start_metrics(args.metrics_address)
+            except OSError as err:
+                print(f"error: --metrics-address {args.metrics_address}: {err}", file=sys.stderr)
+                return 2
+            log.info("coordinator metrics on http://%s:%d/metrics", args.metrics_address.rpartition(":")[0], port)
         scorer_client = (LocalScorerClient(TerminalScorer(), timeout=args.score_timeout) if human_in_terminal(args)
                          else discovery.scorer_replicas(scorer_targets, access, args.score_timeout))
         with discovery.generator_replicas(generator_targets, access, args.rpc_timeout) as generator, \
