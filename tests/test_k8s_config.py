@@ -345,10 +345,15 @@ def test_the_coordinator_runs_against_the_services_dns_names(rendered, monkeypat
     generator_pod = _workload(objects, "generator")["spec"]["template"]
     assert _service_args(_container(generator_pod, "generator"), "generator", monkeypatch).trainer_address == trainer
     assert job["spec"]["backoffLimit"] == 0 and pod["spec"]["restartPolicy"] == "Never"
+    # its own /metrics (replica counts), where the scrape annotations point
+    metrics_host, metrics_port = run.metrics_address.rsplit(":", 1)
+    assert metrics_host == "0.0.0.0" and _port(container, "metrics") == int(metrics_port)
+    assert pod["metadata"]["annotations"]["prometheus.io/port"] == metrics_port
 
     wait = _container(pod, "wait-for-services", init=True)
     assert "services.common.healthcheck" in wait["args"][0]
-    addresses = {k: v for k, v in _env(container).items() if k.endswith(("_ADDRESS", "_ADDRESSES"))}
+    addresses = {k: v for k, v in _env(container).items()
+                 if k.endswith(("_ADDRESS", "_ADDRESSES")) and k != "HAOPING_METRICS_ADDRESS"}
     assert _env(wait) == addresses
 
 
