@@ -29,7 +29,7 @@ METRICS_PORTS = {"trainer": 9103, "generator": 9101, "scorer": 9102}
 # one address a host; the trainer's ranks take .10, .11, ...
 ADDRESSES = {"coordinator": f"{netns.SUBNET}.2", "generator-1": f"{netns.SUBNET}.21",
              "generator-2": f"{netns.SUBNET}.22", "scorer": f"{netns.SUBNET}.31"}
-TRAINER_RANKS = 1  # rank 0 serves gRPC; more ranks: one namespace each (see trainer_commands)
+TRAINER_RANKS = 2  # rank 0 serves gRPC; each rank in its own namespace (see trainer_commands)
 RENDEZVOUS_PORT = 29400
 # how weights reach the generators: the coordinator's and the generators' extra flags per mode
 WEIGHT_SYNC = {"pull": {"coordinator": [], "generator": []}}
