@@ -20,6 +20,7 @@ import time
 import torch
 from transformers import pipeline
 
+from bench.breakdown import ModelClock
 from haoping.models import TokenFormat, decode_clean, encode_prompt, positive_label_index, resolve_model
 from haoping.ppo_trainer import PPOConfig, PPOTrainer
 from services.coordinator.run import cycle_seed, trainer_ppo_config
@@ -38,6 +39,7 @@ class ReferencePipeline:
         self.classify = pipeline("text-classification", model=classifier, device=-1)
         self.positive_label = self.classify.model.config.id2label[
             positive_label_index(self.classify.model.config.id2label)]
+        self.clock = ModelClock().watch(self.trainer.model, self.trainer.ref_model, self.model, self.classify.model)
 
     def rollout(self, seed: int, samples_per_prompt: int) -> list[tuple[list[int], list[int]]]:
         """(prompt ids, response ids) per sample, each from its own ``model.generate`` call."""
@@ -60,15 +62,22 @@ class ReferencePipeline:
 
     def cycle(self, index: int, samples_per_prompt: int | None = None) -> dict:
         a = self.args
+        clock = self.clock
+        clock.read()
         t0 = time.perf_counter()
         rollouts = self.rollout(cycle_seed(a.seed, index), samples_per_prompt or a.samples_per_prompt)
         t1 = time.perf_counter()
+        model_rollout = clock.read()
         responses = [decode_clean(self.tokenizer, r) for _, r in rollouts]
         texts = [decode_clean(self.tokenizer, q) + r for (q, _), r in zip(rollouts, responses)]
         scores = [self.score_one(text) for text in texts]
         t2 = time.perf_counter()
+        model_score = clock.read()
         rewards = list(scores)  # raw: the trainer shapes them
-        stats = self.trainer.step([q for q, _ in rollouts], [r for _, r in rollouts], rewards)
+        with clock.backward_timed():
+            stats = self.trainer.step([q for q, _ in rollouts], [r for _, r in rollouts], rewards)
         t3 = time.perf_counter()
+        model_update = clock.read()
         return {"samples": len(rollouts), "seconds": t3 - t0, "time/rollout": t1 - t0, "time/score": t2 - t1,
-                "time/update": t3 - t2, "time/weight_sync": 0.0, "reward_mean": stats["env/reward_mean"]}
+                "time/update": t3 - t2, "time/weight_sync": 0.0, "reward_mean": stats["env/reward_mean"],
+                "model": {"rollout": model_rollout, "score": model_score, "update": model_update}}
