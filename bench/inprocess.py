@@ -20,6 +20,13 @@ from haoping.scorers.backends import build_scorer
 from services.coordinator.run import cycle_seed, trainer_ppo_config
 
 
+def rollout_specs(generator: PolicyGenerator, args, seed: int, samples_per_prompt: int) -> list[SampleSpec]:
+    """What the Generator service builds from the coordinator's request (``args``: its run flags)."""
+    params = SamplingParams(args.max_new_tokens, 1.0, 0, 1.0, args.min_new_tokens)
+    return [SampleSpec(tuple(generator.encode(prompt)), params, sample_seed(seed, p, s))
+            for p, prompt in enumerate(args.prompts) for s in range(samples_per_prompt)]
+
+
 class InProcessPipeline:
     def __init__(self, args):
         """``args``: the coordinator's run flags."""
@@ -44,11 +51,7 @@ class InProcessPipeline:
         return stats
 
     def specs(self, seed: int, samples_per_prompt: int) -> list[SampleSpec]:
-        """What the Generator service builds from the coordinator's request."""
-        a = self.args
-        params = SamplingParams(a.max_new_tokens, 1.0, 0, 1.0, a.min_new_tokens)
-        return [SampleSpec(tuple(self.generator.encode(prompt)), params, sample_seed(seed, p, s))
-                for p, prompt in enumerate(a.prompts) for s in range(samples_per_prompt)]
+        return rollout_specs(self.generator, self.args, seed, samples_per_prompt)
 
     def sync_weights(self) -> None:
         state = self.trainer.policy_state()

@@ -26,6 +26,24 @@ from haoping.ppo_trainer import PPOConfig, PPOTrainer
 from services.coordinator.run import cycle_seed, trainer_ppo_config
 
 
+def one_by_one_rollout(model, tokenizer, args, seed: int, samples_per_prompt: int) -> list[tuple[list[int], list[int]]]:
+    """The reference design's rollout: (prompt ids, response ids) per sample, each from its own
+    HF ``model.generate`` call. ``args``: the coordinator's run flags."""
+    token_format = TokenFormat.of(tokenizer)
+    torch.manual_seed(seed)
+    rollouts = []
+    for prompt in args.prompts:
+        prompt_ids = encode_prompt(tokenizer, prompt)
+        for _ in range(samples_per_prompt):
+            ids = torch.tensor([prompt_ids])
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0,
+                                 top_p=1.0, max_new_tokens=args.max_new_tokens,
+                                 min_new_tokens=args.min_new_tokens,
+                                 eos_token_id=token_format.eos_id, pad_token_id=token_format.pad_id)
+            rollouts.append((prompt_ids, out[0, len(prompt_ids):].tolist()))
+    return rollouts
+
+
 class ReferencePipeline:
     def __init__(self, args):
         """``args``: the coordinator's run flags (prompts, samples per prompt, lengths, seeds)."""
@@ -43,18 +61,7 @@ class ReferencePipeline:
 
     def rollout(self, seed: int, samples_per_prompt: int) -> list[tuple[list[int], list[int]]]:
         """(prompt ids, response ids) per sample, each from its own ``model.generate`` call."""
-        torch.manual_seed(seed)
-        rollouts = []
-        for prompt in self.args.prompts:
-            prompt_ids = encode_prompt(self.tokenizer, prompt)
-            for _ in range(samples_per_prompt):
-                ids = torch.tensor([prompt_ids])
-                out = self.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0,
-                                          top_p=1.0, max_new_tokens=self.args.max_new_tokens,
-                                          min_new_tokens=self.args.min_new_tokens,
-                                          eos_token_id=self.format.eos_id, pad_token_id=self.format.pad_id)
-                rollouts.append((prompt_ids, out[0, len(prompt_ids):].tolist()))
-        return rollouts
+        return one_by_one_rollout(self.model, self.tokenizer, self.args, seed, samples_per_prompt)
 
     def score_one(self, text: str) -> float:
         """The positive-class probability, as the Scorer's classifier backend defines the reward."""

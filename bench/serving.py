@@ -216,13 +216,14 @@ def measure_update(in_process: InProcessPipeline, reference: ReferencePipeline) 
     return Figure(len(batch[0]) / vectorized, len(batch[0]) / one_by_one, "samples/s", 5)
 
 
-def measure_weight_sync(stack: Stack, in_process: InProcessPipeline) -> Figure:
-    """Trainer -> generator through gRPC vs a raw safetensors save + load of the same tensors."""
+def measure_weight_sync(stack: Stack, state: dict[str, torch.Tensor], repeat: int = 3) -> Figure:
+    """Trainer -> generator through gRPC vs a raw safetensors save + load of the same tensors
+    (``state``: the policy's, as the trainer sends them)."""
     with stack.replicas(1) as generator:
         size = generator.load_weights(stack.trainer_address).bytes
-        sync = timed(lambda: generator.load_weights(stack.trainer_address), repeat=3)
-    state, path = in_process.trainer.policy_state(), str(WORK / "weights.safetensors")
-    raw = timed(lambda: (save_file(state, path), load_file(path)), repeat=3)
+        sync = timed(lambda: generator.load_weights(stack.trainer_address), repeat=repeat)
+    path = str(WORK / "weights.safetensors")
+    raw = timed(lambda: (save_file(state, path), load_file(path)), repeat=repeat)
     return Figure(size / sync / 1e9, size / raw / 1e9, "GB/s", 0.8)
 
 
@@ -237,7 +238,7 @@ def measure_score(stack: Stack, reference: ReferencePipeline) -> Figure:
     return Figure(len(texts) / batched, len(texts) / one_by_one, "texts/s", 6)
 
 
-def measure_dynamic_batching(stack: Stack) -> dict[str, Figure]:
+def measure_dynamic_batching(stack: Stack, rounds: int = 3, with_eos: bool = True) -> dict[str, Figure]:
     """32 clients with one prompt each, at once (merged by the batcher) vs one after another.
 
     ``dynamic_batching``: every request asks for exactly 16 new tokens (min_new_tokens=16), the
@@ -248,7 +249,7 @@ def measure_dynamic_batching(stack: Stack) -> dict[str, Figure]:
 
     The 32 client threads exist before the clock starts (a client pool is not server work), and
     one untimed round of each side warms up the server's handler threads; then the two sides
-    alternate, best of three each."""
+    alternate, best of ``rounds`` each."""
     prompts = stack.args.prompts
     with stack.replicas(1) as generator, ThreadPoolExecutor(32) as clients:
         gen = generator.clients[0]
@@ -266,12 +267,15 @@ def measure_dynamic_batching(stack: Stack) -> dict[str, Figure]:
 
             concurrent(), serial()
             best_concurrent = best_serial = float("inf")
-            for _ in range(3):
+            for _ in range(rounds):
                 best_concurrent = min(best_concurrent, timed(concurrent))
                 best_serial = min(best_serial, timed(serial))
             return Figure(32 / best_concurrent, 32 / best_serial, "requests/s", target)
 
-        return {"dynamic_batching": figure(16, 10), "dynamic_batching_eos": figure(0, 8)}
+        figures = {"dynamic_batching": figure(16, 10)}
+        if with_eos:
+            figures["dynamic_batching_eos"] = figure(0, 8)
+        return figures
 
 
 def measure_scaling(stack: Stack) -> tuple[list[dict], bool]:
@@ -348,7 +352,7 @@ def measure_only(names: list[str]) -> int:
                 continue
             print(f"{name} ...", flush=True)
             if name == "weight_sync":
-                figures[name] = measure_weight_sync(stack, InProcessPipeline(args))
+                figures[name] = measure_weight_sync(stack, InProcessPipeline(args).trainer.policy_state())
             elif name == "score_speedup":
                 figures[name] = measure_score(stack, ReferencePipeline(args))
             else:
@@ -380,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
             figures["ppo_update_speedup"] = measure_update(in_process, reference)
         print("weight sync, score, dynamic batching ...", flush=True)
         with load_recorded(figures):
-            figures["weight_sync"] = measure_weight_sync(stack, in_process)
+            figures["weight_sync"] = measure_weight_sync(stack, in_process.trainer.policy_state())
         with load_recorded(figures):
             figures["score_speedup"] = measure_score(stack, reference)
         with load_recorded(figures):
