@@ -2,6 +2,7 @@
 
     python -m bench.ab snapshot [--real-size] [--repeats N]
     python -m bench.ab interceptors [--repeats N]
+    python -m bench.ab weight_load [--real-size] [--repeats N]
 
 ``snapshot``: the rollback snapshot ``PPOTrainer.guarded_step`` takes before every update. A is
 the former one (a clone of the whole model's state dict and a deep copy of the optimizer's state
@@ -14,6 +15,13 @@ medians and the load average before and after.
 (metrics, error mapping, bearer token). Two gRPC servers in this process serve the same
 protected echo method, one with the interceptors and one without; a client calls each in
 alternating rounds of 200 unary calls of 1 KB (with the token), medians of the rounds.
+
+``weight_load``: the generator's side of a weight sync, from the trainer's streamed chunks (as
+received: deserialized WeightsChunk messages) to the weights in the model. A is the former
+path (the chunks listed, joined with bytearray.extend, copied to bytes, parsed by
+safetensors.torch.load into new tensors, checked, copied into the parameters), B the current one
+(each chunk copied into a buffer of the announced size and hashed as it arrives, the tensors
+read in place by haoping.generation.safetensors_views, checked, copied into the parameters).
 """
 from __future__ import annotations
 
@@ -160,10 +168,62 @@ def ab_interceptors(repeats: int, calls: int = 200) -> dict:
     return {name: {"per_call_us": 1e6 * statistics.median(v)} for name, v in per_call.items()}
 
 
+def ab_weight_load(policy: str, repeats: int) -> dict:
+    import hashlib
+
+    from safetensors.torch import load as load_safetensors
+    from safetensors.torch import save
+
+    from haoping import generation
+    from haoping.generation import PolicyGenerator
+    from haoping.v1 import haoping_pb2 as pb
+    from services.generator.server import assemble_weights
+    from services.trainer.server import CHUNK_BYTES
+
+    generator = PolicyGenerator(policy)
+    data = save({n: p.detach().clone() for n, p in generator.model.named_parameters()})
+    sha = hashlib.sha256(data).hexdigest()
+    wire = [pb.WeightsChunk(policy_version=1, offset=o, total_bytes=len(data), data=data[o:o + CHUNK_BYTES],
+                            sha256=sha).SerializeToString() for o in range(0, len(data), CHUNK_BYTES)]
+
+    def stream():  # what the gRPC stream hands over: one message deserialized at a time
+        for raw in wire:
+            yield pb.WeightsChunk.FromString(raw)
+
+    def former():
+        chunks = list(stream())
+        joined = bytearray()
+        for chunk in chunks:
+            joined.extend(chunk.data)
+        assert hashlib.sha256(joined).hexdigest() == chunks[0].sha256
+        views = generation.safetensors_views
+        generation.safetensors_views = lambda data: load_safetensors(data)  # the former parse: new tensors
+        try:
+            generator.load_weights(bytes(joined), chunks[0].policy_version)
+        finally:
+            generation.safetensors_views = views
+
+    def current():
+        buffer, version = assemble_weights(stream(), None, 1 << 40)
+        generator.load_weights(buffer, version)
+
+    variants = {"A list, join, bytes, safetensors.load": former, "B streamed into one buffer, views": current}
+    seconds: dict[str, list[float]] = {name: [] for name in variants}
+    for fn in variants.values():
+        fn()  # warm-up
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            start = time.perf_counter()
+            fn()
+            seconds[name].append(time.perf_counter() - start)
+    return {name: {"seconds": statistics.median(v), "gb_per_s": len(data) / statistics.median(v) / 1e9,
+                   "bytes": len(data)} for name, v in seconds.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.ab", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["snapshot", "interceptors"])
+    parser.add_argument("what", choices=["snapshot", "interceptors", "weight_load"])
     parser.add_argument("--real-size", action="store_true", help="the policy of bench/real_size.py (~100M)")
     parser.add_argument("--repeats", type=int, default=5)
     options = parser.parse_args(argv)
@@ -183,6 +243,14 @@ def main(argv: list[str] | None = None) -> int:
         from haoping.models import resolve_model
         policy = resolve_model("starter:policy")
     load_before = os.getloadavg()
+    if options.what == "weight_load":
+        results = ab_weight_load(policy, options.repeats)
+        load_after = os.getloadavg()
+        for name, r in results.items():
+            print(f"{name:<40} {r['seconds']:8.4f} s  {r['gb_per_s']:6.2f} GB/s  ({r['bytes'] / 1e6:.1f} MB)")
+        print(f"policy {policy}; {options.repeats} rounds, medians; load average before {load_before}, "
+              f"after {load_after}")
+        return 0
     # at the real size a step takes most of a minute: there only the snapshots are timed
     results = ab_snapshot(policy, options.repeats, whole_steps=not options.real_size)
     load_after = os.getloadavg()
