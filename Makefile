@@ -102,7 +102,7 @@ compose-test: venv
 	HAOPING_COMPOSE_TEST=1 BASE_IMAGE=$(BASE_IMAGE) $(PY) -m pytest -q tests/compose
 
 # the serving figures with a policy of uer/gpt2-chinese-cluecorpussmall's size (random weights, ~100M
-# parameters), beside the starter classifier (~6 min); writes bench/results_real_size.json
+# parameters), beside the starter classifier (~3 min); writes bench/results_real_size.json
 REAL_SIZE_ARGS ?=
 bench-real-size: venv
 	$(PY) -m bench.real_size $(REAL_SIZE_ARGS)

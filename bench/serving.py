@@ -19,8 +19,12 @@ Figures (ratio = ours / baseline; for grpc_cycle_overhead, lower is better):
   dynamic_batching     32 concurrent 1-prompt clients vs the same 32 requests serially, 16 new
                        tokens each (dynamic_batching_eos: allowed to end at EOS, no target)
   peak_rss/<service>   VmHWM of each service process
-plus a scaling table: cycle time at batch 16, 64 and 256 with 1 and 2 generator replicas.
-Writes bench/results.json: figures, scaling, every timed cycle, checks and the machine info.
+plus a scaling table: cycle time at batch 16, 64 and 256 with 1 and 2 generator replicas, and
+a breakdown of the rollout, the score and the update: seconds inside model forward/backward
+calls vs everything else (bench/breakdown.py), each figure printed with its phase's share.
+Writes bench/results.json: figures (each with the load average before and after it), the
+breakdown, scaling, every timed cycle, checks and the machine (CPU model, flags, cores, load).
+`make bench-real-size` (bench/real_size.py) measures at a real Chinese GPT-2's size.
 
 `python -m bench.serving --only dynamic_batching` (or weight_sync, score_speedup) measures just
 those figures against freshly started services and prints them; results.json is left alone.
