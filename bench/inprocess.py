@@ -84,5 +84,6 @@ class InProcessPipeline:
         t4 = time.perf_counter()
         return {"samples": len(samples), "seconds": t4 - t0, "time/rollout": t1 - t0, "time/score": t2 - t1,
                 "time/update": t3 - t2, "time/weight_sync": t4 - t3, "reward_mean": stats["env/reward_mean"],
+                "time/ppo/total": stats["time/ppo/total"],  # the step alone, as the trainer service reports it
                 "model": {"rollout": model_rollout, "score": model_score, "update": model_update},
                 "examples": [texts[i] for i in (0, len(texts) // 2)]}
