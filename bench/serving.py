@@ -180,7 +180,8 @@ def model_breakdown(cycles: dict[str, list[dict]]) -> dict[str, dict[str, dict]]
             timed = cycles[name][1:]
             model_of = cycles["in_process" if name == "services" else name][1:len(timed) + 1]
             seconds = statistics.median(r[f"time/{phase}"] for r in timed)
-            model = {k: statistics.median(r["model"][phase][k] for r in model_of) for k in ("forward", "backward", "calls")}
+            model = {k: statistics.median(r["model"][phase][k] for r in model_of)
+                     for k in ("forward", "backward", "calls")}
             out[phase][name] = phase_breakdown(seconds, model)
     return out
 
