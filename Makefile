@@ -7,7 +7,7 @@ REWARD_DEV ?= $(if $(wildcard ../shared/data/ranklists_sample.tsv),../shared/dat
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv run test proto bootstrap bench bench-distributed bench-learning bench-peer reward-model run-rm clean docker-wheels docker compose-test chaos
+.PHONY: venv run test proto bootstrap bench bench-distributed bench-real-size bench-learning bench-peer reward-model run-rm clean docker-wheels docker compose-test chaos
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -105,3 +105,9 @@ docker: docker-wheels
 
 compose-test: venv
 	HAOPING_COMPOSE_TEST=1 BASE_IMAGE=$(BASE_IMAGE) $(PY) -m pytest -q tests/compose
+
+# the serving figures with a policy of uer/gpt2-chinese-cluecorpussmall's size (random weights, ~100M
+# parameters), beside the starter classifier (~3 min); writes bench/results_real_size.json
+REAL_SIZE_ARGS ?=
+bench-real-size: venv
+	$(PY) -m bench.real_size $(REAL_SIZE_ARGS)

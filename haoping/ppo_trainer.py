@@ -755,8 +755,26 @@ class PPOTrainer:
         return stats, self.version, False
 
     def _snapshot(self) -> dict:
-        return {"model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
-                "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+        """What a step can change, copied: the parameters the optimizer updates (frozen ones and
+        buffers a step never writes), the optimizer's per-parameter state and hyperparameters,
+        the KL controller, normalizer, counters and RNG. The parameter copies reuse buffers kept
+        from the last step: no allocation of a model-sized copy on the hot path."""
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        copies = getattr(self, "_snapshot_buffers", None)
+        if copies is None or len(copies) != len(params) or any(c.shape != p.shape for c, p in zip(copies, params)):
+            copies = self._snapshot_buffers = [torch.empty_like(p, memory_format=torch.preserve_format)
+                                               for p in params]
+        with torch.no_grad():
+            for copy_, p in zip(copies, params):
+                copy_.copy_(p)
+        optimizer_state = {}
+        for p in params:
+            if p in self.optimizer.state:
+                optimizer_state[p] = {k: v.clone() if torch.is_tensor(v) else copy.deepcopy(v)
+                                      for k, v in self.optimizer.state[p].items()}
+        return {"params": list(zip(params, copies)), "optimizer_state": optimizer_state,
+                "param_groups": [{k: copy.deepcopy(v) for k, v in g.items() if k != "params"}
+                                 for g in self.optimizer.param_groups],
                 "kl_ctl": copy.deepcopy(self.kl_ctl.__dict__),
                 "score_moments": copy.deepcopy(self.score_moments.__dict__) if self.score_moments else None,
                 "counters": (self.version, self.steps_done, self._weights_cache),
@@ -764,8 +782,15 @@ class PPOTrainer:
 
     def _restore(self, snapshot: dict) -> None:
         with torch.no_grad():
-            self.model.load_state_dict(snapshot["model"])
-        self.optimizer.load_state_dict(snapshot["optimizer"])
+            for p, saved in snapshot["params"]:
+                p.copy_(saved)
+        for p, _ in snapshot["params"]:
+            if p in snapshot["optimizer_state"]:
+                self.optimizer.state[p] = snapshot["optimizer_state"][p]
+            else:  # no state before this step (the first): none after the rollback either
+                self.optimizer.state.pop(p, None)
+        for group, saved in zip(self.optimizer.param_groups, snapshot["param_groups"]):
+            group.update(saved)
         self.optimizer.zero_grad(set_to_none=True)
         self.kl_ctl.__dict__.update(snapshot["kl_ctl"])
         if self.score_moments is not None:
