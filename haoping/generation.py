@@ -377,8 +377,18 @@ class PolicyGenerator:
             state = load_safetensors(data)
         except Exception as err:  # safetensors raises its own error types for a malformed header
             raise ValueError(f"weights are not a readable safetensors file: {err}") from None
+        self.check_state(state, version)
+        self.swap_in(state, version)
+
+    def check_state(self, state: dict[str, torch.Tensor], version: int) -> None:
+        """ValueError unless ``state`` (name -> tensor) of ``version`` may replace the serving weights."""
+        check_weights(state, dict(self.model.named_parameters()), set(self.model.state_dict()), version,
+                      self.version)
+
+    def swap_in(self, state: dict[str, torch.Tensor], version: int) -> None:
+        """Copy a ``state`` that :meth:`check_state` passed into the model once the running batches
+        finished; ValueError (old weights serving) if a newer version was loaded meanwhile."""
         expected = dict(self.model.named_parameters())
-        check_weights(state, expected, set(self.model.state_dict()), version, self.version)
         with self._weights:
             self._loads_waiting += 1
             try:

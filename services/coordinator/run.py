@@ -39,6 +39,7 @@ from services.common.config import add_client_access_flags, add_dataclass_flags,
 from services.common.security import client_access, write_token_file
 from services.coordinator.rundir import ConfigMismatch, CycleLog, fresh_name, resumed_settings, save_config
 from services.coordinator.supervisor import RestartBudgetExceeded, Supervisor
+from services.coordinator.weight_sync import BroadcastSync
 
 log = get_logger(__name__)
 
@@ -191,6 +192,8 @@ class Coordinator:
         self._failures = 0
         self._checkpointed_at = -1
         self.label_prefix = label_prefix
+        self.broadcast = BroadcastSync(trainer, trainer_address) \
+            if getattr(args, "weight_sync", "pull") == "broadcast" else None
 
     def _sample(self, seed: int, n: int) -> tuple[pb.GenerateResponse, pb.ScoreResponse]:
         response = self.generator.generate(self.prompts, n=n, max_new_tokens=self.args.max_new_tokens,
@@ -227,7 +230,7 @@ class Coordinator:
                     for s, score in zip(response.samples, scores.scores)]
         step = self.trainer.step(rollouts, min_new_tokens=a.min_new_tokens, step_id=self.step_id(index))
         t3 = time.perf_counter()
-        self.generator.load_weights(self.trainer_address, step.policy_version)
+        sync_method = self.sync_weights(step.policy_version)
         t4 = time.perf_counter()
         stats = dict(step.stats)
         stats["env/score_mean"] = sum(s.score for s in scores.scores) / len(scores.scores)
@@ -241,11 +244,27 @@ class Coordinator:
             "seconds": t4 - t0,
             "samples": len(rollouts),
             "time/rollout": t1 - t0, "time/score": t2 - t1, "time/update": t3 - t2, "time/weight_sync": t4 - t3,
+            "weight_sync": sync_method,
             **guard_figures(texts),
             **stats,
         }
         record["examples"] = [response.samples[i].full_text for i in (0, len(response.samples) // 2)]
         return record
+
+    def sync_weights(self, version: int) -> str:
+        """Every generator at ``version``: by broadcast when asked for, by the pull otherwise and
+        whenever the broadcast failed. Returns how: broadcast, pull or pull-after-broadcast."""
+        if self.broadcast is not None:
+            try:
+                self.broadcast.sync(getattr(self.generator, "clients", [self.generator]), version)
+                return "broadcast"
+            except grpc.RpcError as err:
+                log.warning("weight broadcast failed (%s: %s); the generators pull instead", err.code().name,
+                            err.details())
+            self.generator.load_weights(self.trainer_address, version)
+            return "pull-after-broadcast"
+        self.generator.load_weights(self.trainer_address, version)
+        return "pull"
 
     def check_guards(self, record: dict) -> list[str]:
         a = self.args
@@ -447,6 +466,9 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--service-wait-seconds", 600.0, float,
              "with running services: how long to wait for one that went away to serve again")
     add_flag(parser, "--max-restarts-per-hour", 5, int, "restarts of each service this run started, per hour")
+    add_flag(parser, "--weight-sync", "pull", choices=("pull", "broadcast"),
+             help="how generators get each new policy: pull (LoadWeights, the safetensors file over gRPC) or "
+                  "broadcast (a torch.distributed group of the trainer and the generators; the pull on failure)")
     add_flag(parser, "--generator-replicas", 1, int,
              "generator processes; each rollout's samples are split across them and run concurrently")
     add_flag(parser, "--device", "auto", help="torch device for all services")
@@ -731,6 +753,8 @@ def start_services(args, run_dir: Path, services: list[ServiceProcess], token_fi
     trainer_args = ["--model", args.policy, "--ppo-config", json.dumps(trainer_ppo_config(args)),
                     "--checkpoint-dir", str(run_dir / "checkpoints"),
                     "--keep-checkpoints", str(getattr(args, "keep_checkpoints", 3)), *common]
+    if getattr(args, "weight_sync", "pull") == "broadcast":
+        trainer_args += ["--weight-group-port", "0"]  # a free port: runs side by side do not collide
     resume = resume_from or args.resume
     if resume:
         trainer_args += ["--resume", str(resume)]
