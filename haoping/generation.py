@@ -407,6 +407,14 @@ class PolicyGenerator:
                 self._weights.notify_all()
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Every value finite. A NaN or infinity anywhere makes the sum non-finite, so a finite sum
+    (one fast pass, no mask the size of the tensor) proves it; only a sum that overflowed needs
+    the element-wise check."""
+    total = tensor.sum(dtype=torch.float64 if tensor.dtype == torch.float64 else torch.float32)
+    return bool(torch.isfinite(total)) or bool(torch.isfinite(tensor).all())
+
+
 def check_weights(state: dict[str, torch.Tensor], parameters: dict[str, torch.Tensor], known: set[str],
                   version: int, serving_version: int) -> None:
     """ValueError unless ``state`` can replace ``parameters``: every parameter present and nothing
@@ -431,7 +439,7 @@ def check_weights(state: dict[str, torch.Tensor], parameters: dict[str, torch.Te
         if tensor.dtype not in (target.dtype, torch.float32):
             raise ValueError(f"weights do not fit the policy: {name} is {tensor.dtype}, expected {target.dtype} "
                              "or float32")
-        if not bool(torch.isfinite(tensor).all()):
+        if not all_finite(tensor):
             raise ValueError(f"weights of policy version {version} hold non-finite values in {name}")
 
 
