@@ -26,7 +26,7 @@ import secrets
 import socket
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Callable
@@ -76,9 +76,10 @@ class Header:
     version: int
     buckets: tuple[int, ...]  # bytes of each bucket
     tensors: tuple[TensorSlot, ...]
+    cancel: str = ""  # set: nothing follows; the receivers give up at once, the group stays usable
 
     def to_bytes(self) -> bytes:
-        return json.dumps({"version": self.version, "buckets": list(self.buckets),
+        return json.dumps({"version": self.version, "buckets": list(self.buckets), "cancel": self.cancel,
                            "tensors": [[t.name, t.dtype, list(t.shape), t.bucket, t.offset] for t in self.tensors]},
                           separators=(",", ":")).encode()
 
@@ -90,7 +91,7 @@ class Header:
             buckets = tuple(int(b) for b in raw["buckets"])
             tensors = tuple(TensorSlot(str(n), str(d), tuple(int(s) for s in shape), int(b), int(o))
                             for n, d, shape, b, o in raw["tensors"])
-            header = cls(int(raw["version"]), buckets, tensors)
+            header = cls(int(raw["version"]), buckets, tensors, str(raw.get("cancel", "")))
         except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
             raise ValueError(f"malformed weight header: {err}") from None
         if header.version < 0 or any(b < 0 for b in buckets):
@@ -225,10 +226,7 @@ class WeightGroup:
         self._check_usable()
         started = time.perf_counter()
         header = plan_header(version, tensors, bucket_bytes)
-        data = header.to_bytes()
-        self._collective("header", lambda: self._bcast(torch.tensor([len(data)], dtype=torch.int64)).wait())
-        self._collective("header", lambda: self._bcast(
-            torch.frombuffer(bytearray(data), dtype=torch.uint8).to(self.device)).wait())
+        self._send_header(header)
         by_bucket: list[list[TensorSlot]] = [[] for _ in header.buckets]
         for slot in header.tensors:
             by_bucket[slot.bucket].append(slot)
@@ -260,6 +258,18 @@ class WeightGroup:
         refused = [rank for rank, status in enumerate(statuses) if status != STATUS_OK]
         return BroadcastReport(version, header.total_bytes, time.perf_counter() - started, refused, self.world - 1)
 
+    def _send_header(self, header: Header) -> None:
+        data = header.to_bytes()
+        self._collective("header", lambda: self._bcast(torch.tensor([len(data)], dtype=torch.int64)).wait())
+        self._collective("header", lambda: self._bcast(
+            torch.frombuffer(bytearray(data), dtype=torch.uint8).to(self.device)).wait())
+
+    def cancel(self, version: int, reason: str) -> None:
+        """Tell the members waiting in :meth:`receive` that no weights come this time."""
+        assert self.rank == 0
+        self._check_usable()
+        self._send_header(Header(version, (), (), reason or "cancelled"))
+
     # -------------------------------------------------------- every other rank
 
     def receive(self, check: Callable[[dict[str, torch.Tensor], int], None],
@@ -281,6 +291,8 @@ class WeightGroup:
             header = Header.from_bytes(raw.cpu().numpy().tobytes())
         except ValueError as err:
             raise self._break(str(err)) from None  # cannot even tell how many buckets follow: out of step
+        if header.cancel:
+            raise WeightsRefused(f"the trainer sent no weights: {header.cancel}")
         problem = None
         if header.total_bytes <= max_bytes:
             # the previous broadcast's buffers when the layout is the same (the caller copied out of them)
@@ -366,7 +378,6 @@ class WeightGroupHost:
         self._store: TCPStore | None = None
         self._group: _OpenGroup | None = None
         self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="weight-group")
 
     @property
     def port(self) -> int:
@@ -379,11 +390,19 @@ class WeightGroupHost:
             if self._store is None:
                 self._store = listening_store(self.address, self.requested_port, self.timeout)
                 log.info("weight group store listening on %s:%d", self.address, self._store.port)
-            group = _OpenGroup(secrets.token_hex(16), generators + 1)
-            group.ready = self._pool.submit(WeightGroup, self._store, group.group_id, 0, group.world,
-                                            self.address, self.timeout, self.device)
+            group = _OpenGroup(secrets.token_hex(16), generators + 1, ready=Future())
+            # a thread of its own: a previous group's rendezvous still waiting for absent members
+            # must not hold this one up
+            threading.Thread(target=self._rendezvous, args=(group,), name="weight-group", daemon=True).start()
             self._group = group
             return group
+
+    def _rendezvous(self, group: _OpenGroup) -> None:
+        try:
+            group.ready.set_result(WeightGroup(self._store, group.group_id, 0, group.world, self.address,
+                                               self.timeout, self.device))
+        except BaseException as err:  # BroadcastFailed: a member never came
+            group.ready.set_exception(err)
 
     def join(self, group_id: str, member_id: str) -> tuple[_OpenGroup, int]:
         """(the group, this member's rank); LookupError for a group that is not the open one,
@@ -398,14 +417,20 @@ class WeightGroupHost:
                 group.members[member_id] = len(group.members) + 1
             return group, group.members[member_id]
 
-    def broadcast(self, group_id: str, version: int, tensors: dict[str, torch.Tensor]) -> BroadcastReport:
+    def _handle(self, group_id: str) -> WeightGroup:
         with self._lock:
             group = self._group
         if group is None or group.group_id != group_id:
             raise LookupError(f"weight group {group_id[:40]!r} is not the trainer's open group")
         try:
-            handle: WeightGroup = group.ready.result(timeout=self.timeout + 5)
+            return group.ready.result(timeout=self.timeout + 5)
         except TimeoutError:
             raise BroadcastFailed(f"weight group {group_id}: not every generator joined within "
                                   f"{self.timeout:.0f}s") from None
-        return handle.broadcast(version, tensors, self.bucket_bytes)
+
+    def broadcast(self, group_id: str, version: int, tensors: dict[str, torch.Tensor]) -> BroadcastReport:
+        return self._handle(group_id).broadcast(version, tensors, self.bucket_bytes)
+
+    def cancel(self, group_id: str, version: int, reason: str) -> None:
+        """No broadcast this time (e.g. the version asked for is not held): the members stop waiting."""
+        self._handle(group_id).cancel(version, reason)

@@ -129,6 +129,15 @@ def test_older_non_finite_and_unfitting_weights_are_refused_and_the_old_ones_kee
         for generator, before in zip(generators, serving):
             assert generator.version == 10
             assert all(torch.equal(p, before[n]) for n, p in params_of(generator).items()), words
+    # no weights at all this time (the version asked for is not the trainer's): nobody waits it out
+    with ThreadPoolExecutor(2) as pool:
+        started = time.monotonic()
+        waiting = [pool.submit(m.receive, g.check_state, 1 << 26) for m, g in zip(members, generators)]
+        host.cancel(group_id, 13, "policy version 13 is not available")
+        for future in waiting:
+            with pytest.raises(WeightsRefused, match="not available"):
+                future.result(timeout=TIMEOUT)
+        assert time.monotonic() - started < TIMEOUT / 2
     # the group stays usable, and the generators still generate
     report, outcomes = broadcast_once(host, group_id, members, generators, 12, state)
     assert outcomes == [12, 12]

@@ -89,10 +89,11 @@ class TrainerWeightGroups:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "group_id must be the 32 hex digits OpenWeightGroup gave")
         with self._lock:  # no update while the weights are on the wire
             version = self.trainer.version
-            if request.version and request.version != version:
-                context.abort(grpc.StatusCode.NOT_FOUND,
-                              f"policy version {request.version} is not available; the trainer holds {version}")
             try:
+                if request.version and request.version != version:
+                    problem = f"policy version {request.version} is not available; the trainer holds {version}"
+                    self.host.cancel(request.group_id, version, problem)  # the members stop waiting
+                    context.abort(grpc.StatusCode.NOT_FOUND, problem)
                 report = self.host.broadcast(request.group_id, version, self.trainer.policy_state())
             except LookupError as err:
                 context.abort(grpc.StatusCode.NOT_FOUND, f"group_id: {err}")
