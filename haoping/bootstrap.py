@@ -21,7 +21,6 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ import torch
 from tqdm import tqdm
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast, GPT2Config, GPT2LMHeadModel
 
+from haoping.atomic import COMPLETE_MARKER, atomic_directory, atomic_write_bytes, atomic_write_json, is_complete
 from haoping.corpus import Review, build_char_vocab, load_reviews, split_reviews
 from haoping.log import get_logger
 from haoping.training import endless_batches, warmup_cosine_schedule
@@ -221,32 +221,42 @@ def classifier_accuracy(model, tokenizer, reviews: list[Review], max_tokens: int
     return correct / len(reviews)
 
 
+STARTER_REPORT = "haoping_starter.json"  # written last into a starter model's directory
+
+
 def _train_into(out_dir: Path, train_fn) -> dict:
-    """Train into a temp dir and move it into place, so a crash never leaves half a model."""
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    """Train into a staging dir that replaces ``out_dir`` only once complete (the copy before it
+    stays as ``<out_dir>.prev``), so a crash never leaves half a model."""
+    _adopt_earlier_cache(out_dir)
     started = time.perf_counter()
-    report = train_fn(tmp)
-    report["seconds"] = round(time.perf_counter() - started, 1)
-    (tmp / "haoping_starter.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
+    with atomic_directory(out_dir) as staging:
+        report = train_fn(staging)
+        report["seconds"] = round(time.perf_counter() - started, 1)
+        atomic_write_json(staging / STARTER_REPORT, report)
     return report
+
+
+def _adopt_earlier_cache(out_dir: Path) -> None:
+    """A starter model cached before directories carried a completion marker is complete when its
+    report exists (it was always written last): mark it, so that atomic_directory may keep it as
+    the previous copy. A directory without the report is left alone (and refused)."""
+    for directory in (out_dir, out_dir.with_name(out_dir.name + ".prev")):
+        if (directory / STARTER_REPORT).is_file() and not is_complete(directory):
+            atomic_write_bytes(directory / COMPLETE_MARKER, b"")
 
 
 def ensure_starter_models(force: bool = False) -> dict[str, Path]:
     """Build whatever starter model is missing; return {kind: directory}."""
     root = starter_dir()
     paths = {kind: root / kind for kind in STARTER_KINDS}
-    if not force and all((p / "haoping_starter.json").exists() for p in paths.values()):
+    if not force and all((p / STARTER_REPORT).exists() for p in paths.values()):
         return paths
     with _locked(root / ".lock"):
         reviews = load_reviews()
         train, heldout = split_reviews(reviews, seed=0, heldout_fraction=0.1)
 
         def needed(kind: str) -> bool:
-            return force or not (paths[kind] / "haoping_starter.json").exists()
+            return force or not (paths[kind] / STARTER_REPORT).exists()
 
         if needed("tokenizer"):
             _train_into(paths["tokenizer"], lambda d: {"vocab_size": len(build_tokenizer(reviews, d))})
@@ -268,5 +278,5 @@ def ensure_starter_models(force: bool = False) -> dict[str, Path]:
 
 
 def describe_starter_models() -> dict[str, dict]:
-    return {kind: json.loads((path / "haoping_starter.json").read_text())
+    return {kind: json.loads((path / STARTER_REPORT).read_text())
             for kind, path in ensure_starter_models().items()}

@@ -261,8 +261,9 @@ class GeneratorReplicas:
 class ScorerClient(_Client):
     stub_class = pb_grpc.ScorerStub
 
-    def score(self, texts: list[str]) -> pb.ScoreResponse:
-        return self.stub.Score(pb.ScoreRequest(texts=texts), timeout=self.timeout)
+    def score(self, texts: list[str], normalization: int = pb.SCORE_NORMALIZATION_NONE) -> pb.ScoreResponse:
+        """``normalization``: SCORE_NORMALIZATION_SIGMOID asks for scores in (0, 1) (see the proto)."""
+        return self.stub.Score(pb.ScoreRequest(texts=texts, normalization=normalization), timeout=self.timeout)
 
 
 class TrainerClient(_Client):

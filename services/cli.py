@@ -72,12 +72,14 @@ def cmd_generate(args) -> int:
 
 def cmd_score(args) -> int:
     from haoping.client import ScorerClient
+    from haoping.v1 import haoping_pb2 as pb
 
     from services.common.security import client_access
 
     with ScorerClient(args.address, timeout=args.timeout, **client_access(args)) as client:
         try:
-            response = client.score(args.texts)
+            normalization = pb.ScoreNormalization.Value(f"SCORE_NORMALIZATION_{args.normalization.upper()}")
+            response = client.score(args.texts, normalization)
         except grpc.RpcError as err:
             return _rpc_error(err, args.address)
     for text, score in zip(args.texts, response.scores):
@@ -122,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("texts", nargs="+")
     add_flag(p, "--scorer-address", "127.0.0.1:50052", help="scorer host:port", dest="address")
     p.add_argument("--timeout", type=float, default=60.0)
+    add_flag(p, "--normalization", "none", choices=("none", "sigmoid"),
+             help="sigmoid: scores in (0, 1) (a reward model's scalar through a sigmoid; probabilities as they are)")
     add_client_access_flags(p)
     p.set_defaults(func=cmd_score)
 

@@ -1,7 +1,11 @@
 """The starter-model recipes, shrunk: real corpus slice, real training code, loadable results."""
+import json
 import math
 
-from haoping.bootstrap import ClassifierRecipe, PolicyRecipe, build_tokenizer, train_classifier, train_policy
+import pytest
+
+from haoping.bootstrap import (STARTER_REPORT, ClassifierRecipe, PolicyRecipe, _train_into, build_tokenizer,
+                               train_classifier, train_policy)
 from haoping.corpus import build_char_vocab, load_reviews, split_reviews
 from haoping.models import decode_clean, encode_prompt, load_causal_lm, load_tokenizer
 from haoping.scorers.classifier import ClassifierScorer
@@ -36,3 +40,37 @@ def test_tiny_recipes_train_and_load_through_the_model_path(tmp_path):
     assert load_causal_lm(str(tmp_path / "policy")).config.n_layer == 1
     scorer = ClassifierScorer(str(tmp_path / "classifier"))
     assert scorer.positive_index == 1 and len(scorer.score(["好", "差"])) == 2
+
+
+def test_a_starter_model_is_replaced_only_by_a_complete_one_and_the_earlier_copy_is_kept(tmp_path):
+    target = tmp_path / "policy"
+    target.mkdir()  # a cache written before directories carried a completion marker
+    (target / "model.safetensors").write_text("old weights")
+    (target / STARTER_REPORT).write_text('{"seconds": 1}')
+
+    def crash(directory):
+        (directory / "model.safetensors").write_text("half")
+        raise RuntimeError("killed mid-training")
+
+    with pytest.raises(RuntimeError):
+        _train_into(target, crash)
+    assert (target / "model.safetensors").read_text() == "old weights"
+    assert not [p for p in tmp_path.iterdir() if p.name not in ("policy",)]  # no staging left behind
+
+    def train(directory):
+        (directory / "model.safetensors").write_text("new weights")
+        return {"loss": 0.5}
+
+    report = _train_into(target, train)
+    assert report["loss"] == 0.5 and json.loads((target / STARTER_REPORT).read_text())["loss"] == 0.5
+    assert (target / "model.safetensors").read_text() == "new weights"
+    assert (tmp_path / "policy.prev" / "model.safetensors").read_text() == "old weights"
+
+
+def test_a_directory_that_is_not_a_starter_model_is_never_replaced(tmp_path):
+    target = tmp_path / "classifier"
+    target.mkdir()
+    (target / "notes.txt").write_text("somebody's files")
+    with pytest.raises(FileExistsError):
+        _train_into(target, lambda directory: {})
+    assert (target / "notes.txt").read_text() == "somebody's files"

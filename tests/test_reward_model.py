@@ -10,6 +10,7 @@ import json
 import math
 import random
 
+import grpc
 import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
@@ -26,7 +27,11 @@ from haoping.rank_loss import (
 )
 from haoping.ranklists import RankList, RankListError, build_starter_ranklists, parse_ranklists, read_ranklists
 from haoping.reward_model import TrainConfig, load_reward_base, train_reward_model
+from haoping.client import ScorerClient
+from haoping.scorers import ScoreResult, in_unit_interval
 from haoping.scorers.reward_model import RewardModelScorer
+from haoping.v1 import haoping_pb2 as pb
+from services.coordinator.run import start_service, stop_services
 from services.reward_model_cli import add_cli
 
 CLEARLY_POSITIVE = "非常好，质量很好，很满意，物流也快，推荐购买！"
@@ -324,31 +329,38 @@ def test_scorer_ranks_a_clearly_positive_text_above_a_clearly_negative_one(train
     assert scorer.model_id == str(out) and scorer.max_length == 64
     positive, negative = scorer.score([CLEARLY_POSITIVE, CLEARLY_NEGATIVE])
     assert positive.label == negative.label == "reward"
-    assert positive.score == positive.raw_score  # normalize="none"
+    assert positive.score == positive.raw_score  # the raw scalar
     assert positive.raw_score > negative.raw_score
 
 
-def test_scorer_normalizations(trained_on_starter_lists):
+def test_the_scorer_service_returns_raw_scores_unless_a_request_asks_for_the_unit_interval(
+        trained_on_starter_lists, tmp_path):
     out, _ = trained_on_starter_lists
     texts = [CLEARLY_POSITIVE, CLEARLY_NEGATIVE, "还行吧", "一般般，凑合用"]
     raw = [r.raw_score for r in RewardModelScorer(str(out)).score(texts)]
+    (tmp_path / "logs").mkdir()
+    service = start_service("scorer", ["--backend", "reward-model", "--model", str(out), "--device", "cpu"],
+                            tmp_path, timeout=120)
+    try:
+        with ScorerClient(service.address) as client:
+            plain = client.score(texts)
+            squashed = client.score(texts, pb.SCORE_NORMALIZATION_SIGMOID)
+            with pytest.raises(grpc.RpcError) as unknown:
+                client.score(texts, 7)
+    finally:
+        stop_services([service])
+    assert [s.score for s in plain.scores] == pytest.approx(raw, abs=1e-5)  # raw: shaping is the trainer's
+    assert [s.raw_score for s in squashed.scores] == pytest.approx(raw, abs=1e-5)
+    assert [s.score for s in squashed.scores] == pytest.approx([1 / (1 + math.exp(-x)) for x in raw], abs=1e-5)
+    assert unknown.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "normalization" in unknown.value.details()
 
-    squashed = RewardModelScorer(str(out), normalize="sigmoid").score(texts)
-    assert [r.raw_score for r in squashed] == pytest.approx(raw, abs=1e-5)
-    assert [r.score for r in squashed] == pytest.approx([1 / (1 + math.exp(-x)) for x in raw], abs=1e-5)
 
-    running = RewardModelScorer(str(out), normalize="running")
-    first = [r.score for r in running.score(texts)]
-    mean, std = sum(raw) / 4, math.sqrt(sum((x - sum(raw) / 4) ** 2 for x in raw) / 4)
-    assert first == pytest.approx([(x - mean) / std for x in raw], abs=1e-4)
-    running.score(texts[:2])  # the statistics now cover all 6 texts scored
-    everything = raw + raw[:2]
-    assert running.running_stats["count"] == 6
-    assert running.running_stats["mean"] == pytest.approx(sum(everything) / 6, abs=1e-5)
-    assert running.score([]) == []
-
-    with pytest.raises(ValueError, match="normalize"):
-        RewardModelScorer(str(out), normalize="zscore")
+def test_unit_interval_leaves_bounded_scores_and_squashes_unbounded_ones_without_overflow():
+    results = [ScoreResult(score=x, label="reward", raw_score=x) for x in (-1000.0, 0.0, 2.0, 1000.0)]
+    assert in_unit_interval(results, scores_in_unit_interval=True) == results
+    squashed = [r.score for r in in_unit_interval(results, scores_in_unit_interval=False)]
+    assert squashed == pytest.approx([0.0, 0.5, 1 / (1 + math.exp(-2.0)), 1.0])
+    assert [r.raw_score for r in in_unit_interval(results, False)] == [-1000.0, 0.0, 2.0, 1000.0]
 
 
 def test_scorer_refuses_a_classifier_with_two_labels(tiny_base):

@@ -81,8 +81,15 @@ def test_score_validation_statuses(api):
         with pytest.raises(grpc.RpcError) as empty:
             client.score(["质量很好", " "])
         assert empty.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "text 1" in empty.value.details()
+        with pytest.raises(grpc.RpcError) as normalization:
+            client.score(["质量很好"], normalization=3)
+        assert normalization.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "normalization" in normalization.value.details()
         reply = client.score(["质量很好", "太差了"])
         assert len(reply.scores) == 2 and all(0 <= s.score <= 1 for s in reply.scores)
+        # probabilities are already in the unit interval: asking for it changes nothing
+        squashed = client.score(["质量很好", "太差了"], pb.SCORE_NORMALIZATION_SIGMOID)
+        assert [s.score for s in squashed.scores] == [s.score for s in reply.scores]
 
 
 def test_a_text_longer_than_the_scorer_context_is_reported_truncated(api):

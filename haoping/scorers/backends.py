@@ -8,7 +8,7 @@ from haoping.scorers.base import Scorer
 BACKENDS = ("classifier", "reward-model", "snownlp", "human")
 
 
-def build_scorer(backend: str, model_ref: str, device="cpu", dtype=torch.float32, normalize: str = "none",
+def build_scorer(backend: str, model_ref: str, device="cpu", dtype=torch.float32,
                  human_host: str = "127.0.0.1", human_port: int = 8090, max_pending: int = 256) -> Scorer:
     """``classifier``, ``reward-model``, ``snownlp`` or ``human`` (a person rates the texts on a web
     page at ``human_host:human_port``; ``model_ref`` is not used). Loads the model; start() is the caller's."""
@@ -27,5 +27,5 @@ def build_scorer(backend: str, model_ref: str, device="cpu", dtype=torch.float32
     if backend == "reward-model":
         from haoping.scorers.reward_model import RewardModelScorer
 
-        return RewardModelScorer(model_ref, device=device, dtype=dtype, normalize=normalize)
+        return RewardModelScorer(model_ref, device=device, dtype=dtype)
     raise ValueError(f"unknown scorer backend {backend!r}; use {', '.join(BACKENDS)}")

@@ -1,7 +1,8 @@
 """The one scorer interface. The scorer service talks to every backend through it alone."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from typing import Callable, Protocol, Sequence, runtime_checkable
 
 
@@ -26,6 +27,18 @@ def truncated_flags(tokenizer, texts: Sequence[str], max_length: int) -> list[bo
     return flags
 
 
+def in_unit_interval(results: Sequence[ScoreResult], scores_in_unit_interval: bool) -> list[ScoreResult]:
+    """Scores in (0, 1) for a caller that asks for them: an unbounded backend's scores through a
+    sigmoid (raw_score unchanged), a backend whose scores are already in [0, 1] as is."""
+    if scores_in_unit_interval:
+        return list(results)
+    return [replace(r, score=_sigmoid(r.score)) for r in results]
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))  # no overflow
+
+
 class ScoreTimeout(TimeoutError):
     """The deadline passed before every text had a score."""
 
@@ -44,6 +57,7 @@ class Scorer(Protocol):
     model_id: str
     max_length: int       # longest input in tokens the backend reads (0: no token limit)
     batchable: bool       # True: concurrent requests may be merged into one score() call
+    scores_in_unit_interval: bool  # True: every score is in [0, 1] (a probability, a rating)
 
     def start(self) -> None:
         """Acquire what serving needs beyond loading (e.g. a web page); idempotent."""
@@ -66,6 +80,7 @@ class ModelScorer:
     stop, warmed up by scoring one text. Subclasses set backend, model_id, max_length, score()."""
 
     batchable = True
+    scores_in_unit_interval = True
 
     def start(self) -> None:
         pass

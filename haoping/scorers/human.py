@@ -63,6 +63,7 @@ class HumanScorer:
     model_id = "human"
     max_length = 0
     batchable = False  # each request is its own batch on the page, waiting as long as its deadline
+    scores_in_unit_interval = True  # stars mapped to [0, 1]
 
     def __init__(self, max_pending: int = 256, host: str = "127.0.0.1", port: int = 8090):
         self.max_pending = max_pending

@@ -45,6 +45,7 @@ class TerminalScorer:
     model_id = "human-terminal"
     max_length = 0
     batchable = False  # one person, one text at a time
+    scores_in_unit_interval = True  # stars mapped to [0, 1]
 
     def __init__(self, input_fd: int | None = None, output: TextIO | None = None):
         self.input_fd = sys.stdin.fileno() if input_fd is None else input_fd

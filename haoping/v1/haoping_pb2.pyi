@@ -12,9 +12,16 @@ class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FINISH_REASON_UNSPECIFIED: _ClassVar[FinishReason]
     FINISH_REASON_EOS: _ClassVar[FinishReason]
     FINISH_REASON_LENGTH: _ClassVar[FinishReason]
+
+class ScoreNormalization(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SCORE_NORMALIZATION_NONE: _ClassVar[ScoreNormalization]
+    SCORE_NORMALIZATION_SIGMOID: _ClassVar[ScoreNormalization]
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_EOS: FinishReason
 FINISH_REASON_LENGTH: FinishReason
+SCORE_NORMALIZATION_NONE: ScoreNormalization
+SCORE_NORMALIZATION_SIGMOID: ScoreNormalization
 
 class GenerateRequest(_message.Message):
     __slots__ = ("prompts", "samples_per_prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "min_new_tokens", "first_sample_index")
@@ -115,10 +122,12 @@ class ReceiveWeightsRequest(_message.Message):
     def __init__(self, group_id: _Optional[str] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("texts",)
+    __slots__ = ("texts", "normalization")
     TEXTS_FIELD_NUMBER: _ClassVar[int]
+    NORMALIZATION_FIELD_NUMBER: _ClassVar[int]
     texts: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, texts: _Optional[_Iterable[str]] = ...) -> None: ...
+    normalization: ScoreNormalization
+    def __init__(self, texts: _Optional[_Iterable[str]] = ..., normalization: _Optional[_Union[ScoreNormalization, str]] = ...) -> None: ...
 
 class TextScore(_message.Message):
     __slots__ = ("score", "label", "raw_score", "truncated")

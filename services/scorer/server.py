@@ -10,7 +10,7 @@ import grpc
 
 from haoping.log import get_logger, setup_logging
 from haoping.models import parse_dtype, pick_device
-from haoping.scorers import ScoreCancelled, Scorer, ScorerBusy, ScoreTimeout
+from haoping.scorers import ScoreCancelled, Scorer, ScorerBusy, ScoreTimeout, in_unit_interval
 from haoping.scorers.backends import BACKENDS, build_scorer
 from haoping.v1 import haoping_pb2 as pb
 from haoping.v1 import haoping_pb2_grpc as pb_grpc
@@ -39,6 +39,9 @@ class ScorerService(pb_grpc.ScorerServicer):
             context.abort(grpc.StatusCode.UNAVAILABLE, "scorer is draining")
         if not request.texts:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "texts must not be empty")
+        if request.normalization not in pb.ScoreNormalization.values():
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"normalization {request.normalization} is not one of {pb.ScoreNormalization.keys()}")
         if len(request.texts) > self.max_texts:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"at most {self.max_texts} texts per request, got {len(request.texts)}")
@@ -71,6 +74,8 @@ class ScorerService(pb_grpc.ScorerServicer):
         metrics.SCORED_TEXTS.inc(len(results))
         for r in results:
             metrics.SCORE_VALUE.observe(r.score)
+        if request.normalization == pb.SCORE_NORMALIZATION_SIGMOID:
+            results = in_unit_interval(results, self.scorer.scores_in_unit_interval)
         return pb.ScoreResponse(
             scores=[pb.TextScore(score=r.score, label=r.label, raw_score=r.raw_score, truncated=r.truncated)
                     for r in results],
@@ -89,7 +94,6 @@ def build_parser() -> argparse.ArgumentParser:
              help="classifier (positive probability), reward-model, snownlp, or human (a person rates on a web page)")
     add_flag(parser, "--model", "starter:classifier",
              help="starter:classifier, a local dir, or a hub ID such as uer/roberta-base-finetuned-jd-binary-chinese")
-    add_flag(parser, "--normalize", "none", help="reward-model scores: none, sigmoid or running (mean/std)")
     add_flag(parser, "--max-texts", 1024, int, "most texts in one Score request")
     add_flag(parser, "--max-text-chars", 4096, int,
              "longest text in characters, checked before tokenizing (INVALID_ARGUMENT beyond); a text within it "
@@ -105,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_security_flags(parser, args)
-    scorer = build_scorer(args.backend, args.model, pick_device(args.device), parse_dtype(args.dtype), args.normalize,
+    scorer = build_scorer(args.backend, args.model, pick_device(args.device), parse_dtype(args.dtype),
                           human_host=args.human_host, human_port=args.human_port, max_pending=args.max_queue)
     scorer.start()
     draining = Draining()
