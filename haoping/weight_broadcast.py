@@ -170,7 +170,7 @@ class WeightGroup:
         except RuntimeError as err:  # a rank that never came, or a store gone
             raise BroadcastFailed(f"weight group {group_id}: rendezvous of {world} ranks failed: {err}") from None
         self.broken: str | None = None
-        self._buffers: list[torch.Tensor] = []
+        self._buffers: list[torch.Tensor] = []  # rank 0: its two send buffers; the others: the last layout
         self._store = store  # kept alive as long as the group
 
     def _check_usable(self) -> None:
@@ -230,8 +230,9 @@ class WeightGroup:
         by_bucket: list[list[TensorSlot]] = [[] for _ in header.buckets]
         for slot in header.tensors:
             by_bucket[slot.bucket].append(slot)
-        # two buffers: the next bucket is packed while the previous one is on the wire
-        spare: list[torch.Tensor] = []
+        # two buffers, kept from one broadcast to the next: the next bucket is packed while the
+        # previous one is on the wire
+        spare = self._buffers
         in_flight: list[tuple[object, torch.Tensor]] = []
         for index, nbytes in enumerate(header.buckets):
             fits = [i for i, b in enumerate(spare) if b.numel() >= nbytes]
@@ -252,8 +253,9 @@ class WeightGroup:
                 done, done_buffer = in_flight.pop(0)
                 self._collective(f"bucket {index - 1}", done.wait)
                 spare.append(done_buffer)
-        for work, _ in in_flight:
+        for work, buffer in in_flight:
             self._collective("last bucket", work.wait)
+            spare.append(buffer)
         statuses = self._statuses(STATUS_OK)
         refused = [rank for rank, status in enumerate(statuses) if status != STATUS_OK]
         return BroadcastReport(version, header.total_bytes, time.perf_counter() - started, refused, self.world - 1)

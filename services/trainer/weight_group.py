@@ -94,7 +94,9 @@ class TrainerWeightGroups:
                     problem = f"policy version {request.version} is not available; the trainer holds {version}"
                     self.host.cancel(request.group_id, version, problem)  # the members stop waiting
                     context.abort(grpc.StatusCode.NOT_FOUND, problem)
-                report = self.host.broadcast(request.group_id, version, self.trainer.policy_state())
+                # the parameters where they are (on the GPU for NCCL), not policy_state's host copies
+                tensors = {name: p.detach() for name, p in self.trainer.model.lm.named_parameters()}
+                report = self.host.broadcast(request.group_id, version, tensors)
             except LookupError as err:
                 context.abort(grpc.StatusCode.NOT_FOUND, f"group_id: {err}")
             except BroadcastFailed as err:
