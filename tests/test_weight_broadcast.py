@@ -6,6 +6,8 @@ to two generators, and a generator SIGKILLed mid-broadcast."""
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -206,6 +208,19 @@ def test_the_coordinator_syncs_by_broadcast_like_the_pull(stack, tiny_classifier
         replicas.clients = []  # closed by the fixture
     assert trainer_metric(stack.services[0], "ok") == 2
     assert trainer_metric(stack.services[0], "failed") == 0
+
+
+@pytest.mark.slow
+def test_haoping_run_with_broadcast_weight_sync(tiny_policy, tiny_classifier, tmp_path):
+    command = [sys.executable, "-m", "services.cli", "run", "--policy", str(tiny_policy), "--scorer-model",
+               str(tiny_classifier), "--cycles", "2", "--samples-per-prompt", "2", "--max-new-tokens", "6",
+               "--min-new-tokens", "2", "--eval-samples", "4", "--runs-dir", str(tmp_path), "--name", "bcast",
+               "--ppo-config", PPO, "--device", "cpu", "--generator-replicas", "2", "--weight-sync", "broadcast"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    cycles = [json.loads(line) for line in (tmp_path / "bcast" / "cycles.jsonl").read_text().splitlines()]
+    assert [c["weight_sync"] for c in cycles] == ["broadcast", "broadcast"]
+    assert [c["policy_version"] for c in cycles] == [1, 2]
 
 
 @pytest.mark.slow
