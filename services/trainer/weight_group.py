@@ -22,16 +22,34 @@ GROUP_ID = re.compile(r"[0-9a-f]{32}")
 WILDCARDS = ("", "0.0.0.0", "::", "[::]")
 
 
+def positive(kind):
+    """An argparse type: ``kind`` above 0 (argparse then exits 2 naming the flag otherwise)."""
+    def parse(raw: str):
+        value = kind(raw)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be above 0, got {raw}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def port_number(raw: str) -> int:
+    value = int(raw)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port in [0, 65535], got {raw}")
+    return value
+
+
 def add_weight_group_flags(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--weight-group-address", "",
              help="address generators reach this trainer's weight group on (its TCPStore listens there and "
                   "only there; empty: --host, unless that is a wildcard, then broadcast is off)")
-    add_flag(parser, "--weight-group-port", 29510, int, "TCPStore port of the weight group (0 picks a free one)")
-    add_flag(parser, "--weight-group-timeout", 60.0, float,
+    add_flag(parser, "--weight-group-port", 29510, port_number, "TCPStore port of the weight group (0 picks a free one)")
+    add_flag(parser, "--weight-group-timeout", 60.0, positive(float),
              "seconds the weight group's rendezvous and each of its collectives may take; a member that "
              "died or hangs fails the broadcast after at most this long")
-    add_flag(parser, "--weight-bucket-mb", 128, int, "size of the flat buffers the policy is broadcast in")
-    add_flag(parser, "--max-weight-group-generators", 64, int, "most generators in one weight group")
+    add_flag(parser, "--weight-bucket-mb", 128, positive(int), "size of the flat buffers the policy is broadcast in")
+    add_flag(parser, "--max-weight-group-generators", 64, positive(int), "most generators in one weight group")
 
 
 class TrainerWeightGroups:
