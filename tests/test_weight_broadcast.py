@@ -197,7 +197,8 @@ def test_the_coordinator_syncs_by_broadcast_like_the_pull(stack, tiny_classifier
                            cycles=2, max_seconds=0.0, min_new_tokens=2, max_kl=6.0, min_distinct2_ratio=0.5,
                            max_repetition_rate=0.1, weight_sync="broadcast")
     trainer_address = stack.services[0].address
-    with GeneratorReplicas(stack.generators) as replicas, ScorerClient(scorer.address, **stack.token) as scores:
+    with GeneratorReplicas([GeneratorClient(c.address, **stack.token) for c in stack.generators]) as replicas, \
+            ScorerClient(scorer.address, **stack.token) as scores:
         records = Coordinator(args, replicas, scores, stack.trainer, trainer_address, stack.run_dir).run()
         assert [r["weight_sync"] for r in records] == ["broadcast", "broadcast"]
         assert [c.info().policy_version for c in replicas.clients] == [2, 2]
@@ -205,7 +206,6 @@ def test_the_coordinator_syncs_by_broadcast_like_the_pull(stack, tiny_classifier
         # the same version pulled gives the same samples: the same weights
         assert replicas.clients[0].load_weights(trainer_address).policy_version == 2
         assert seeded_samples(replicas.clients[0]) == by_broadcast[0] == by_broadcast[1]
-        replicas.clients = []  # closed by the fixture
     assert trainer_metric(stack.services[0], "ok") == 2
     assert trainer_metric(stack.services[0], "failed") == 0
 
