@@ -7,7 +7,7 @@ REWARD_DEV ?= $(if $(wildcard ../shared/data/ranklists_sample.tsv),../shared/dat
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv run test proto bootstrap bench bench-distributed bench-real-size bench-learning bench-peer reward-model run-rm clean docker-wheels docker compose-test chaos
+.PHONY: venv run test proto bootstrap bench bench-distributed bench-real-size bench-weight-sync bench-learning bench-peer reward-model run-rm clean docker-wheels docker compose-test chaos
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -67,6 +67,12 @@ bench-learning: venv
 
 bench: venv
 	$(PY) -m bench.serving
+	$(MAKE) bench-weight-sync
+
+# trainer -> 2 generators sync of a random GPT-2-base-sized policy: broadcast vs pull vs raw safetensors
+WEIGHT_SYNC_ARGS ?=
+bench-weight-sync: venv
+	$(PY) -m bench.weight_sync $(WEIGHT_SYNC_ARGS)
 
 # the data-parallel trainer's Step: 1 process vs 2 on the same rollouts (docs/distributed.md)
 bench-distributed: venv

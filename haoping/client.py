@@ -306,6 +306,12 @@ class GeneratorReplicas:
                                       seconds=time.perf_counter() - started)
 
 
+    def mark_synced(self, trainer_address: str, version: int) -> None:
+        """Every member holds ``version`` by another way than :meth:`load_weights` (a broadcast):
+        a replica that joins later catches up to it."""
+        self._synced = (trainer_address, version)
+
+
 class NoReplicas(RuntimeError):
     """No replica of a role serves (see :meth:`haoping.discovery.ReplicaSet.await_members`)."""
 

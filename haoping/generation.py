@@ -429,8 +429,18 @@ class PolicyGenerator:
             state = safetensors_views(data)
         except ValueError as err:
             raise ValueError(f"weights are not a readable safetensors file: {err}") from None
+        self.check_state(state, version)
+        self.swap_in(state, version)
+
+    def check_state(self, state: dict[str, torch.Tensor], version: int) -> None:
+        """ValueError unless ``state`` (name -> tensor) of ``version`` may replace the serving weights."""
+        check_weights(state, dict(self.model.named_parameters()), set(self.model.state_dict()), version,
+                      self.version)
+
+    def swap_in(self, state: dict[str, torch.Tensor], version: int) -> None:
+        """Copy a ``state`` that :meth:`check_state` passed into the model once the running batches
+        finished; ValueError (old weights serving) if a newer version was loaded meanwhile."""
         expected = dict(self.model.named_parameters())
-        check_weights(state, expected, set(self.model.state_dict()), version, self.version)
         with self._weights:
             self._loads_waiting += 1
             try:
@@ -447,6 +457,14 @@ class PolicyGenerator:
             finally:
                 self._loads_waiting -= 1
                 self._weights.notify_all()
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Every value finite. A NaN or infinity anywhere makes the sum non-finite, so a finite sum
+    (one fast pass, no mask the size of the tensor) proves it; only a sum that overflowed needs
+    the element-wise check."""
+    total = tensor.sum(dtype=torch.float64 if tensor.dtype == torch.float64 else torch.float32)
+    return bool(torch.isfinite(total)) or bool(torch.isfinite(tensor).all())
 
 
 def check_weights(state: dict[str, torch.Tensor], parameters: dict[str, torch.Tensor], known: set[str],
@@ -473,7 +491,7 @@ def check_weights(state: dict[str, torch.Tensor], parameters: dict[str, torch.Te
         if tensor.dtype not in (target.dtype, torch.float32):
             raise ValueError(f"weights do not fit the policy: {name} is {tensor.dtype}, expected {target.dtype} "
                              "or float32")
-        if not bool(torch.isfinite(tensor).all()):
+        if not all_finite(tensor):
             raise ValueError(f"weights of policy version {version} hold non-finite values in {name}")
 
 

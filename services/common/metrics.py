@@ -28,6 +28,10 @@ GENERATE_BATCH_SIZE = Histogram("haoping_batch_size", "Items per model batch (ge
                                 "at every decode step)", ["service"],
                                 buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
 WEIGHT_BYTES = Counter("haoping_weight_transfer_bytes", "Policy weight bytes sent or received", ["direction"])
+WEIGHT_BROADCASTS = Counter("haoping_weight_broadcasts", "Weight broadcasts this service took part in (trainer: "
+                            "sent; generator: received), by outcome: ok, refused (a receiver's checks refused "
+                            "the weights; the old ones keep serving) or failed (a member died or timed out)",
+                            ["outcome"])
 
 # generator
 GENERATE_REQUEST_DURATION = Histogram("haoping_generate_request_duration_seconds",

@@ -41,6 +41,7 @@ from services.common.security import client_access, write_token_file
 from services.coordinator import discovery
 from services.coordinator.rundir import ConfigMismatch, CycleLog, fresh_name, resumed_settings, save_config
 from services.coordinator.supervisor import RestartBudgetExceeded, Supervisor
+from services.coordinator.weight_sync import BroadcastSync
 
 log = get_logger(__name__)
 
@@ -194,6 +195,8 @@ class Coordinator:
         self._failures = 0
         self._checkpointed_at = -1
         self.label_prefix = label_prefix
+        self.broadcast = BroadcastSync(trainer, trainer_address) \
+            if getattr(args, "weight_sync", "pull") == "broadcast" else None
         # GeneratorReplicas/ScorerReplicas (of generator and scorer) refreshed before every cycle
         self.discovered = discovered
 
@@ -232,7 +235,7 @@ class Coordinator:
                     for s, score in zip(response.samples, scores.scores)]
         step = self.trainer.step(rollouts, min_new_tokens=a.min_new_tokens, step_id=self.step_id(index))
         t3 = time.perf_counter()
-        self.generator.load_weights(self.trainer_address, step.policy_version)
+        sync_method = self.sync_weights(step.policy_version)
         t4 = time.perf_counter()
         stats = dict(step.stats)
         stats["env/score_mean"] = sum(s.score for s in scores.scores) / len(scores.scores)
@@ -246,11 +249,30 @@ class Coordinator:
             "seconds": t4 - t0,
             "samples": len(rollouts),
             "time/rollout": t1 - t0, "time/score": t2 - t1, "time/update": t3 - t2, "time/weight_sync": t4 - t3,
+            "weight_sync": sync_method,
             **guard_figures(texts),
             **stats,
         }
         record["examples"] = [response.samples[i].full_text for i in (0, len(response.samples) // 2)]
         return record
+
+    def sync_weights(self, version: int) -> str:
+        """Every generator at ``version``: by broadcast when asked for, by the pull otherwise and
+        whenever the broadcast failed. Returns how: broadcast, pull or pull-after-broadcast."""
+        if self.broadcast is not None:
+            try:
+                synced = self.broadcast.sync(getattr(self.generator, "clients", [self.generator]), version)
+                mark_synced = getattr(self.generator, "mark_synced", None)  # replicas: for the ones joining later
+                if mark_synced is not None:
+                    mark_synced(self.trainer_address, synced.policy_version)
+                return "broadcast"
+            except grpc.RpcError as err:
+                log.warning("weight broadcast failed (%s: %s); the generators pull instead", err.code().name,
+                            err.details())
+            self.generator.load_weights(self.trainer_address, version)
+            return "pull-after-broadcast"
+        self.generator.load_weights(self.trainer_address, version)
+        return "pull"
 
     def check_guards(self, record: dict) -> list[str]:
         a = self.args
@@ -463,6 +485,9 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--max-restarts-per-hour", 5, int, "restarts of each service this run started, per hour")
     add_flag(parser, "--trainer-nproc", 1, int,
              "trainer processes (data parallel under torchrun; the same updates as one; see docs/distributed.md)")
+    add_flag(parser, "--weight-sync", "pull", choices=("pull", "broadcast"),
+             help="how generators get each new policy: pull (LoadWeights, the safetensors file over gRPC) or "
+                  "broadcast (a torch.distributed group of the trainer and the generators; the pull on failure)")
     add_flag(parser, "--generator-replicas", 1, int,
              "generator processes; each rollout's samples are split across them and run concurrently")
     add_flag(parser, "--device", "auto", help="torch device for all services")
@@ -768,6 +793,8 @@ def start_services(args, run_dir: Path, services: list[ServiceProcess], token_fi
                     "--keep-checkpoints", str(getattr(args, "keep_checkpoints", 3)), *common]
     if getattr(args, "trainer_nproc", 1) > 1:
         trainer_args += ["--nproc", str(args.trainer_nproc)]
+    if getattr(args, "weight_sync", "pull") == "broadcast":
+        trainer_args += ["--weight-group-port", "0"]  # a free port: runs side by side do not collide
     resume = resume_from or args.resume
     if resume:
         trainer_args += ["--resume", str(resume)]

@@ -24,6 +24,7 @@ from services.common.batching import ContinuousBatcher, QueueFull, ShuttingDown
 from services.common.config import add_batching_flags, add_common_server_flags, add_flag
 from services.common.security import check_security_flags, client_tls
 from services.common.server import Draining, serve
+from services.generator.weight_group import GeneratorWeightGroup, add_weight_group_flags
 
 log = get_logger(__name__)
 FINISH = {"eos": pb.FINISH_REASON_EOS, LENGTH: pb.FINISH_REASON_LENGTH}
@@ -55,6 +56,7 @@ class GeneratorService(pb_grpc.GeneratorServicer):
         self.batcher = ContinuousBatcher("generator", generator.open_batch, args.max_batch_size,
                                          args.max_wait_ms / 1000, args.max_queue)
         metrics.POLICY_VERSION.labels("generator").set(0)
+        self.weight_group = GeneratorWeightGroup(self, args)
 
     # ------------------------------------------------------------ validation
 
@@ -220,6 +222,12 @@ class GeneratorService(pb_grpc.GeneratorServicer):
         log.info("loaded policy version %d (%.1f MB in %.2fs)", self.generator.version, len(data) / 1e6, seconds)
         return pb.LoadWeightsResponse(policy_version=self.generator.version, bytes=len(data), seconds=seconds)
 
+    def JoinWeightGroup(self, request, context):
+        return self.weight_group.join(request, context)
+
+    def ReceiveWeights(self, request, context):
+        return self.weight_group.receive(request, context)
+
     def _allowed_peer(self, requested: str, context) -> str:
         """The trainer to pull from: the request may only pick one of --trainer-address, and
         anything else is refused before any connection is made (no probing ports through us)."""
@@ -259,7 +267,8 @@ class GeneratorService(pb_grpc.GeneratorServicer):
                     "max_samples_per_prompt": self.max_samples_per_prompt, "max_prompts": self.max_prompts,
                     "max_message_bytes": self.max_message_bytes, "max_prompt_chars": self.max_prompt_chars,
                     "max_request_tokens": self.max_request_tokens, "max_queued_tokens": self.work.limit,
-                    "max_weights_bytes": self.max_weights_bytes})
+                    "max_weights_bytes": self.max_weights_bytes,
+                    "max_broadcast_weight_bytes": self.weight_group.max_bytes})
 
 
 class WorkBudget:
@@ -335,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(parser, "--max-queued-tokens", 524288, int,
              "most work admitted at once over all requests (samples x max_new_tokens); beyond it "
              "RESOURCE_EXHAUSTED at once")
+    add_weight_group_flags(parser)
     add_batching_flags(parser)
     return parser
 

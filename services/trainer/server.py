@@ -26,6 +26,7 @@ from services.common import metrics
 from services.common.config import add_common_server_flags, add_dataclass_flags, add_flag, dataclass_flag_values
 from services.common.security import check_security_flags
 from services.common.server import Draining, exit_with_parent, serve
+from services.trainer.weight_group import TrainerWeightGroups, add_weight_group_flags
 
 log = get_logger(__name__)
 CHUNK_BYTES = 1 << 20  # well under any sane gRPC message limit
@@ -49,6 +50,7 @@ class TrainerService(pb_grpc.TrainerServicer):
                                  max_abs_reward=args.max_abs_reward, vocab_size=config.vocab_size,
                                  max_context=model_context(config))
         metrics.POLICY_VERSION.labels("trainer").set(trainer.version)
+        self.weight_groups = TrainerWeightGroups(trainer, self._lock, args)
 
     def Step(self, request, context):
         if self.draining:
@@ -137,6 +139,17 @@ class TrainerService(pb_grpc.TrainerServicer):
             return pb.SaveCheckpointResponse(directory=str(path), policy_version=self.trainer.version, label=label,
                                              steps_done=self.trainer.steps_done)
 
+    def OpenWeightGroup(self, request, context):
+        return self.weight_groups.open(request, context)
+
+    def JoinWeightGroup(self, request, context):
+        return self.weight_groups.join(request, context)
+
+    def BroadcastWeights(self, request, context):
+        if self.draining:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "trainer is draining")
+        return self.weight_groups.broadcast(request, context)
+
     def GetInfo(self, request, context):
         t = self.trainer
         return pb.ServiceInfo(service="trainer", model_id=t.policy_ref, policy_version=t.version,
@@ -147,7 +160,8 @@ class TrainerService(pb_grpc.TrainerServicer):
                                       "max_step_tokens": self.limits.max_step_tokens,
                                       "max_abs_reward": int(self.limits.max_abs_reward),
                                       "max_coordinator_state_bytes": self.max_coordinator_state_bytes,
-                                      "trainer_processes": t.parallel.world if t.parallel else 1})
+                                      "trainer_processes": t.parallel.world if t.parallel else 1,
+                                      **self.weight_groups.limits})
 
 
 def process_group_failed(err: Exception, context) -> None:
@@ -249,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(parser, "--dist-timeout", 600.0, float, "seconds a collective may wait for the other processes")
     add_flag(parser, "--ppo-config", "", help="JSON object of PPO options (see PPOConfig), e.g. "
              "'{\"minibatch_size\": 16}'; a typed option flag below overrides its key")
+    add_weight_group_flags(parser)
     add_dataclass_flags(parser, PPOConfig, group_title="PPO options (PPOConfig)")
     return parser
 
