@@ -7,7 +7,7 @@ REWARD_DEV ?= $(if $(wildcard ../shared/data/ranklists_sample.tsv),../shared/dat
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv run test proto bootstrap bench bench-learning bench-peer reward-model run-rm clean docker-wheels docker compose-test chaos
+.PHONY: venv run test proto bootstrap bench bench-distributed bench-real-size bench-weight-sync bench-learning bench-peer reward-model run-rm clean docker-wheels docker compose-test chaos
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -67,6 +67,17 @@ bench-learning: venv
 
 bench: venv
 	$(PY) -m bench.serving
+	$(MAKE) bench-weight-sync
+
+# trainer -> 2 generators sync of a random GPT-2-base-sized policy: broadcast vs pull vs raw safetensors
+WEIGHT_SYNC_ARGS ?=
+bench-weight-sync: venv
+	$(PY) -m bench.weight_sync $(WEIGHT_SYNC_ARGS)
+
+# the data-parallel trainer's Step: 1 process vs 2 on the same rollouts (docs/distributed.md)
+bench-distributed: venv
+	$(VENV)/bin/haoping bootstrap > /dev/null
+	$(PY) -m bench.distributed
 
 # haoping vs TRL on the same task, back to back, 300 s of training each (~30 min; docs/peer.md).
 # Each TRL release gets its own venv beside ours, pinned in bench/peer/requirements-*.txt.
@@ -100,3 +111,9 @@ docker: docker-wheels
 
 compose-test: venv
 	HAOPING_COMPOSE_TEST=1 BASE_IMAGE=$(BASE_IMAGE) $(PY) -m pytest -q tests/compose
+
+# the serving figures with a policy of uer/gpt2-chinese-cluecorpussmall's size (random weights, ~100M
+# parameters), beside the starter classifier (~3 min); writes bench/results_real_size.json
+REAL_SIZE_ARGS ?=
+bench-real-size: venv
+	$(PY) -m bench.real_size $(REAL_SIZE_ARGS)

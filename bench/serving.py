@@ -19,8 +19,12 @@ Figures (ratio = ours / baseline; for grpc_cycle_overhead, lower is better):
   dynamic_batching     32 concurrent 1-prompt clients vs the same 32 requests serially, 16 new
                        tokens each (dynamic_batching_eos: allowed to end at EOS, no target)
   peak_rss/<service>   VmHWM of each service process
-plus a scaling table: cycle time at batch 16, 64 and 256 with 1 and 2 generator replicas.
-Writes bench/results.json: figures, scaling, every timed cycle, checks and the machine info.
+plus a scaling table: cycle time at batch 16, 64 and 256 with 1 and 2 generator replicas, and
+a breakdown of the rollout, the score and the update: seconds inside model forward/backward
+calls vs everything else (bench/breakdown.py), each figure printed with its phase's share.
+Writes bench/results.json: figures (each with the load average before and after it), the
+breakdown, scaling, every timed cycle, checks and the machine (CPU model, flags, cores, load).
+`make bench-real-size` (bench/real_size.py) measures at a real Chinese GPT-2's size.
 
 `python -m bench.serving --only dynamic_batching` (or weight_sync, score_speedup) measures just
 those figures against freshly started services and prints them; results.json is left alone.
@@ -42,6 +46,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from bench.breakdown import clock_cost_seconds, phase_breakdown
 from bench.inprocess import InProcessPipeline
 from bench.reference import ReferencePipeline
 from haoping.bootstrap import ensure_starter_models
@@ -70,6 +75,8 @@ class Figure:
     lower_is_better: bool = False
     ratio: float | None = None
     met: bool | None = None
+    loadavg_before: list[float] | None = None  # 1, 5, 15 min, around this figure's measurement
+    loadavg_after: list[float] | None = None
 
     def __post_init__(self):
         if self.baseline:
@@ -132,16 +139,51 @@ def peak_rss_mb(pid: int) -> float:
     raise RuntimeError(f"no VmHWM for pid {pid}")
 
 
-def machine_info() -> dict:
-    cpu = platform.processor() or platform.machine()
+def cpuinfo_field(name: str) -> str | None:
+    """The first value of ``name`` in /proc/cpuinfo (None where there is none)."""
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
+        return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.split(":", 1)[0].strip() == name)
     except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(),
-            "loadavg_at_start": os.getloadavg()[0]}
+        return None
+
+
+def machine_info() -> dict:
+    flags = cpuinfo_field("flags")
+    return {"cpu": cpuinfo_field("model name") or platform.processor() or platform.machine(),
+            "cpu_flags": flags.split() if flags else [], "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version(), "loadavg_at_start": list(os.getloadavg())}
+
+
+@contextmanager
+def load_recorded(into: dict):
+    """Sets ``loadavg_before``/``loadavg_after`` on every Figure that ``into`` holds at the end
+    and did not have before: each figure carries the load it was measured under."""
+    before, known = list(os.getloadavg()), set(into)
+    yield
+    after = list(os.getloadavg())
+    for name, figure in into.items():
+        if name not in known and isinstance(figure, Figure):
+            figure.loadavg_before, figure.loadavg_after = before, after
+
+
+def model_breakdown(cycles: dict[str, list[dict]]) -> dict[str, dict[str, dict]]:
+    """Per phase and pipeline, the median seconds, the seconds inside model forward/backward calls
+    and their share. The services' own processes are not instrumented: their model seconds are
+    the in-process pipeline's for the same cycles (the same library calls on the same samples:
+    cycle 1's rollouts match exactly), so their rest is everything else: gRPC, handlers, batcher."""
+    out: dict[str, dict[str, dict]] = {}
+    for phase in ("rollout", "score", "update"):
+        out[phase] = {}
+        for name in ("services", "in_process", "reference"):
+            timed = cycles[name][1:]
+            model_of = cycles["in_process" if name == "services" else name][1:len(timed) + 1]
+            seconds = statistics.median(r[f"time/{phase}"] for r in timed)
+            model = {k: statistics.median(r["model"][phase][k] for r in model_of)
+                     for k in ("forward", "backward", "calls")}
+            out[phase][name] = phase_breakdown(seconds, model)
+    return out
 
 
 # ---------------------------------------------------------------- measurements
@@ -163,7 +205,7 @@ def measure_cycles(stack: Stack, in_process: InProcessPipeline, reference: Refer
         "rollout_speedup": Figure(ours["samples"] / ours["time/rollout"], ref["samples"] / ref["time/rollout"],
                                   "samples/s", 15),
         "cycle_speedup": Figure(ours["samples"] / ours["seconds"], ref["samples"] / ref["seconds"], "samples/s", 8),
-        "grpc_cycle_overhead": Figure(ours["seconds"], in_proc["seconds"], "s/cycle", 1.10, lower_is_better=True),
+        "grpc_cycle_overhead": Figure(ours["seconds"], in_proc["seconds"], "s/cycle", 1.05, lower_is_better=True),
     }
     return cycles, figures
 
@@ -179,14 +221,15 @@ def measure_update(in_process: InProcessPipeline, reference: ReferencePipeline) 
     return Figure(len(batch[0]) / vectorized, len(batch[0]) / one_by_one, "samples/s", 5)
 
 
-def measure_weight_sync(stack: Stack, in_process: InProcessPipeline) -> Figure:
-    """Trainer -> generator through gRPC vs a raw safetensors save + load of the same tensors."""
+def measure_weight_sync(stack: Stack, state: dict[str, torch.Tensor], repeat: int = 3) -> Figure:
+    """Trainer -> generator through gRPC vs a raw safetensors save + load of the same tensors
+    (``state``: the policy's, as the trainer sends them)."""
     with stack.replicas(1) as generator:
         size = generator.load_weights(stack.trainer_address).bytes
-        sync = timed(lambda: generator.load_weights(stack.trainer_address), repeat=3)
-    state, path = in_process.trainer.policy_state(), str(WORK / "weights.safetensors")
-    raw = timed(lambda: (save_file(state, path), load_file(path)), repeat=3)
-    return Figure(size / sync / 1e9, size / raw / 1e9, "GB/s")
+        sync = timed(lambda: generator.load_weights(stack.trainer_address), repeat=repeat)
+    path = str(WORK / "weights.safetensors")
+    raw = timed(lambda: (save_file(state, path), load_file(path)), repeat=repeat)
+    return Figure(size / sync / 1e9, size / raw / 1e9, "GB/s", 0.8)
 
 
 def measure_score(stack: Stack, reference: ReferencePipeline) -> Figure:
@@ -197,10 +240,10 @@ def measure_score(stack: Stack, reference: ReferencePipeline) -> Figure:
     stack.scorer.score(texts[:8])
     batched = timed(lambda: stack.scorer.score(texts), repeat=3)
     one_by_one = timed(lambda: [reference.score_one(t) for t in texts], repeat=2)
-    return Figure(len(texts) / batched, len(texts) / one_by_one, "texts/s")
+    return Figure(len(texts) / batched, len(texts) / one_by_one, "texts/s", 6)
 
 
-def measure_dynamic_batching(stack: Stack) -> dict[str, Figure]:
+def measure_dynamic_batching(stack: Stack, rounds: int = 3, with_eos: bool = True) -> dict[str, Figure]:
     """32 clients with one prompt each, at once (merged by the batcher) vs one after another.
 
     ``dynamic_batching``: every request asks for exactly 16 new tokens (min_new_tokens=16), the
@@ -211,7 +254,7 @@ def measure_dynamic_batching(stack: Stack) -> dict[str, Figure]:
 
     The 32 client threads exist before the clock starts (a client pool is not server work), and
     one untimed round of each side warms up the server's handler threads; then the two sides
-    alternate, best of three each."""
+    alternate, best of ``rounds`` each."""
     prompts = stack.args.prompts
     with stack.replicas(1) as generator, ThreadPoolExecutor(32) as clients:
         gen = generator.clients[0]
@@ -229,12 +272,15 @@ def measure_dynamic_batching(stack: Stack) -> dict[str, Figure]:
 
             concurrent(), serial()
             best_concurrent = best_serial = float("inf")
-            for _ in range(3):
+            for _ in range(rounds):
                 best_concurrent = min(best_concurrent, timed(concurrent))
                 best_serial = min(best_serial, timed(serial))
             return Figure(32 / best_concurrent, 32 / best_serial, "requests/s", target)
 
-        return {"dynamic_batching": figure(16, 8), "dynamic_batching_eos": figure(0, None)}
+        figures = {"dynamic_batching": figure(16, 10)}
+        if with_eos:
+            figures["dynamic_batching_eos"] = figure(0, 8)
+        return figures
 
 
 def measure_scaling(stack: Stack) -> tuple[list[dict], bool]:
@@ -311,7 +357,7 @@ def measure_only(names: list[str]) -> int:
                 continue
             print(f"{name} ...", flush=True)
             if name == "weight_sync":
-                figures[name] = measure_weight_sync(stack, InProcessPipeline(args))
+                figures[name] = measure_weight_sync(stack, InProcessPipeline(args).trainer.policy_state())
             elif name == "score_speedup":
                 figures[name] = measure_score(stack, ReferencePipeline(args))
             else:
@@ -336,20 +382,30 @@ def main(argv: list[str] | None = None) -> int:
     print("starting the services and the in-process pipelines ...", flush=True)
     with started_stack(args, stack_args=run_args()) as (stack, services):
         in_process, reference = InProcessPipeline(args), ReferencePipeline(args)
-        cycles, cycle_figures = measure_cycles(stack, in_process, reference)
-        figures.update(cycle_figures)
-        figures["ppo_update_speedup"] = measure_update(in_process, reference)
+        with load_recorded(figures):
+            cycles, cycle_figures = measure_cycles(stack, in_process, reference)
+            figures.update(cycle_figures)
+        with load_recorded(figures):
+            figures["ppo_update_speedup"] = measure_update(in_process, reference)
         print("weight sync, score, dynamic batching ...", flush=True)
-        figures["weight_sync"] = measure_weight_sync(stack, in_process)
-        figures["score_speedup"] = measure_score(stack, reference)
-        figures.update(measure_dynamic_batching(stack))
+        with load_recorded(figures):
+            figures["weight_sync"] = measure_weight_sync(stack, in_process.trainer.policy_state())
+        with load_recorded(figures):
+            figures["score_speedup"] = measure_score(stack, reference)
+        with load_recorded(figures):
+            figures.update(measure_dynamic_batching(stack))
         scaling, replicas_same_samples = measure_scaling(stack)
         for service in services:
             figures[f"peak_rss/{service.name}"] = Figure(peak_rss_mb(service.process.pid), None, "MB")
 
     wall = time.perf_counter() - started
-    machine["loadavg_at_end"] = os.getloadavg()[0]
+    machine["loadavg_at_end"] = list(os.getloadavg())
     summary = {name: cycle_summary(records[1:]) for name, records in cycles.items()}  # [0] warmed up
+    breakdown = model_breakdown(cycles)
+    clock_cost = clock_cost_seconds()
+    for phases in breakdown.values():  # the most the hooks can have added to a phase
+        for row in phases.values():
+            row["clock_cost_bound"] = row["calls"] * clock_cost
     same = [s["examples"] == i["examples"] and abs(s["reward_mean"] - i["reward_mean"]) < 1e-6
             for s, i in zip(cycles["services"], cycles["in_process"])]
     checks = {
@@ -363,12 +419,13 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.write_text(json.dumps({
         "machine": machine, "wall_seconds": wall, "checks": checks,
         "figures": {name: asdict(f) for name, f in figures.items()},
+        "model_breakdown": breakdown, "clock_cost_per_call_seconds": clock_cost,
         "scaling": scaling,
         "cycles": {name: {"median": summary[name],
                           "timed": [{k: v for k, v in r.items() if k != "examples"} for r in records[1:]]}
                    for name, records in cycles.items()},
     }, indent=2, ensure_ascii=False))
-    print_report(figures, summary, scaling, machine, checks, wall)
+    print_report(figures, summary, scaling, machine, checks, wall, breakdown)
     return 0
 
 
@@ -379,19 +436,45 @@ def fmt(value: float | None, unit: str = "") -> str:
     return f"{value:.{digits}f} {unit}".strip()
 
 
-def print_figures(figures: dict[str, Figure]) -> None:
-    print(f"{'figure':<22} {'ours':>18} {'baseline':>18} {'ratio':>7} {'target':>7}  met?")
+# the phase whose model share is printed beside a figure: (phase, our pipeline, baseline pipeline)
+FIGURE_PHASE = {"rollout_speedup": ("rollout", "services", "reference"),
+                "ppo_update_speedup": ("update", "in_process", "reference"),
+                "score_speedup": ("score", "services", "reference"),
+                "grpc_cycle_overhead": ("rollout", "services", "in_process")}
+
+
+def print_figures(figures: dict[str, Figure], breakdown: dict | None = None) -> None:
+    print(f"{'figure':<22} {'ours':>18} {'baseline':>18} {'ratio':>7} {'target':>7}  met?  "
+          f"model share ours/baseline (load 1-min before-after)")
     for name, f in figures.items():
         ratio = "-" if f.ratio is None else f"{f.ratio:.2f}x"
         target = "-" if f.target is None else f"{'<=' if f.lower_is_better else '>='}{f.target}x"
         met = "-" if f.met is None else ("yes" if f.met else "NO")
-        print(f"{name:<22} {fmt(f.ours, f.unit):>18} {fmt(f.baseline, f.unit):>18} {ratio:>7} {target:>7}  {met}")
+        share = ""
+        if breakdown and name in FIGURE_PHASE:
+            phase, ours, base = FIGURE_PHASE[name]
+            share = (f"{phase} {100 * breakdown[phase][ours]['model_share']:.0f}% / "
+                     f"{100 * breakdown[phase][base]['model_share']:.0f}%")
+        load = "" if f.loadavg_before is None else f" ({f.loadavg_before[0]:.2f}-{f.loadavg_after[0]:.2f})"
+        print(f"{name:<22} {fmt(f.ours, f.unit):>18} {fmt(f.baseline, f.unit):>18} {ratio:>7} {target:>7}  "
+              f"{met:<4}  {share}{load}")
+
+
+def print_breakdown(breakdown: dict[str, dict[str, dict]]) -> None:
+    print("\nmodel arithmetic     pipeline      phase s  forward  backward   rest s  model share")
+    for phase, rows in breakdown.items():
+        for name, b in rows.items():
+            print(f"{phase:<20} {name:<12} {b['seconds']:8.3f} {b['forward']:8.3f} {b['backward']:9.3f} "
+                  f"{b['rest']:8.3f}  {100 * b['model_share']:10.0f}%")
+    print("(services: the in-process model seconds of the same cycles; the rest is gRPC, handlers, batcher)")
 
 
 def print_report(figures: dict[str, Figure], summary: dict, scaling: list[dict], machine: dict, checks: dict,
-                 wall: float) -> None:
+                 wall: float, breakdown: dict | None = None) -> None:
     print()
-    print_figures(figures)
+    print_figures(figures, breakdown)
+    if breakdown:
+        print_breakdown(breakdown)
     print("\nmedian cycle (s)       total  rollout    score   update  weight sync")
     for name, s in summary.items():
         print(f"{name:<20} {s['seconds']:7.2f}  {s['time/rollout']:7.2f}  {s['time/score']:7.2f}  "

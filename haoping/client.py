@@ -14,24 +14,30 @@ import collections
 import json
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from haoping.discovery import ReplicaSet
+from haoping.log import get_logger
 from haoping.v1 import haoping_pb2 as pb
 from haoping.v1 import haoping_pb2_grpc as pb_grpc
+
+log = get_logger(__name__)
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # grpc's own retry policy: a call that finds the service unreachable is retried with exponential
 # backoff and jitter within its deadline (a longer outage is the caller's to handle, e.g. the
 # coordinator's supervision). Every haoping RPC is safe to repeat: Step is exactly-once by its id.
-RETRY_SERVICE_CONFIG = json.dumps({"methodConfig": [{
-    "name": [{}],
-    "retryPolicy": {"maxAttempts": 5, "initialBackoff": "0.1s", "maxBackoff": "2s", "backoffMultiplier": 2,
-                    "retryableStatusCodes": ["UNAVAILABLE"]}}]})
+# Health checks are not retried: "is it serving now?" wants the answer at once (a replica that is
+# down is dropped from the coordinator's set in milliseconds, not after ~1.5 s of retries).
+RETRY_SERVICE_CONFIG = json.dumps({"methodConfig": [
+    {"name": [{}],
+     "retryPolicy": {"maxAttempts": 5, "initialBackoff": "0.1s", "maxBackoff": "2s", "backoffMultiplier": 2,
+                     "retryableStatusCodes": ["UNAVAILABLE"]}},
+    {"name": [{"service": "grpc.health.v1.Health"}]}]})
 
 
 def read_token_file(path: str | Path) -> str:
@@ -202,6 +208,19 @@ class GeneratorClient(_Client):
                                      timeout=self.timeout)
 
 
+def contiguous_shards(n: int, parts: int) -> list[tuple[int, int]]:
+    """(first, count) of ``parts`` contiguous ranges splitting range(n), the first ``n % parts``
+    one longer; empty ranges left out."""
+    base, extra = divmod(n, parts)
+    plan, first = [], 0
+    for i in range(parts):
+        count = base + (1 if i < extra else 0)
+        if count:
+            plan.append((first, count))
+        first += count
+    return plan
+
+
 class GeneratorReplicas:
     """Several generator replicas behind the two calls the coordinator makes.
 
@@ -210,13 +229,26 @@ class GeneratorReplicas:
     returns one response in the order a single generator would. A sample's seed depends only
     on (seed, prompt index, sample index), so the samples do not depend on the replica count.
     :meth:`load_weights` loads the trainer's policy into every replica.
+
+    The replicas are a :class:`haoping.discovery.ReplicaSet`: a fixed list of clients, or (see
+    :meth:`discovered`) addresses found again at every :meth:`refresh`; a replica that joins
+    loads the weights the others hold before it gets work.
     """
 
     def __init__(self, clients: list[GeneratorClient]):
-        if not clients:
-            raise ValueError("GeneratorReplicas needs at least one generator client")
-        self.clients = clients
-        self._pool = ThreadPoolExecutor(len(clients), thread_name_prefix="generator-replica")
+        self.replicas = ReplicaSet.of_clients("generator", clients)
+        self._synced: tuple[str, int] | None = None  # (trainer address, version) of the last load_weights
+
+    @classmethod
+    def discovered(cls, replicas: ReplicaSet) -> "GeneratorReplicas":
+        """Generators found by ``replicas`` (no members until the first :meth:`refresh`)."""
+        self = cls.__new__(cls)
+        self.replicas, self._synced = replicas, None
+        return self
+
+    @property
+    def clients(self) -> list[GeneratorClient]:
+        return self.replicas.clients()
 
     def __enter__(self):
         return self
@@ -225,25 +257,38 @@ class GeneratorReplicas:
         self.close()
 
     def close(self) -> None:
-        self._pool.shutdown()
-        for client in self.clients:
-            client.close()
+        self.replicas.close()
+
+    def refresh(self) -> tuple[list[str], list[str]]:
+        """Re-resolve and health-check the replicas; returns (added, dropped) addresses."""
+        return self.replicas.refresh(self._catch_up)
+
+    def await_members(self, timeout: float) -> None:
+        self.replicas.await_members(timeout, self._catch_up)
+
+    def _catch_up(self, client: GeneratorClient) -> bool:
+        """A joining replica first loads the version the others hold (none loaded yet: nothing to do)."""
+        if self._synced is not None:
+            client.load_weights(*self._synced)
+        return True
 
     def shards(self, n: int) -> list[tuple[GeneratorClient, int, int]]:
         """(client, first sample index, samples per prompt) for each replica that gets work."""
-        base, extra = divmod(n, len(self.clients))
-        plan, first = [], 0
-        for i, client in enumerate(self.clients):
-            count = base + (1 if i < extra else 0)
-            if count:
-                plan.append((client, first, count))
-            first += count
-        return plan
+        clients = self._members()
+        return [(clients[i], first, count) for i, (first, count) in
+                enumerate(contiguous_shards(n, len(clients)))]
+
+    def _members(self) -> list[GeneratorClient]:
+        clients = self.clients
+        if not clients:
+            raise NoReplicas(f"no generator is serving at {', '.join(t.text for t in self.replicas.targets)}")
+        return clients
 
     def generate(self, prompts: list[str], n: int = 1, seed: int | None = None, **kwargs) -> pb.GenerateResponse:
         if seed is None:  # one seed for all shards, else each replica would draw its own
             seed = int.from_bytes(os.urandom(8), "little") >> 1
-        futures = [self._pool.submit(client.generate, prompts, count, seed=seed, first_sample_index=first, **kwargs)
+        futures = [self.replicas.pool.submit(client.generate, prompts, count, seed=seed, first_sample_index=first,
+                                             **kwargs)
                    for client, first, count in self.shards(n)]
         parts = [future.result() for future in futures]
         samples = sorted((s for part in parts for s in part.samples), key=lambda s: (s.prompt_index, s.sample_index))
@@ -253,9 +298,22 @@ class GeneratorReplicas:
 
     def load_weights(self, trainer_address: str = "", version: int = 0) -> pb.LoadWeightsResponse:
         started = time.perf_counter()
-        replies = list(self._pool.map(lambda client: client.load_weights(trainer_address, version), self.clients))
-        return pb.LoadWeightsResponse(policy_version=min(r.policy_version for r in replies),
-                                      bytes=sum(r.bytes for r in replies), seconds=time.perf_counter() - started)
+        replies = list(self.replicas.pool.map(lambda client: client.load_weights(trainer_address, version),
+                                              self._members()))
+        loaded = min(r.policy_version for r in replies)
+        self._synced = (trainer_address, loaded)
+        return pb.LoadWeightsResponse(policy_version=loaded, bytes=sum(r.bytes for r in replies),
+                                      seconds=time.perf_counter() - started)
+
+
+    def mark_synced(self, trainer_address: str, version: int) -> None:
+        """Every member holds ``version`` by another way than :meth:`load_weights` (a broadcast):
+        a replica that joins later catches up to it."""
+        self._synced = (trainer_address, version)
+
+
+class NoReplicas(RuntimeError):
+    """No replica of a role serves (see :meth:`haoping.discovery.ReplicaSet.await_members`)."""
 
 
 class ScorerClient(_Client):
@@ -264,6 +322,50 @@ class ScorerClient(_Client):
     def score(self, texts: list[str], normalization: int = pb.SCORE_NORMALIZATION_NONE) -> pb.ScoreResponse:
         """``normalization``: SCORE_NORMALIZATION_SIGMOID asks for scores in (0, 1) (see the proto)."""
         return self.stub.Score(pb.ScoreRequest(texts=texts, normalization=normalization), timeout=self.timeout)
+
+
+class ScorerReplicas:
+    """Several scorer replicas behind ``score``: a batch is split into contiguous chunks, one a
+    replica, scored concurrently and joined in the batch's order. The replicas are a
+    :class:`haoping.discovery.ReplicaSet`, refreshed like :class:`GeneratorReplicas`'."""
+
+    def __init__(self, replicas: ReplicaSet):
+        self.replicas = replicas
+
+    @property
+    def clients(self) -> list[ScorerClient]:
+        return self.replicas.clients()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        self.replicas.close()
+
+    def refresh(self) -> tuple[list[str], list[str]]:
+        return self.replicas.refresh()
+
+    def await_members(self, timeout: float) -> None:
+        self.replicas.await_members(timeout)
+
+    def score(self, texts: list[str], normalization: int = pb.SCORE_NORMALIZATION_NONE) -> pb.ScoreResponse:
+        clients = self.clients
+        if not clients:
+            raise NoReplicas(f"no scorer is serving at {', '.join(t.text for t in self.replicas.targets)}")
+        futures = [self.replicas.pool.submit(client.score, texts[first:first + count], normalization)
+                   for client, (first, count) in zip(clients, contiguous_shards(len(texts), len(clients)))]
+        parts = [future.result() for future in futures]
+        if not parts:  # no texts: one call, for the model id and backend
+            return clients[0].score(texts, normalization)
+        models = {(p.model_id, p.backend) for p in parts}
+        if len(models) > 1:
+            log.warning("scorer replicas disagree on the model (%s): one batch was scored by several",
+                        sorted(models))
+        return pb.ScoreResponse(scores=[score for part in parts for score in part.scores],
+                                model_id=parts[0].model_id, backend=parts[0].backend)
 
 
 class TrainerClient(_Client):

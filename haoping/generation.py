@@ -7,13 +7,15 @@ it is generated alone or merged into a larger batch with other requests.
 from __future__ import annotations
 
 import functools
+import json
+import math
 import threading
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import torch
-from safetensors.torch import load as load_safetensors
 
 from haoping.errors import Cancelled
 from haoping.log import get_logger
@@ -301,6 +303,55 @@ def generate_batch(model, specs: list[SampleSpec], eos_id: int | None, pad_id: i
     return results
 
 
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def safetensors_views(data: bytes | bytearray) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file held in memory, as views into ``data``: no copy.
+
+    The format (an 8-byte little-endian header length, a JSON header of name -> dtype, shape
+    and data offsets, then the data) is checked entry by entry: ValueError for a header that
+    does not parse, an unknown dtype, or offsets that leave the buffer or disagree with the
+    shape. The views share ``data``'s memory (read them, copy them out; do not keep them)."""
+    size = len(data)
+    if size < 8:
+        raise ValueError("shorter than a safetensors header")
+    header_bytes = int.from_bytes(data[:8], "little")
+    if header_bytes > size - 8:
+        raise ValueError(f"header of {header_bytes} bytes in a file of {size}")
+    try:
+        header = json.loads(bytes(data[8:8 + header_bytes]))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"header is not JSON: {err}") from None
+    if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object")
+    start, body = 8 + header_bytes, size - 8 - header_bytes
+    views = {}
+    with warnings.catch_warnings():  # a read-only bytes object: the views are only read
+        warnings.simplefilter("ignore", UserWarning)
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            if not isinstance(entry, dict) or entry.get("dtype") not in SAFETENSORS_DTYPES:
+                raise ValueError(f"{name}: no known dtype")
+            shape, offsets = entry.get("shape"), entry.get("data_offsets")
+            if (not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape)
+                    or not isinstance(offsets, list) or len(offsets) != 2
+                    or not all(isinstance(o, int) for o in offsets)):
+                raise ValueError(f"{name}: malformed shape or data_offsets")
+            dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+            begin, end = offsets
+            count = math.prod(shape)
+            if not 0 <= begin <= end <= body or end - begin != count * dtype.itemsize:
+                raise ValueError(f"{name}: data_offsets {offsets} do not fit shape {shape} in {body} bytes of data")
+            flat = (torch.frombuffer(data, dtype=dtype, count=count, offset=start + begin) if count
+                    else torch.empty(0, dtype=dtype))
+            views[name] = flat.view(shape)
+    return views
+
+
 class PolicyGenerator:
     """A policy that writes continuations and can swap in new weights atomically.
 
@@ -368,17 +419,28 @@ class PolicyGenerator:
         finally:
             self._release()
 
-    def load_weights(self, data: bytes, version: int) -> None:
+    def load_weights(self, data: bytes | bytearray, version: int) -> None:
         """Load a safetensors file of the policy's parameters (tied weights stored once).
 
+        The tensors are read in place from ``data`` and copied once, into the parameters.
         Waits for running batches to finish (they take no new rows meanwhile). ValueError, with
         the old weights still serving, for weights :func:`check_weights` refuses."""
         try:
-            state = load_safetensors(data)
-        except Exception as err:  # safetensors raises its own error types for a malformed header
+            state = safetensors_views(data)
+        except ValueError as err:
             raise ValueError(f"weights are not a readable safetensors file: {err}") from None
+        self.check_state(state, version)
+        self.swap_in(state, version)
+
+    def check_state(self, state: dict[str, torch.Tensor], version: int) -> None:
+        """ValueError unless ``state`` (name -> tensor) of ``version`` may replace the serving weights."""
+        check_weights(state, dict(self.model.named_parameters()), set(self.model.state_dict()), version,
+                      self.version)
+
+    def swap_in(self, state: dict[str, torch.Tensor], version: int) -> None:
+        """Copy a ``state`` that :meth:`check_state` passed into the model once the running batches
+        finished; ValueError (old weights serving) if a newer version was loaded meanwhile."""
         expected = dict(self.model.named_parameters())
-        check_weights(state, expected, set(self.model.state_dict()), version, self.version)
         with self._weights:
             self._loads_waiting += 1
             try:
@@ -395,6 +457,14 @@ class PolicyGenerator:
             finally:
                 self._loads_waiting -= 1
                 self._weights.notify_all()
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Every value finite. A NaN or infinity anywhere makes the sum non-finite, so a finite sum
+    (one fast pass, no mask the size of the tensor) proves it; only a sum that overflowed needs
+    the element-wise check."""
+    total = tensor.sum(dtype=torch.float64 if tensor.dtype == torch.float64 else torch.float32)
+    return bool(torch.isfinite(total)) or bool(torch.isfinite(tensor).all())
 
 
 def check_weights(state: dict[str, torch.Tensor], parameters: dict[str, torch.Tensor], known: set[str],
@@ -421,7 +491,7 @@ def check_weights(state: dict[str, torch.Tensor], parameters: dict[str, torch.Te
         if tensor.dtype not in (target.dtype, torch.float32):
             raise ValueError(f"weights do not fit the policy: {name} is {tensor.dtype}, expected {target.dtype} "
                              "or float32")
-        if not bool(torch.isfinite(tensor).all()):
+        if not all_finite(tensor):
             raise ValueError(f"weights of policy version {version} hold non-finite values in {name}")
 
 

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save, save_file
 
 from haoping import algorithms, ppo
-from haoping.checkpoint import CheckpointStore, verify_checkpoint
+from haoping.checkpoint import CheckpointError, CheckpointStore, verify_checkpoint
+from haoping.distributed import DataParallel, collective
 from haoping.log import get_logger
 from haoping.models import TokenFormat, autocast, decode_clean, load_causal_lm, load_tokenizer
 from haoping.training import lr_factors
@@ -289,8 +290,10 @@ class StaleRolloutsError(ValueError):
 
 class PPOTrainer:
     def __init__(self, policy_ref: str, config: PPOConfig = PPOConfig(), device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32, ref_model_ref: str | None = None):
+                 dtype: torch.dtype = torch.float32, ref_model_ref: str | None = None,
+                 parallel: DataParallel | None = None):
         self.config = config
+        self.parallel = parallel  # None: one process, torch.distributed untouched
         self.device = torch.device(device)
         self.dtype = dtype  # autocast dtype for forward passes; master weights stay float32
         self.policy_ref = policy_ref
@@ -304,6 +307,8 @@ class PPOTrainer:
         self.ref_model = load_causal_lm(self.ref_model_ref, self.device, dtype).eval()
         for p in self.ref_model.parameters():
             p.requires_grad_(False)
+        if parallel is not None:
+            parallel.broadcast_module(self.model)
         if config.freeze_embeddings:
             for module in (self.model.lm.get_input_embeddings(), self.model.lm.get_output_embeddings()):
                 for p in module.parameters() if module is not None else ():
@@ -410,6 +415,8 @@ class PPOTrainer:
         differ from :attr:`version` are counted, or the step is refused (``stale_rollouts``).
         """
         validate_rollouts(queries, responses, scores)
+        if self.parallel and len(queries) < self.parallel.world:
+            raise ValueError(f"{len(queries)} rollouts for {self.parallel.world} trainer processes: each needs one")
         c = self.config
         min_tokens = self._min_tokens(min_response_tokens)
         if min_tokens < 0:
@@ -435,11 +442,16 @@ class PPOTrainer:
             baseline=c.score_baseline)
 
         n = len(queries)
+        # with several processes each runs the rollout forward on its rows; the rest is gathered
+        local_rows = self.parallel.local_rows(n) if self.parallel else torch.arange(n, device=self.device)
+        local_batch = batch.rows(local_rows) if self.parallel else batch
         first_forward = None  # (log-softmax, values) with grad, reused by the first minibatch
         if self.fuse_first_forward and c.minibatch_size >= n and c.gradient_accumulation_steps == 1:
-            old, first_forward = self._rollout_forward_with_grad(batch, min_tokens)
+            old, first_forward = self._rollout_forward_with_grad(local_batch, min_tokens)
         else:
-            old = self._rollout_forward(batch, min_tokens)
+            old = self._rollout_forward(local_batch, min_tokens)
+        if self.parallel:
+            old = {k: self.parallel.gather_rows(v, n) if v is not None else None for k, v in old.items()}
         t_forward = time.perf_counter()
         kl_coef = self.kl_ctl.value
         if c.uses_value_head:
@@ -463,28 +475,38 @@ class PPOTrainer:
         learning_rate = self._set_learning_rates(raw_scores.mean().item())
         mb_stats: list[dict[str, float]] = []
         micro = max(1, c.minibatch_size // c.gradient_accumulation_steps)
+        stat_keys = self._loss_stat_keys()
         for _ in range(c.ppo_epochs):
             order = torch.randperm(n, device=self.device)
             for mb_start in range(0, n, c.minibatch_size):
                 mb_index = order[mb_start:mb_start + c.minibatch_size]
                 self.optimizer.zero_grad(set_to_none=True)
+                # the whole minibatch's real tokens (every process holds the whole mask): a
+                # process's share of the loss is weighted by its tokens over this global count
                 mb_tokens = mask[mb_index].sum().clamp(min=1)
+                share = self.parallel.share(mb_index) if self.parallel else mb_index
                 parts = []
-                for micro_start in range(0, len(mb_index), micro):
-                    index = mb_index[micro_start:micro_start + micro]
-                    # weight each micro-batch by its share of real tokens: accumulation == one big batch
-                    weight = mask[index].sum() / mb_tokens
+                for micro_start in range(0, len(share), micro):
+                    index = share[micro_start:micro_start + micro]
                     if first_forward is not None:  # the whole batch, before any update: same rows, same weights
-                        index = torch.arange(n, device=self.device)
-                        parts.append(self._loss(batch, old, advantages, returns, index, weight, loss_kl_coef, min_tokens,
-                                                first_forward))
+                        index = local_rows
+                        parts.append(self._loss(local_batch, old, advantages, returns, index,
+                                                mask[index].sum() / mb_tokens, loss_kl_coef, min_tokens, first_forward))
                         first_forward = None
                         continue
+                    # weight each micro-batch by its share of real tokens: accumulation == one big batch
+                    weight = mask[index].sum() / mb_tokens
                     parts.append(self._loss(batch.rows(index), old, advantages, returns, index, weight, loss_kl_coef,
                                             min_tokens))
+                if self.parallel:
+                    self.parallel.sum_gradients(self._trained_parameters())
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.max_grad_norm)
                 self.optimizer.step()
-                mb_stats.append({k: sum(p[k] * p["weight"] for p in parts) for k in parts[0] if k != "weight"})
+                mb_stats.append({k: sum(p[k] * p["weight"] for p in parts) for k in stat_keys})
+        if self.parallel:  # each process summed its parts' weighted statistics; the minibatch's are their sum
+            summed = self.parallel.sum_values(torch.tensor([[s[k] for k in stat_keys] for s in mb_stats],
+                                                           dtype=torch.float64))
+            mb_stats = [dict(zip(stat_keys, row)) for row in summed.tolist()]
         t_optimize = time.perf_counter()
 
         seq_kl = kl.sum(1)  # [B] nats per sequence
@@ -525,6 +547,16 @@ class PPOTrainer:
         for key in mb_stats[0]:
             stats[key] = float(np.mean([s[key] for s in mb_stats]))
         return stats
+
+    def _loss_stat_keys(self) -> list[str]:
+        """The statistics :meth:`_loss` returns (besides its weight), in its order."""
+        common = ["ppo/loss/policy"] + (["ppo/loss/value"] if self.config.uses_value_head else [])
+        common += ["ppo/loss/total", "ppo/loss/kl", "ppo/policy/clipfrac", "ppo/policy/approxkl",
+                   "ppo/policy/entropy"]
+        return common + (["ppo/val/clipfrac", "ppo/val/error"] if self.config.uses_value_head else [])
+
+    def _trained_parameters(self) -> list[nn.Parameter]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
 
     def _loss(self, part: RolloutBatch, old: dict, advantages, returns, index, weight, loss_kl_coef: float,
               min_tokens: int | None = None,
@@ -587,36 +619,77 @@ class PPOTrainer:
 
         A new verified checkpoint directory (see :mod:`haoping.checkpoint`): staged under a temp
         name, fsynced, with a manifest of sizes and sha256, renamed; the previous one is kept.
+
+        With several processes (every one calls this, rank 0 names the directory) the model and
+        optimizer are a torch.distributed.checkpoint folder ``dcp/`` that every process writes
+        its part of, inside the same staging directory; rank 0 writes the rest, ``policy/``
+        (save_pretrained) included. It loads at any number of processes.
         """
         directory = Path(directory)
+        if self.parallel:
+            return self._save_sharded_checkpoint(directory, extra_files)
         store = CheckpointStore(directory.parent)
         with store.writing(directory.name, sequence=self.steps_done,
                            extra={"policy_version": self.version, "steps_done": self.steps_done}) as tmp:
-            self.model.lm.save_pretrained(tmp / "policy")
-            self.tokenizer.save_pretrained(tmp / "policy")
             save_file(self.model.value_head.state_dict(), tmp / "value_head.safetensors")
             tensors, meta = optimizer_to_flat(self.optimizer)
             save_file(tensors, tmp / "optimizer.safetensors")
-            save_file({"torch_rng": torch.get_rng_state()}, tmp / "rng.safetensors")
-            state = {
-                "version": self.version, "steps_done": self.steps_done, "kl_coef": self.kl_ctl.value,
-                "score_moments": self.score_moments.state_dict() if self.score_moments else None,
-                "policy_ref": self.policy_ref, "ref_model_ref": self.ref_model_ref,
-                "config": asdict(self.config), "optimizer": meta,
-                "python_rng": _python_rng_to_json(random.getstate()),
-                "numpy_rng": _numpy_rng_to_json(np.random.get_state()),
-                "applied_steps": self.applied_steps,
-            }
-            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-            for name, data in (extra_files or {}).items():
-                (tmp / name).write_bytes(data)
+            self._write_checkpoint_files(tmp, {"optimizer": meta}, extra_files)
+        return directory
+
+    def _write_checkpoint_files(self, tmp: Path, state: dict, extra_files: dict[str, bytes] | None) -> None:
+        """What one process writes in either layout: policy, RNG, the trainer's state, extras."""
+        self.model.lm.save_pretrained(tmp / "policy")
+        self.tokenizer.save_pretrained(tmp / "policy")
+        save_file({"torch_rng": torch.get_rng_state()}, tmp / "rng.safetensors")
+        state = {
+            "version": self.version, "steps_done": self.steps_done, "kl_coef": self.kl_ctl.value,
+            "score_moments": self.score_moments.state_dict() if self.score_moments else None,
+            "policy_ref": self.policy_ref, "ref_model_ref": self.ref_model_ref,
+            "config": asdict(self.config), **state,
+            "python_rng": _python_rng_to_json(random.getstate()),
+            "numpy_rng": _numpy_rng_to_json(np.random.get_state()),
+            "applied_steps": self.applied_steps,
+        }
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
+
+    def _save_sharded_checkpoint(self, directory: Path, extra_files: dict[str, bytes] | None) -> Path:
+        import torch.distributed.checkpoint as dcp
+
+        state = sharded_state(self.model, self.optimizer)
+        problem = non_finite_tensor(state)
+        if problem:  # the same state on every process: all refuse together, before any collective
+            raise ValueError(f"not checkpointing: {problem} is non-finite")
+        p = self.parallel
+        if not p.is_leader:
+            staging = p.broadcast_json()
+            if staging:  # None: rank 0 could not start the checkpoint
+                collective(dcp.save)(state, checkpoint_id=Path(staging) / SHARDED_DIR)
+            return directory
+        store = CheckpointStore(directory.parent)
+        announced = False
+        try:
+            with store.writing(directory.name, sequence=self.steps_done,
+                               extra={"policy_version": self.version, "steps_done": self.steps_done,
+                                      "world_size": p.world}) as tmp:
+                p.broadcast_json(str(tmp))
+                announced = True
+                collective(dcp.save)(state, checkpoint_id=tmp / SHARDED_DIR)
+                self._write_checkpoint_files(tmp, {"sharded": SHARDED_DIR, "world_size": p.world}, extra_files)
+        finally:
+            if not announced:
+                p.broadcast_json(None)
         return directory
 
     @classmethod
     def from_checkpoint(cls, directory: str | Path, device: str | torch.device = "cpu",
-                        dtype: torch.dtype = torch.float32, config: PPOConfig | None = None) -> "PPOTrainer":
+                        dtype: torch.dtype = torch.float32, config: PPOConfig | None = None,
+                        parallel: DataParallel | None = None) -> "PPOTrainer":
         """Resume: the policy, value head, optimizer, KL coefficient, version, RNGs and applied Step
-        ids come back; the reference model is the original one, not the checkpoint.
+        ids come back; the reference model is the original one, not the checkpoint. Either layout
+        (one process's or the sharded one) loads at any number of processes (each calls this).
 
         The checkpoint is verified first (manifest sizes and sha256, every tensor finite):
         :class:`haoping.checkpoint.CheckpointError` names the file and the reason."""
@@ -624,10 +697,14 @@ class PPOTrainer:
         verify_checkpoint(directory)
         state = json.loads((directory / "trainer_state.json").read_text())
         config = config or PPOConfig.from_dict(state["config"])
-        trainer = cls(str(directory / "policy"), config, device, dtype, ref_model_ref=state["ref_model_ref"])
+        trainer = cls(str(directory / "policy"), config, device, dtype, ref_model_ref=state["ref_model_ref"],
+                      parallel=parallel)
         trainer.policy_ref = state["policy_ref"]
-        trainer.model.value_head.load_state_dict(load_file(directory / "value_head.safetensors"))
-        optimizer_from_flat(trainer.optimizer, load_file(directory / "optimizer.safetensors"), state["optimizer"])
+        if state.get("sharded"):
+            load_sharded_state(trainer.model, trainer.optimizer, directory / state["sharded"])
+        else:
+            trainer.model.value_head.load_state_dict(load_file(directory / "value_head.safetensors"))
+            optimizer_from_flat(trainer.optimizer, load_file(directory / "optimizer.safetensors"), state["optimizer"])
         torch.set_rng_state(load_file(directory / "rng.safetensors")["torch_rng"])
         if state.get("python_rng"):
             random.setstate(_python_rng_from_json(state["python_rng"]))
@@ -654,6 +731,8 @@ class PPOTrainer:
             self._restore(snapshot)
             raise
         problem = self._non_finite_problem(stats)
+        if self.parallel and self.parallel.any(bool(problem)):  # every process rolls back, or none
+            problem = problem or "non-finite update in another trainer process"
         if problem:
             self._restore(snapshot)
             raise NonFiniteStep(f"update rolled back: {problem}")
@@ -676,8 +755,26 @@ class PPOTrainer:
         return stats, self.version, False
 
     def _snapshot(self) -> dict:
-        return {"model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
-                "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+        """What a step can change, copied: the parameters the optimizer updates (frozen ones and
+        buffers a step never writes), the optimizer's per-parameter state and hyperparameters,
+        the KL controller, normalizer, counters and RNG. The parameter copies reuse buffers kept
+        from the last step: no allocation of a model-sized copy on the hot path."""
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        copies = getattr(self, "_snapshot_buffers", None)
+        if copies is None or len(copies) != len(params) or any(c.shape != p.shape for c, p in zip(copies, params)):
+            copies = self._snapshot_buffers = [torch.empty_like(p, memory_format=torch.preserve_format)
+                                               for p in params]
+        with torch.no_grad():
+            for copy_, p in zip(copies, params):
+                copy_.copy_(p)
+        optimizer_state = {}
+        for p in params:
+            if p in self.optimizer.state:
+                optimizer_state[p] = {k: v.clone() if torch.is_tensor(v) else copy.deepcopy(v)
+                                      for k, v in self.optimizer.state[p].items()}
+        return {"params": list(zip(params, copies)), "optimizer_state": optimizer_state,
+                "param_groups": [{k: copy.deepcopy(v) for k, v in g.items() if k != "params"}
+                                 for g in self.optimizer.param_groups],
                 "kl_ctl": copy.deepcopy(self.kl_ctl.__dict__),
                 "score_moments": copy.deepcopy(self.score_moments.__dict__) if self.score_moments else None,
                 "counters": (self.version, self.steps_done, self._weights_cache),
@@ -685,8 +782,15 @@ class PPOTrainer:
 
     def _restore(self, snapshot: dict) -> None:
         with torch.no_grad():
-            self.model.load_state_dict(snapshot["model"])
-        self.optimizer.load_state_dict(snapshot["optimizer"])
+            for p, saved in snapshot["params"]:
+                p.copy_(saved)
+        for p, _ in snapshot["params"]:
+            if p in snapshot["optimizer_state"]:
+                self.optimizer.state[p] = snapshot["optimizer_state"][p]
+            else:  # no state before this step (the first): none after the rollback either
+                self.optimizer.state.pop(p, None)
+        for group, saved in zip(self.optimizer.param_groups, snapshot["param_groups"]):
+            group.update(saved)
         self.optimizer.zero_grad(set_to_none=True)
         self.kl_ctl.__dict__.update(snapshot["kl_ctl"])
         if self.score_moments is not None:
@@ -705,6 +809,44 @@ class PPOTrainer:
             if not bool(torch.isfinite(p).all()):
                 return f"non-finite weights in {name}"
         return ""
+
+
+SHARDED_DIR = "dcp"
+
+
+def sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Model and optimizer state keyed by parameter name (torch.distributed.checkpoint.state_dict):
+    what ``dcp/`` holds, independent of how many processes wrote it."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    return {"model": model_state, "optimizer": optimizer_state}
+
+
+def load_sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    """Load a ``dcp/`` folder into ``model`` and ``optimizer`` (collective when a process group
+    is up); :class:`CheckpointError` when a tensor in it is non-finite."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    state = sharded_state(model, optimizer)
+    dcp.load(state, checkpoint_id=folder, no_dist=not torch.distributed.is_initialized())
+    problem = non_finite_tensor(state)
+    if problem:
+        raise CheckpointError(folder, f"tensor {problem} has non-finite values")
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def non_finite_tensor(tree, prefix: str = "") -> str:
+    """The name of the first floating-point tensor in a nested dict/list with a non-finite value, or ''."""
+    if torch.is_tensor(tree):
+        return prefix if tree.is_floating_point() and not bool(torch.isfinite(tree).all()) else ""
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else ()
+    for key, value in items:
+        found = non_finite_tensor(value, f"{prefix}.{key}" if prefix else str(key))
+        if found:
+            return found
+    return ""
 
 
 def _python_rng_to_json(state: tuple) -> list:

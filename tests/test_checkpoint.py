@@ -177,6 +177,20 @@ def test_weights_that_turn_non_finite_are_rolled_back(tiny_policy):
     assert trainer.policy_weights()[2] == before and trainer.version == 0
 
 
+def test_a_rolled_back_first_step_leaves_the_optimizer_without_state(tiny_policy):
+    trainer = PPOTrainer(str(tiny_policy), PPOConfig(minibatch_size=4, reward_normalization=True))
+    before = _state(trainer)
+    poison = trainer.model.value_head.register_forward_hook(lambda module, inputs, out: out * float("nan"))
+    with pytest.raises(NonFiniteStep):
+        trainer.guarded_step(QUERIES, RESPONSES, SCORES)
+    poison.remove()
+    assert not trainer.optimizer.state  # as before any step: Adam starts afresh on the next one
+    after = _state(trainer)
+    for name, tensor in before["model"].items():
+        assert torch.equal(tensor, after["model"][name]), name
+    assert [g["lr"] for g in trainer.optimizer.param_groups] == [g["lr"] for g in before["optimizer"]["param_groups"]]
+
+
 @pytest.mark.slow
 def test_the_trainer_service_checkpoints_by_label_and_applies_each_step_id_once(tiny_policy, tmp_path):
     import grpc

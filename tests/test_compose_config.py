@@ -127,7 +127,8 @@ def _run_args(*argv: str) -> argparse.Namespace:
 def test_coordinator_uses_running_services_only_with_all_three_addresses():
     assert running_services(_run_args()) is None  # starts its own services
     both = _run_args("--trainer-address", "t:1", "--generator-addresses", "g:1, g2:1", "--scorer-address", "s:1")
-    assert running_services(both) == ("t:1", ["g:1", "g2:1"], "s:1")
+    trainer, generators, scorers = running_services(both)
+    assert (trainer, [g.text for g in generators], [s.text for s in scorers]) == ("t:1", ["g:1", "g2:1"], ["s:1"])
     with pytest.raises(ValueError, match="go together"):
         running_services(_run_args("--trainer-address", "t:1"))
     with pytest.raises(ValueError, match="--ppo-config"):

@@ -186,3 +186,37 @@ def test_load_weights_refuses_non_finite_other_dtypes_and_older_versions_and_kee
         gen.load_weights(b"not a safetensors file", 4)
     gen.load_weights(save(good), 3)  # the same version again is fine
     assert gen.version == 3
+
+
+def test_safetensors_views_read_a_file_in_place_and_refuse_malformed_headers():
+    import json
+    import struct
+
+    from safetensors.torch import load, save
+
+    from haoping.generation import safetensors_views
+
+    tensors = {"w": torch.randn(3, 5), "b": torch.arange(7, dtype=torch.int64), "h": torch.randn(4).half(),
+               "empty": torch.zeros(0, 2), "flag": torch.tensor([True, False])}
+    data = bytearray(save(tensors, metadata={"policy_version": "3"}))
+    views = safetensors_views(data)
+    expected = load(bytes(data))
+    assert set(views) == set(expected)
+    for name, tensor in expected.items():
+        assert views[name].dtype == tensor.dtype and torch.equal(views[name], tensor), name
+    start = torch.frombuffer(data, dtype=torch.uint8).data_ptr()
+    assert start <= views["w"].data_ptr() < start + len(data)  # a view into the buffer, not a copy
+
+    def file(header: dict, body: bytes = b"\0" * 16) -> bytes:
+        raw = json.dumps(header).encode()
+        return struct.pack("<Q", len(raw)) + raw + body
+
+    for bad, words in [(b"short", "shorter"), (struct.pack("<Q", 1 << 40) + b"{}", "header of"),
+                       (struct.pack("<Q", 2) + b"[]", "not a JSON object"), (struct.pack("<Q", 2) + b"{x", "not JSON"),
+                       (file({"t": {"dtype": "Q9", "shape": [1], "data_offsets": [0, 4]}}), "dtype"),
+                       (file({"t": {"dtype": "F32", "shape": [5], "data_offsets": [0, 20]}}), "do not fit"),
+                       (file({"t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}), "do not fit"),
+                       (file({"t": {"dtype": "F32", "shape": [1], "data_offsets": [-4, 0]}}), "do not fit"),
+                       (file({"t": {"dtype": "F32", "shape": "1", "data_offsets": [0, 4]}}), "malformed")]:
+        with pytest.raises(ValueError, match=words):
+            safetensors_views(bad)

@@ -116,7 +116,10 @@ def test_every_method_is_a_read_or_protected_and_reads_are_real_methods():
     assert READ_METHODS <= methods
     protected = {m for m in methods if needs_token(m, require_for_reads=False)}
     assert protected == {"/haoping.v1.Trainer/Step", "/haoping.v1.Trainer/GetWeights",
-                         "/haoping.v1.Trainer/SaveCheckpoint", "/haoping.v1.Generator/LoadWeights"}
+                         "/haoping.v1.Trainer/SaveCheckpoint", "/haoping.v1.Generator/LoadWeights",
+                         "/haoping.v1.Trainer/OpenWeightGroup", "/haoping.v1.Trainer/JoinWeightGroup",
+                         "/haoping.v1.Trainer/BroadcastWeights", "/haoping.v1.Generator/JoinWeightGroup",
+                         "/haoping.v1.Generator/ReceiveWeights"}
     assert all(needs_token(m, require_for_reads=True) for m in methods)
     assert not needs_token("/grpc.health.v1.Health/Check", require_for_reads=True)
     assert not needs_token("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", require_for_reads=True)

@@ -327,26 +327,33 @@ def test_the_coordinator_runs_against_the_services_dns_names(rendered, monkeypat
     pod = job["spec"]["template"]
     container = _container(pod, "coordinator")
     run = _run_args(container, monkeypatch)
-    trainer, generators, scorer = running_services(run)  # raises on a partial set or on service flags
+    trainer, generators, scorers = running_services(run)  # raises on a partial set or on service flags
     # running_services compares with defaults that include the environment, so it cannot see these
     service_flags = {env_name("--" + flag.replace("_", "-")) for flag in SERVICE_FLAGS}
     assert not service_flags & _env(container).keys(), "the services take these from their own flags"
     assert _address(objects, trainer)[0] == "trainer"
-    assert [_address(objects, g)[0] for g in generators] == ["generator"]
-    assert _address(objects, scorer)[0] == "scorer"
+    # generators and scorers by their headless Service's name, resolved again every cycle (every ready pod)
+    assert [(t.dns, _address(objects, f"{t.host}:{t.port}")[0]) for t in generators] == [(True, "generator")]
+    assert [(t.dns, _address(objects, f"{t.host}:{t.port}")[0]) for t in scorers] == [(True, "scorer")]
     # trainer rank 0: the pod that serves gRPC once the trainer runs several processes
     assert trainer.startswith("trainer-0.")
-    for service, address in (("trainer", trainer), ("generator", generators[0]), ("scorer", scorer)):
+    for service, address in (("trainer", trainer), ("generator", f"{generators[0].host}:{generators[0].port}"),
+                             ("scorer", f"{scorers[0].host}:{scorers[0].port}")):
         service_pod = _workload(objects, service)["spec"]["template"]
         assert _address(objects, address)[1] == _service_args(_container(service_pod, service), service,
                                                               monkeypatch).port
     generator_pod = _workload(objects, "generator")["spec"]["template"]
     assert _service_args(_container(generator_pod, "generator"), "generator", monkeypatch).trainer_address == trainer
     assert job["spec"]["backoffLimit"] == 0 and pod["spec"]["restartPolicy"] == "Never"
+    # its own /metrics (replica counts), where the scrape annotations point
+    metrics_host, metrics_port = run.metrics_address.rsplit(":", 1)
+    assert metrics_host == "0.0.0.0" and _port(container, "metrics") == int(metrics_port)
+    assert pod["metadata"]["annotations"]["prometheus.io/port"] == metrics_port
 
     wait = _container(pod, "wait-for-services", init=True)
     assert "services.common.healthcheck" in wait["args"][0]
-    addresses = {k: v for k, v in _env(container).items() if k.endswith(("_ADDRESS", "_ADDRESSES"))}
+    addresses = {k: v for k, v in _env(container).items()
+                 if k.endswith(("_ADDRESS", "_ADDRESSES")) and k != "HAOPING_METRICS_ADDRESS"}
     assert _env(wait) == addresses
 
 

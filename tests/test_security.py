@@ -88,7 +88,12 @@ RPCS = [
     ("trainer", "GetWeights", pb.GetWeightsRequest()),
     ("trainer", "SaveCheckpoint", pb.SaveCheckpointRequest()),
     ("trainer", "GetInfo", pb.GetInfoRequest()),
+    ("trainer", "OpenWeightGroup", pb.OpenWeightGroupRequest()),  # 0 generators: INVALID_ARGUMENT
+    ("trainer", "JoinWeightGroup", pb.JoinWeightGroupRequest()),
+    ("trainer", "BroadcastWeights", pb.BroadcastWeightsRequest()),
     ("generator", "LoadWeights", pb.LoadWeightsRequest()),
+    ("generator", "JoinWeightGroup", pb.GeneratorJoinWeightGroupRequest()),
+    ("generator", "ReceiveWeights", pb.ReceiveWeightsRequest()),
     ("generator", "Generate", pb.GenerateRequest(prompts=[PROMPT], max_new_tokens=2, seed=1)),
     ("generator", "GenerateStream", pb.GenerateRequest(prompts=[PROMPT], max_new_tokens=2, seed=1)),
     ("generator", "GetInfo", pb.GetInfoRequest()),
@@ -96,7 +101,8 @@ RPCS = [
     ("scorer", "GetInfo", pb.GetInfoRequest()),
 ]
 PROTECTED = {("trainer", "Step"), ("trainer", "GetWeights"), ("trainer", "SaveCheckpoint"),
-             ("generator", "LoadWeights"),
+             ("trainer", "OpenWeightGroup"), ("trainer", "JoinWeightGroup"), ("trainer", "BroadcastWeights"),
+             ("generator", "LoadWeights"), ("generator", "JoinWeightGroup"), ("generator", "ReceiveWeights"),
              ("scorer", "Score"), ("scorer", "GetInfo")}  # the scorer runs with --require-token-for-reads
 STUBS = {"trainer": pb_grpc.TrainerStub, "generator": pb_grpc.GeneratorStub, "scorer": pb_grpc.ScorerStub}
 

@@ -206,8 +206,9 @@ def test_terminal_mode_refuses_without_a_terminal_or_the_human_backend(tmp_path,
     assert run(args()) == 2 and "needs --scorer-backend human" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
     # with running services, the terminal takes the scorer's place: no --scorer-address
-    assert running_services(args("--scorer-backend", "human", "--trainer-address", "t:1",
-                                 "--generator-addresses", "g:1")) == ("t:1", ["g:1"], "")
+    trainer, generators, scorers = running_services(args("--scorer-backend", "human", "--trainer-address", "t:1",
+                                                         "--generator-addresses", "g:1"))
+    assert (trainer, [g.text for g in generators], scorers) == ("t:1", ["g:1"], [])
     with pytest.raises(ValueError, match="not used with --human-ui terminal"):
         running_services(args("--scorer-backend", "human", "--trainer-address", "t:1", "--generator-addresses", "g:1",
                               "--scorer-address", "s:1"))

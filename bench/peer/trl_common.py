@@ -32,6 +32,21 @@ def load_config(argv: list[str] | None = None) -> dict:
     return json.loads(Path(argv[1]).read_text())
 
 
+def start_run(argv: list[str] | None, tokenizer_class):
+    """What both TRL scripts do first: read the config, set threads and seed, check the batch
+    shape, and load the tokenizer with haoping's prompt encoding (checked). -> (config, run_dir,
+    tokenizer)."""
+    config = load_config(argv)
+    torch.set_num_threads(config["threads"])
+    torch.manual_seed(config["seed"])
+    if config["samples_per_step"] % len(config["prompts"]):
+        raise SystemExit(f"samples_per_step {config['samples_per_step']} is not a multiple of "
+                         f"{len(config['prompts'])} prompts")
+    tokenizer = prepare_tokenizer(tokenizer_class.from_pretrained(config["policy"]))
+    check_prompt_encoding(tokenizer, config["prompts"])
+    return config, Path(config["run_dir"]), tokenizer
+
+
 class TrainingClock:
     """Seconds of training since :meth:`start`, without the time spent in :meth:`paused`
     (the harness's own measurements: KL forward passes, guard figures, records)."""

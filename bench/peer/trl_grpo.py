@@ -8,32 +8,20 @@ trl_common.haoping_kl) while the clock is paused.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
-
-import torch
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.peer.trl_common import (Reward, StepRecorder, TrainingClock, check_prompt_encoding, haoping_kl,
-                                       load_config, prepare_tokenizer, save_policy, versions, warm_up)
+    from bench.peer.trl_common import (Reward, StepRecorder, TrainingClock, haoping_kl, save_policy, start_run,
+                                       versions, warm_up)
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
     from haoping.atomic import atomic_write_json
 
-    config = load_config(argv)
-    run_dir = Path(config["run_dir"])
-    torch.set_num_threads(config["threads"])
-    torch.manual_seed(config["seed"])
-    prompts = config["prompts"]
-    samples_per_step = config["samples_per_step"]
-    if samples_per_step % len(prompts):
-        raise SystemExit(f"samples_per_step {samples_per_step} is not a multiple of {len(prompts)} prompts")
+    config, run_dir, tokenizer = start_run(argv, AutoTokenizer)
+    prompts, samples_per_step = config["prompts"], config["samples_per_step"]
     min_tokens, max_tokens = config["min_new_tokens"], config["max_new_tokens"]
-
-    tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(config["policy"]))
-    check_prompt_encoding(tokenizer, prompts)
     model = AutoModelForCausalLM.from_pretrained(config["policy"])
     ref_for_kl = AutoModelForCausalLM.from_pretrained(config["policy"]).eval()  # the measurement's own copy
     for p in ref_for_kl.parameters():

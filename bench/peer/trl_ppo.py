@@ -11,7 +11,6 @@ the texts and measures KL by haoping's definition, with the clock paused.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -48,8 +47,8 @@ class _RewardBackbone(nn.Module):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.peer.trl_common import (Reward, StepRecorder, TrainingClock, check_prompt_encoding, haoping_kl,
-                                       load_config, prepare_tokenizer, save_policy, versions, warm_up)
+    from bench.peer.trl_common import (Reward, StepRecorder, TrainingClock, haoping_kl, save_policy, start_run,
+                                       versions, warm_up)
     import trl.experimental.ppo.ppo_trainer as ppo_module
     from datasets import Dataset
     from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
@@ -58,18 +57,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from haoping.atomic import atomic_write_json
 
-    config = load_config(argv)
-    run_dir = Path(config["run_dir"])
-    torch.set_num_threads(config["threads"])
-    torch.manual_seed(config["seed"])
-    prompts = config["prompts"]
-    samples_per_step = config["samples_per_step"]
-    if samples_per_step % len(prompts):
-        raise SystemExit(f"samples_per_step {samples_per_step} is not a multiple of {len(prompts)} prompts")
+    config, run_dir, tokenizer = start_run(argv, AutoTokenizer)
+    prompts, samples_per_step = config["prompts"], config["samples_per_step"]
     min_tokens, max_tokens = config["min_new_tokens"], config["max_new_tokens"]
-
-    tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(config["policy"]))
-    check_prompt_encoding(tokenizer, prompts)
     policy = AutoModelForCausalLM.from_pretrained(config["policy"])
     ref_model = AutoModelForCausalLM.from_pretrained(config["policy"])
     # TRL's PPO keeps the critic in a separate model; initialised from the policy, as TRL's examples do

@@ -107,6 +107,20 @@ class LoadWeightsResponse(_message.Message):
     seconds: float
     def __init__(self, policy_version: _Optional[int] = ..., bytes: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
 
+class GeneratorJoinWeightGroupRequest(_message.Message):
+    __slots__ = ("group_id", "trainer_address")
+    GROUP_ID_FIELD_NUMBER: _ClassVar[int]
+    TRAINER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    group_id: str
+    trainer_address: str
+    def __init__(self, group_id: _Optional[str] = ..., trainer_address: _Optional[str] = ...) -> None: ...
+
+class ReceiveWeightsRequest(_message.Message):
+    __slots__ = ("group_id",)
+    GROUP_ID_FIELD_NUMBER: _ClassVar[int]
+    group_id: str
+    def __init__(self, group_id: _Optional[str] = ...) -> None: ...
+
 class ScoreRequest(_message.Message):
     __slots__ = ("texts", "normalization")
     TEXTS_FIELD_NUMBER: _ClassVar[int]
@@ -217,6 +231,60 @@ class SaveCheckpointResponse(_message.Message):
     label: str
     steps_done: int
     def __init__(self, directory: _Optional[str] = ..., policy_version: _Optional[int] = ..., label: _Optional[str] = ..., steps_done: _Optional[int] = ...) -> None: ...
+
+class OpenWeightGroupRequest(_message.Message):
+    __slots__ = ("generators",)
+    GENERATORS_FIELD_NUMBER: _ClassVar[int]
+    generators: int
+    def __init__(self, generators: _Optional[int] = ...) -> None: ...
+
+class JoinWeightGroupRequest(_message.Message):
+    __slots__ = ("group_id", "member_id")
+    GROUP_ID_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_ID_FIELD_NUMBER: _ClassVar[int]
+    group_id: str
+    member_id: str
+    def __init__(self, group_id: _Optional[str] = ..., member_id: _Optional[str] = ...) -> None: ...
+
+class WeightGroup(_message.Message):
+    __slots__ = ("group_id", "address", "port", "world_size", "rank", "policy_version", "timeout_seconds", "backend")
+    GROUP_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    group_id: str
+    address: str
+    port: int
+    world_size: int
+    rank: int
+    policy_version: int
+    timeout_seconds: float
+    backend: str
+    def __init__(self, group_id: _Optional[str] = ..., address: _Optional[str] = ..., port: _Optional[int] = ..., world_size: _Optional[int] = ..., rank: _Optional[int] = ..., policy_version: _Optional[int] = ..., timeout_seconds: _Optional[float] = ..., backend: _Optional[str] = ...) -> None: ...
+
+class BroadcastWeightsRequest(_message.Message):
+    __slots__ = ("group_id", "version")
+    GROUP_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    group_id: str
+    version: int
+    def __init__(self, group_id: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+
+class BroadcastWeightsResponse(_message.Message):
+    __slots__ = ("policy_version", "bytes", "seconds", "refused_ranks")
+    POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_RANKS_FIELD_NUMBER: _ClassVar[int]
+    policy_version: int
+    bytes: int
+    seconds: float
+    refused_ranks: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, policy_version: _Optional[int] = ..., bytes: _Optional[int] = ..., seconds: _Optional[float] = ..., refused_ranks: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GetInfoRequest(_message.Message):
     __slots__ = ()

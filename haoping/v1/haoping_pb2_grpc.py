@@ -51,6 +51,16 @@ class GeneratorStub:
                 request_serializer=haoping_dot_v1_dot_haoping__pb2.LoadWeightsRequest.SerializeToString,
                 response_deserializer=haoping_dot_v1_dot_haoping__pb2.LoadWeightsResponse.FromString,
                 _registered_method=True)
+        self.JoinWeightGroup = channel.unary_unary(
+                '/haoping.v1.Generator/JoinWeightGroup',
+                request_serializer=haoping_dot_v1_dot_haoping__pb2.GeneratorJoinWeightGroupRequest.SerializeToString,
+                response_deserializer=haoping_dot_v1_dot_haoping__pb2.WeightGroup.FromString,
+                _registered_method=True)
+        self.ReceiveWeights = channel.unary_unary(
+                '/haoping.v1.Generator/ReceiveWeights',
+                request_serializer=haoping_dot_v1_dot_haoping__pb2.ReceiveWeightsRequest.SerializeToString,
+                response_deserializer=haoping_dot_v1_dot_haoping__pb2.LoadWeightsResponse.FromString,
+                _registered_method=True)
         self.GetInfo = channel.unary_unary(
                 '/haoping.v1.Generator/GetInfo',
                 request_serializer=haoping_dot_v1_dot_haoping__pb2.GetInfoRequest.SerializeToString,
@@ -84,6 +94,23 @@ class GeneratorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def JoinWeightGroup(self, request, context):
+        """Join the weight group the trainer opened (asking the trainer for its address and a rank):
+        returns once every member of the group connected. The trainer is one of --trainer-address.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReceiveWeights(self, request, context):
+        """Take part in the next broadcast of the joined group; the weights pass LoadWeights' checks
+        or are refused (FAILED_PRECONDITION, the old weights keep serving); ABORTED when the
+        broadcast failed (the group is then dropped: join a new one, or LoadWeights).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetInfo(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -106,6 +133,16 @@ def add_GeneratorServicer_to_server(servicer, server):
             'LoadWeights': grpc.unary_unary_rpc_method_handler(
                     servicer.LoadWeights,
                     request_deserializer=haoping_dot_v1_dot_haoping__pb2.LoadWeightsRequest.FromString,
+                    response_serializer=haoping_dot_v1_dot_haoping__pb2.LoadWeightsResponse.SerializeToString,
+            ),
+            'JoinWeightGroup': grpc.unary_unary_rpc_method_handler(
+                    servicer.JoinWeightGroup,
+                    request_deserializer=haoping_dot_v1_dot_haoping__pb2.GeneratorJoinWeightGroupRequest.FromString,
+                    response_serializer=haoping_dot_v1_dot_haoping__pb2.WeightGroup.SerializeToString,
+            ),
+            'ReceiveWeights': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReceiveWeights,
+                    request_deserializer=haoping_dot_v1_dot_haoping__pb2.ReceiveWeightsRequest.FromString,
                     response_serializer=haoping_dot_v1_dot_haoping__pb2.LoadWeightsResponse.SerializeToString,
             ),
             'GetInfo': grpc.unary_unary_rpc_method_handler(
@@ -196,6 +233,60 @@ class Generator:
             target,
             '/haoping.v1.Generator/LoadWeights',
             haoping_dot_v1_dot_haoping__pb2.LoadWeightsRequest.SerializeToString,
+            haoping_dot_v1_dot_haoping__pb2.LoadWeightsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def JoinWeightGroup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/haoping.v1.Generator/JoinWeightGroup',
+            haoping_dot_v1_dot_haoping__pb2.GeneratorJoinWeightGroupRequest.SerializeToString,
+            haoping_dot_v1_dot_haoping__pb2.WeightGroup.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReceiveWeights(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/haoping.v1.Generator/ReceiveWeights',
+            haoping_dot_v1_dot_haoping__pb2.ReceiveWeightsRequest.SerializeToString,
             haoping_dot_v1_dot_haoping__pb2.LoadWeightsResponse.FromString,
             options,
             channel_credentials,
@@ -382,6 +473,21 @@ class TrainerStub:
                 request_serializer=haoping_dot_v1_dot_haoping__pb2.SaveCheckpointRequest.SerializeToString,
                 response_deserializer=haoping_dot_v1_dot_haoping__pb2.SaveCheckpointResponse.FromString,
                 _registered_method=True)
+        self.OpenWeightGroup = channel.unary_unary(
+                '/haoping.v1.Trainer/OpenWeightGroup',
+                request_serializer=haoping_dot_v1_dot_haoping__pb2.OpenWeightGroupRequest.SerializeToString,
+                response_deserializer=haoping_dot_v1_dot_haoping__pb2.WeightGroup.FromString,
+                _registered_method=True)
+        self.JoinWeightGroup = channel.unary_unary(
+                '/haoping.v1.Trainer/JoinWeightGroup',
+                request_serializer=haoping_dot_v1_dot_haoping__pb2.JoinWeightGroupRequest.SerializeToString,
+                response_deserializer=haoping_dot_v1_dot_haoping__pb2.WeightGroup.FromString,
+                _registered_method=True)
+        self.BroadcastWeights = channel.unary_unary(
+                '/haoping.v1.Trainer/BroadcastWeights',
+                request_serializer=haoping_dot_v1_dot_haoping__pb2.BroadcastWeightsRequest.SerializeToString,
+                response_deserializer=haoping_dot_v1_dot_haoping__pb2.BroadcastWeightsResponse.FromString,
+                _registered_method=True)
         self.GetInfo = channel.unary_unary(
                 '/haoping.v1.Trainer/GetInfo',
                 request_serializer=haoping_dot_v1_dot_haoping__pb2.GetInfoRequest.SerializeToString,
@@ -414,6 +520,28 @@ class TrainerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenWeightGroup(self, request, context):
+        """Weight broadcast (docs/weight_sync.md): a new group of the trainer and `generators`
+        generators; the previous group is dropped. Its address and port are the trainer's flags.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def JoinWeightGroup(self, request, context):
+        """A generator takes a rank in the open group (the same rank again for the same member_id).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BroadcastWeights(self, request, context):
+        """Broadcast the current policy to every member of the group, in buckets, over torch.distributed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetInfo(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -437,6 +565,21 @@ def add_TrainerServicer_to_server(servicer, server):
                     servicer.SaveCheckpoint,
                     request_deserializer=haoping_dot_v1_dot_haoping__pb2.SaveCheckpointRequest.FromString,
                     response_serializer=haoping_dot_v1_dot_haoping__pb2.SaveCheckpointResponse.SerializeToString,
+            ),
+            'OpenWeightGroup': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenWeightGroup,
+                    request_deserializer=haoping_dot_v1_dot_haoping__pb2.OpenWeightGroupRequest.FromString,
+                    response_serializer=haoping_dot_v1_dot_haoping__pb2.WeightGroup.SerializeToString,
+            ),
+            'JoinWeightGroup': grpc.unary_unary_rpc_method_handler(
+                    servicer.JoinWeightGroup,
+                    request_deserializer=haoping_dot_v1_dot_haoping__pb2.JoinWeightGroupRequest.FromString,
+                    response_serializer=haoping_dot_v1_dot_haoping__pb2.WeightGroup.SerializeToString,
+            ),
+            'BroadcastWeights': grpc.unary_unary_rpc_method_handler(
+                    servicer.BroadcastWeights,
+                    request_deserializer=haoping_dot_v1_dot_haoping__pb2.BroadcastWeightsRequest.FromString,
+                    response_serializer=haoping_dot_v1_dot_haoping__pb2.BroadcastWeightsResponse.SerializeToString,
             ),
             'GetInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetInfo,
@@ -527,6 +670,87 @@ class Trainer:
             '/haoping.v1.Trainer/SaveCheckpoint',
             haoping_dot_v1_dot_haoping__pb2.SaveCheckpointRequest.SerializeToString,
             haoping_dot_v1_dot_haoping__pb2.SaveCheckpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenWeightGroup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/haoping.v1.Trainer/OpenWeightGroup',
+            haoping_dot_v1_dot_haoping__pb2.OpenWeightGroupRequest.SerializeToString,
+            haoping_dot_v1_dot_haoping__pb2.WeightGroup.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def JoinWeightGroup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/haoping.v1.Trainer/JoinWeightGroup',
+            haoping_dot_v1_dot_haoping__pb2.JoinWeightGroupRequest.SerializeToString,
+            haoping_dot_v1_dot_haoping__pb2.WeightGroup.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BroadcastWeights(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/haoping.v1.Trainer/BroadcastWeights',
+            haoping_dot_v1_dot_haoping__pb2.BroadcastWeightsRequest.SerializeToString,
+            haoping_dot_v1_dot_haoping__pb2.BroadcastWeightsResponse.FromString,
             options,
             channel_credentials,
             insecure,

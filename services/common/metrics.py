@@ -28,6 +28,10 @@ GENERATE_BATCH_SIZE = Histogram("haoping_batch_size", "Items per model batch (ge
                                 "at every decode step)", ["service"],
                                 buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
 WEIGHT_BYTES = Counter("haoping_weight_transfer_bytes", "Policy weight bytes sent or received", ["direction"])
+WEIGHT_BROADCASTS = Counter("haoping_weight_broadcasts", "Weight broadcasts this service took part in (trainer: "
+                            "sent; generator: received), by outcome: ok, refused (a receiver's checks refused "
+                            "the weights; the old ones keep serving) or failed (a member died or timed out)",
+                            ["outcome"])
 
 # generator
 GENERATE_REQUEST_DURATION = Histogram("haoping_generate_request_duration_seconds",
@@ -65,6 +69,14 @@ CHECKPOINTS_SAVED = Counter("haoping_checkpoints_saved", "Verified checkpoints w
 TRAINER_STEP_DURATION = Histogram("haoping_trainer_step_duration_seconds", "PPO step wall time",
                                   buckets=LATENCY_BUCKETS, registry=None)
 
+# coordinator (haoping run --metrics-address)
+REPLICAS = Gauge("haoping_replicas", "Replicas the coordinator uses now (resolved and SERVING), by role", ["role"],
+                 registry=None)
+REPLICAS_ADDED = Counter("haoping_replicas_added", "Replicas that joined the coordinator's set, by role", ["role"],
+                         registry=None)
+REPLICAS_DROPPED = Counter("haoping_replicas_dropped", "Replicas dropped from the coordinator's set (no longer "
+                           "resolved, or not SERVING), by role", ["role"], registry=None)
+
 SERVICE_COLLECTORS = {
     "generator": (GENERATE_REQUEST_DURATION, GENERATED_TOKENS, GENERATED_SAMPLES, QUEUED_WORK_TOKENS,
                   WEIGHT_LOAD_DURATION, WEIGHT_LOADS_REFUSED),
@@ -72,6 +84,7 @@ SERVICE_COLLECTORS = {
     "trainer": (TRAINER_STAT, TRAINER_REWARD_MEAN, TRAINER_KL, TRAINER_KL_COEF, TRAINER_POLICY_LOSS,
                 TRAINER_VALUE_LOSS, TRAINER_STEPS, TRAINER_STEP_DURATION, TRAINER_NON_FINITE_STEPS,
                 TRAINER_REPEATED_STEPS, CHECKPOINTS_SAVED),
+    "coordinator": (REPLICAS, REPLICAS_ADDED, REPLICAS_DROPPED),
 }
 
 

@@ -30,6 +30,7 @@ from haoping import text_metrics
 from haoping.atomic import atomic_write_json, atomic_write_text
 from haoping.checkpoint import CheckpointError, CheckpointStore, cycle_label, verify_checkpoint
 from haoping.client import GeneratorClient, GeneratorReplicas, ScorerClient, TrainerClient
+from haoping.discovery import Target, parse_targets
 from haoping.log import get_logger
 from haoping.plots import plot_reward_kl
 from haoping.prompts import DEFAULT_PROMPTS
@@ -39,8 +40,10 @@ from haoping.ppo_trainer import PPOConfig
 from haoping.v1 import haoping_pb2 as pb
 from services.common.config import add_client_access_flags, add_dataclass_flags, add_flag, dataclass_flag_values
 from services.common.security import client_access, write_token_file
+from services.coordinator import discovery
 from services.coordinator.rundir import ConfigMismatch, CycleLog, fresh_name, resumed_settings, save_config
 from services.coordinator.supervisor import RestartBudgetExceeded, SparePool, Supervisor
+from services.coordinator.weight_sync import BroadcastSync
 
 log = get_logger(__name__)
 
@@ -197,7 +200,8 @@ class RunState:
 class Coordinator:
     def __init__(self, args, generator: GeneratorClient | GeneratorReplicas, scorer: ScorerClient,
                  trainer: TrainerClient, trainer_address: str, run_dir: Path, state: RunState | None = None,
-                 supervisor: Supervisor | None = None, stop: threading.Event | None = None, label_prefix: str = ""):
+                 supervisor: Supervisor | None = None, stop: threading.Event | None = None, label_prefix: str = "",
+                 discovered: tuple = ()):
         self.args = args
         self.generator, self.scorer, self.trainer = generator, scorer, trainer
         self.trainer_address = trainer_address
@@ -216,6 +220,10 @@ class Coordinator:
         self._checkpointed_at = -1
         self._progress: dict = {}  # the phases of the cycle in progress done so far (see :meth:`cycle`)
         self.label_prefix = label_prefix
+        self.broadcast = BroadcastSync(trainer, trainer_address) \
+            if getattr(args, "weight_sync", "pull") == "broadcast" else None
+        # GeneratorReplicas/ScorerReplicas (of generator and scorer) refreshed before every cycle
+        self.discovered = discovered
 
     def _sample(self, seed: int, n: int) -> tuple[pb.GenerateResponse, pb.ScoreResponse]:
         response = self.generator.generate(self.prompts, n=n, max_new_tokens=self.args.max_new_tokens,
@@ -267,8 +275,8 @@ class Coordinator:
                                                 step_id=self.step_id(index)), time.perf_counter() - t0)
         step = done["update"][0]
         t0 = time.perf_counter()
-        self.generator.load_weights(self.trainer_address, step.policy_version)
-        done["weight_sync"] = (None, time.perf_counter() - t0)
+        sync_method = self.sync_weights(step.policy_version)
+        done["weight_sync"] = (sync_method, time.perf_counter() - t0)
         seconds = {phase: done[phase][1] for phase in ("rollout", "score", "update", "weight_sync")}
         stats = dict(step.stats)
         stats["env/score_mean"] = sum(s.score for s in scores.scores) / len(scores.scores)
@@ -282,11 +290,30 @@ class Coordinator:
             "seconds": sum(seconds.values()),
             "samples": len(rollouts),
             **{f"time/{phase}": value for phase, value in seconds.items()},
+            "weight_sync": sync_method,
             **guard_figures(texts),
             **stats,
         }
         record["examples"] = [response.samples[i].full_text for i in (0, len(response.samples) // 2)]
         return record
+
+    def sync_weights(self, version: int) -> str:
+        """Every generator at ``version``: by broadcast when asked for, by the pull otherwise and
+        whenever the broadcast failed. Returns how: broadcast, pull or pull-after-broadcast."""
+        if self.broadcast is not None:
+            try:
+                synced = self.broadcast.sync(getattr(self.generator, "clients", [self.generator]), version)
+                mark_synced = getattr(self.generator, "mark_synced", None)  # replicas: for the ones joining later
+                if mark_synced is not None:
+                    mark_synced(self.trainer_address, synced.policy_version)
+                return "broadcast"
+            except grpc.RpcError as err:
+                log.warning("weight broadcast failed (%s: %s); the generators pull instead", err.code().name,
+                            err.details())
+            self.generator.load_weights(self.trainer_address, version)
+            return "pull-after-broadcast"
+        self.generator.load_weights(self.trainer_address, version)
+        return "pull"
 
     def check_guards(self, record: dict) -> list[str]:
         a = self.args
@@ -354,6 +381,7 @@ class Coordinator:
         record = self.cycle(index)
         self.state.ppo_seconds += record["seconds"]
         record["elapsed"] = self.state.ppo_seconds
+        record.update({f"replicas/{r.replicas.role}": len(r.clients) for r in self.discovered})
         self.cycle_log.append(record)
         self.state.next_cycle = index + 1
         print(f"cycle {index:3d}  reward {record['reward_mean']:.3f}  kl {record['kl']:6.2f}  "
@@ -384,9 +412,14 @@ class Coordinator:
         return saved
 
     def _check_services(self) -> None:
-        """Before a cycle: restart a supervised service found dead, without waiting for an RPC to fail."""
+        """Before a cycle: restart a supervised service found dead, without waiting for an RPC to fail,
+        and find the generator and scorer replicas serving now."""
         if self.supervisor is not None and self.supervisor.dead():
             self._recover_supervised("a service exited")
+        for replicas in self.discovered:
+            replicas.refresh()
+            if not replicas.clients:
+                replicas.await_members(getattr(self.args, "service_wait_seconds", 600.0))
 
     def recover(self, err: grpc.RpcError) -> None:
         """After an RPC failed: restart what died (or wait for running services), resync the
@@ -433,7 +466,10 @@ class Coordinator:
         wait = getattr(self.args, "service_wait_seconds", 600.0)
         log.warning("cycle %d interrupted (%s); waiting up to %.0fs for the services", self.state.next_cycle,
                     reason, wait)
-        clients = [self.trainer, self.scorer, *getattr(self.generator, "clients", [self.generator])]
+        for replicas in self.discovered:  # a replica gone is dropped; one serving is enough
+            replicas.await_members(wait)
+        fixed = [c for c in (self.scorer, self.generator) if not any(c is r for r in self.discovered)]
+        clients = [self.trainer, *(client for c in fixed for client in getattr(c, "clients", [c]))]
         for client in clients:
             client.await_serving(wait)
         update = self._progress.get("update")
@@ -520,6 +556,11 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--warm-spares", 2, int,
              "processes kept ready with the services' code imported, so that restarting a service this run "
              "started skips the interpreter's imports (a trainer restart restarts the generators too)")
+    add_flag(parser, "--trainer-nproc", 1, int,
+             "trainer processes (data parallel under torchrun; the same updates as one; see docs/distributed.md)")
+    add_flag(parser, "--weight-sync", "pull", choices=("pull", "broadcast"),
+             help="how generators get each new policy: pull (LoadWeights, the safetensors file over gRPC) or "
+                  "broadcast (a torch.distributed group of the trainer and the generators; the pull on failure)")
     add_flag(parser, "--generator-replicas", 1, int,
              "generator processes; each rollout's samples are split across them and run concurrently")
     add_flag(parser, "--device", "auto", help="torch device for all services")
@@ -530,8 +571,14 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--trainer-address", "",
              help="host:port of a running trainer: use the running services (with --generator-addresses and "
                   "--scorer-address, e.g. under docker compose) instead of starting them")
-    add_flag(parser, "--generator-addresses", "", help="comma-separated host:port of running generators")
-    add_flag(parser, "--scorer-address", "", help="host:port of a running scorer")
+    add_flag(parser, "--generator-addresses", "",
+             help="running generators, comma-separated: HOST:PORT (one replica) or dns:///NAME:PORT (every address "
+                  "NAME resolves to, resolved again before every cycle, e.g. a Kubernetes headless Service); "
+                  "each rollout is split across those that report SERVING (docs/discovery.md)")
+    add_flag(parser, "--scorer-address", "",
+             help="running scorer(s), in the form of --generator-addresses; each batch is split across them")
+    add_flag(parser, "--metrics-address", "",
+             help="HOST:PORT to serve this coordinator's /metrics on (replica counts); empty: none")
     add_client_access_flags(parser, token_help="the running services' token file (default: the services this run "
                                                "starts get a fresh random token in <run dir>/auth-token, mode 0600)")
     parser.add_argument("--prompts", nargs="+", default=DEFAULT_PROMPTS, help="rollout prompts")
@@ -553,10 +600,10 @@ def human_in_terminal(args) -> bool:
     return args.human_ui == "terminal"
 
 
-def running_services(args) -> tuple[str, list[str], str] | None:
-    """(trainer, generators, scorer) addresses when the run uses running services, else None
-    (the scorer's is "" when the person rates in this terminal). Raises ValueError for a partial
-    set, or with flags that only configure services it would start."""
+def running_services(args) -> tuple[str, list[Target], list[Target]] | None:
+    """(trainer address, generator targets, scorer targets) when the run uses running services,
+    else None (no scorer targets when the person rates in this terminal). Raises ValueError for a
+    partial set, a malformed address, or flags that only configure services it would start."""
     terminal = human_in_terminal(args)
     if terminal and args.scorer_address:
         raise ValueError("--scorer-address is not used with --human-ui terminal: the person rates in this terminal")
@@ -574,8 +621,8 @@ def running_services(args) -> tuple[str, list[str], str] | None:
     if changed:
         raise ValueError(f"{', '.join(changed)} configure services this run starts; running services take "
                          "their settings from their own flags")
-    return args.trainer_address, [a.strip() for a in args.generator_addresses.split(",") if a.strip()], \
-        args.scorer_address
+    return args.trainer_address, parse_targets(args.generator_addresses, "--generator-addresses"), \
+        ([] if terminal else parse_targets(args.scorer_address, "--scorer-address"))
 
 
 def build_parser_defaults() -> argparse.Namespace:
@@ -590,6 +637,8 @@ def run(args) -> int:
     runs_dir = Path(args.runs_dir)
     try:
         connect_to = running_services(args)
+        if args.metrics_address:
+            discovery.metrics_host_port(args.metrics_address)  # checked here, served once the run starts
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -634,25 +683,34 @@ def run(args) -> int:
                 log.info("%s serving at %s (metrics http://%s:%d/metrics)", s.name, s.address,
                          s.address.split(":")[0], s.metrics_port)
             trainer_service, generator_services, scorer_service = split_services(services)
-            connect_to = trainer_service.address, [g.address for g in generator_services], \
-                scorer_service.address if scorer_service else ""
+            connect_to = trainer_service.address, [Target.fixed(g.address) for g in generator_services], \
+                [Target.fixed(scorer_service.address)] if scorer_service else []
             spares = itertools.count(1)
             supervisor = Supervisor(services, lambda dead: None, wait_ready, args.max_restarts_per_hour,
                                     spares=SparePool(lambda: launch_spare(run_dir, next(spares)),
                                                      getattr(args, "warm_spares", 0)))
             supervisor.spares.refill()  # after the services serve: the spares' imports do not slow their start
-        trainer_address, generator_addresses, scorer_address = connect_to
+        trainer_address, generator_targets, scorer_targets = connect_to
         access = {**client_access(args), "token_file": token_file}
+        if args.metrics_address:
+            try:
+                port = discovery.start_metrics(args.metrics_address)
+            except OSError as err:
+                print(f"error: --metrics-address {args.metrics_address}: {err}", file=sys.stderr)
+                return 2
+            log.info("coordinator metrics on http://%s:%d/metrics", args.metrics_address.rpartition(":")[0], port)
         scorer_client = (LocalScorerClient(TerminalScorer(), timeout=args.score_timeout) if human_in_terminal(args)
-                         else ScorerClient(scorer_address, timeout=args.score_timeout, **access))
-        with GeneratorReplicas([GeneratorClient(a, timeout=args.rpc_timeout, **access)
-                                for a in generator_addresses]) as generator, \
+                         else discovery.scorer_replicas(scorer_targets, access, args.score_timeout))
+        with discovery.generator_replicas(generator_targets, access, args.rpc_timeout) as generator, \
                 scorer_client as scorer, \
                 TrainerClient(trainer_address, timeout=args.rpc_timeout, **access) as trainer:
+            discovered = (generator,) if human_in_terminal(args) else (generator, scorer)
+            for replicas in discovered:
+                replicas.await_members(args.service_wait_seconds)
             # running services may keep several runs' checkpoints in one folder: there, name them by run
             prefix = "" if supervisor else re.sub(r"[^A-Za-z0-9._-]", "_", run_dir.name)[:40] + "."
             coordinator = Coordinator(args, generator, scorer, trainer, trainer_address, run_dir, state, supervisor,
-                                      stop, prefix)
+                                      stop, prefix, discovered)
             if supervisor is not None:
                 supervisor.launch = lambda dead: relaunch_service(dead, coordinator, run_dir)
             redone = coordinator.cycle_log.rewind(state.next_cycle)  # logged before a crash, after the checkpoint
@@ -664,7 +722,7 @@ def run(args) -> int:
                 print(f"error: {err.code().name}: {err.details()}\n(pass the services' token file with "
                       "--auth-token-file)", file=sys.stderr)
                 return 2
-            log.info("%d generator(s) at policy version %d; cycles %d..%d", len(generator_addresses),
+            log.info("%d generator(s) at policy version %d; cycles %d..%d", len(generator.clients),
                      synced.policy_version, state.next_cycle, args.cycles - 1)
             if checkpoint is not None or state.next_cycle:
                 coordinator.record_recovery(
@@ -700,6 +758,8 @@ def prepare_run_dir(args, runs_dir: Path) -> tuple[argparse.Namespace, Path, Pat
         raise ValueError(f"--min-new-tokens {args.min_new_tokens} must be in [0, --max-new-tokens {args.max_new_tokens}]")
     if args.generator_replicas < 1:
         raise ValueError(f"--generator-replicas must be >= 1, got {args.generator_replicas}")
+    if getattr(args, "trainer_nproc", 1) < 1:
+        raise ValueError(f"--trainer-nproc must be >= 1, got {args.trainer_nproc}")
     if human_in_terminal(args):
         if args.scorer_backend != "human":
             raise ValueError("--human-ui terminal needs --scorer-backend human")
@@ -819,6 +879,10 @@ def start_services(args, run_dir: Path, services: list[ServiceProcess], token_fi
     trainer_args = ["--model", args.policy, "--ppo-config", json.dumps(trainer_ppo_config(args)),
                     "--checkpoint-dir", str(run_dir / "checkpoints"),
                     "--keep-checkpoints", str(getattr(args, "keep_checkpoints", 3)), *common]
+    if getattr(args, "trainer_nproc", 1) > 1:
+        trainer_args += ["--nproc", str(args.trainer_nproc)]
+    if getattr(args, "weight_sync", "pull") == "broadcast":
+        trainer_args += ["--weight-group-port", "0"]  # a free port: runs side by side do not collide
     resume = resume_from or args.resume
     if resume:
         trainer_args += ["--resume", str(resume)]

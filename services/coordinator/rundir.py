@@ -17,8 +17,8 @@ from haoping.atomic import atomic_write_json, atomic_write_text
 MAY_CHANGE = frozenset({
     "name", "runs_dir", "fresh", "cycles", "max_seconds", "score_timeout", "rpc_timeout", "service_wait_seconds",
     "checkpoint_every", "checkpoint_every_seconds", "keep_checkpoints", "max_restarts_per_hour", "warm_spares",
-    "max_kl", "min_distinct2_ratio",
-    "max_repetition_rate", "trainer_address", "generator_addresses", "scorer_address", "device",
+    "max_kl", "min_distinct2_ratio", "max_repetition_rate", "trainer_nproc", "trainer_address",
+    "generator_addresses", "scorer_address", "metrics_address", "device",
     "auth_token_file", "tls_ca", "tls_cert", "tls_key",
 })
 

@@ -24,6 +24,7 @@ from services.common.batching import ContinuousBatcher, QueueFull, ShuttingDown
 from services.common.config import add_batching_flags, add_common_server_flags, add_flag
 from services.common.security import check_security_flags, client_tls
 from services.common.server import Draining, serve
+from services.generator.weight_group import GeneratorWeightGroup, add_weight_group_flags
 
 log = get_logger(__name__)
 FINISH = {"eos": pb.FINISH_REASON_EOS, LENGTH: pb.FINISH_REASON_LENGTH}
@@ -45,6 +46,9 @@ class GeneratorService(pb_grpc.GeneratorServicer):
         # the only peers LoadWeights dials: the trainer(s) this generator was started with
         self.trainer_addresses = [a.strip() for a in args.trainer_address.split(",") if a.strip()]
         self.max_message_bytes = args.max_message_mb * 1024 * 1024
+        # a weights file of this policy: its parameters as float32 (the trainer's master copy), a
+        # header and slack; a larger announcement is refused before its buffer is allocated
+        self.max_weights_bytes = 2 * 4 * sum(p.numel() for p in self.generator.model.parameters()) + (1 << 20)
         self._peer_token = read_token_file(args.auth_token_file) if args.auth_token_file else None
         self._peer_tls = client_tls(args)
         self._trainer_channels: dict[str, grpc.Channel] = {}
@@ -52,6 +56,7 @@ class GeneratorService(pb_grpc.GeneratorServicer):
         self.batcher = ContinuousBatcher("generator", generator.open_batch, args.max_batch_size,
                                          args.max_wait_ms / 1000, args.max_queue)
         metrics.POLICY_VERSION.labels("generator").set(0)
+        self.weight_group = GeneratorWeightGroup(self, args)
 
     # ------------------------------------------------------------ validation
 
@@ -195,17 +200,17 @@ class GeneratorService(pb_grpc.GeneratorServicer):
         address = self._allowed_peer(request.trainer_address, context)
         started = time.perf_counter()
         try:
-            chunks = list(pb_grpc.TrainerStub(self._trainer_channel(address)).GetWeights(
-                pb.GetWeightsRequest(version=request.version), timeout=300))
+            stream = pb_grpc.TrainerStub(self._trainer_channel(address)).GetWeights(
+                pb.GetWeightsRequest(version=request.version), timeout=300)
+            data, version = assemble_weights(stream, context, self.max_weights_bytes)
         except grpc.RpcError as err:
             code = err.code()
             if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
                 # the trainer refused this generator's token, not the caller's: say so
                 code = grpc.StatusCode.FAILED_PRECONDITION
             context.abort(code, f"fetching weights from {address}: {err.details()}")
-        data = assemble_weights(chunks, context)
         try:
-            self.generator.load_weights(data, chunks[0].policy_version)
+            self.generator.load_weights(data, version)
         except ValueError as err:
             metrics.WEIGHT_LOADS_REFUSED.labels("unfit").inc()
             log.warning("refused weights from %s: %s; version %d keeps serving", address, err, self.generator.version)
@@ -216,6 +221,12 @@ class GeneratorService(pb_grpc.GeneratorServicer):
         metrics.POLICY_VERSION.labels("generator").set(self.generator.version)
         log.info("loaded policy version %d (%.1f MB in %.2fs)", self.generator.version, len(data) / 1e6, seconds)
         return pb.LoadWeightsResponse(policy_version=self.generator.version, bytes=len(data), seconds=seconds)
+
+    def JoinWeightGroup(self, request, context):
+        return self.weight_group.join(request, context)
+
+    def ReceiveWeights(self, request, context):
+        return self.weight_group.receive(request, context)
 
     def _allowed_peer(self, requested: str, context) -> str:
         """The trainer to pull from: the request may only pick one of --trainer-address, and
@@ -255,7 +266,9 @@ class GeneratorService(pb_grpc.GeneratorServicer):
             limits={"max_new_tokens": self.max_new_tokens_limit, "default_max_new_tokens": self.default_max_new_tokens,
                     "max_samples_per_prompt": self.max_samples_per_prompt, "max_prompts": self.max_prompts,
                     "max_message_bytes": self.max_message_bytes, "max_prompt_chars": self.max_prompt_chars,
-                    "max_request_tokens": self.max_request_tokens, "max_queued_tokens": self.work.limit})
+                    "max_request_tokens": self.max_request_tokens, "max_queued_tokens": self.work.limit,
+                    "max_weights_bytes": self.max_weights_bytes,
+                    "max_broadcast_weight_bytes": self.weight_group.max_bytes})
 
 
 class WorkBudget:
@@ -286,18 +299,32 @@ class WorkBudget:
                 metrics.QUEUED_WORK_TOKENS.set(self.used)
 
 
-def assemble_weights(chunks: list, context) -> bytes:
-    """Join streamed chunks; check order, size and sha256 before anything is loaded."""
-    if not chunks:
-        context.abort(grpc.StatusCode.DATA_LOSS, "trainer sent no weight chunks")
-    data = bytearray()
+def assemble_weights(chunks, context, max_bytes: int) -> tuple[bytearray, int]:
+    """(the file, its policy version): streamed chunks joined as they arrive into one buffer of
+    the announced size (at most ``max_bytes``); order, size and sha256 checked before anything
+    is loaded. A chunk is dropped once copied, so the stream never sits in memory twice."""
+    data: bytearray | None = None
+    first = None
+    digest = hashlib.sha256()
+    filled = 0
     for chunk in chunks:
-        if chunk.offset != len(data) or chunk.policy_version != chunks[0].policy_version:
+        if first is None:
+            first = chunk
+            if chunk.total_bytes > max_bytes:
+                context.abort(grpc.StatusCode.DATA_LOSS, f"trainer announced {chunk.total_bytes} bytes of weights; "
+                                                         f"this policy's fit in {max_bytes}")
+            data = bytearray(chunk.total_bytes)
+        if (chunk.offset != filled or chunk.policy_version != first.policy_version
+                or filled + len(chunk.data) > len(data)):
             context.abort(grpc.StatusCode.DATA_LOSS, "weight chunks out of order or of mixed versions")
-        data.extend(chunk.data)
-    if len(data) != chunks[0].total_bytes or hashlib.sha256(data).hexdigest() != chunks[0].sha256:
+        data[filled:filled + len(chunk.data)] = chunk.data
+        digest.update(chunk.data)
+        filled += len(chunk.data)
+    if first is None:
+        context.abort(grpc.StatusCode.DATA_LOSS, "trainer sent no weight chunks")
+    if filled != first.total_bytes or digest.hexdigest() != first.sha256:
         context.abort(grpc.StatusCode.DATA_LOSS, "weights arrived incomplete or corrupted (size/sha256 mismatch)")
-    return bytes(data)
+    return data, first.policy_version
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -317,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(parser, "--max-queued-tokens", 524288, int,
              "most work admitted at once over all requests (samples x max_new_tokens); beyond it "
              "RESOURCE_EXHAUSTED at once")
+    add_weight_group_flags(parser)
     add_batching_flags(parser)
     return parser
 

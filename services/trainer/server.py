@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import signal
 import re
 import sys
 import threading
@@ -13,6 +15,8 @@ from pathlib import Path
 import grpc
 
 from haoping.checkpoint import CheckpointError, CheckpointStore, check_label
+from haoping.distributed import (BACKENDS, DataParallel, LeaderCalls, ProcessGroupFailed, follow_leader,
+                                 launched_world_size, torchrun_args, without_flags)
 from haoping.log import get_logger, setup_logging
 from haoping.models import parse_dtype, pick_device
 from haoping.ppo_trainer import NonFiniteStep, PPOConfig, PPOTrainer, StaleRolloutsError
@@ -21,7 +25,8 @@ from haoping.v1 import haoping_pb2_grpc as pb_grpc
 from services.common import metrics
 from services.common.config import add_common_server_flags, add_dataclass_flags, add_flag, dataclass_flag_values
 from services.common.security import check_security_flags
-from services.common.server import Draining, serve
+from services.common.server import Draining, exit_with_parent, serve
+from services.trainer.weight_group import TrainerWeightGroups, add_weight_group_flags
 
 log = get_logger(__name__)
 CHUNK_BYTES = 1 << 20  # well under any sane gRPC message limit
@@ -29,8 +34,11 @@ STEP_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 class TrainerService(pb_grpc.TrainerServicer):
-    def __init__(self, trainer: PPOTrainer, args, draining: Draining):
+    def __init__(self, trainer: PPOTrainer, args, draining: Draining, calls: LeaderCalls | None = None):
         self.trainer = trainer
+        # what changes the trainer: the trainer itself, or, with several processes, rank 0's
+        # calls that every other process takes part in
+        self.calls = calls or trainer
         self.draining = draining
         self.checkpoints = CheckpointStore(args.checkpoint_dir, args.keep_checkpoints) if args.checkpoint_dir else None
         self.checkpoint_every = args.checkpoint_every
@@ -42,6 +50,7 @@ class TrainerService(pb_grpc.TrainerServicer):
                                  max_abs_reward=args.max_abs_reward, vocab_size=config.vocab_size,
                                  max_context=model_context(config))
         metrics.POLICY_VERSION.labels("trainer").set(trainer.version)
+        self.weight_groups = TrainerWeightGroups(trainer, self._lock, args)
 
     def Step(self, request, context):
         if self.draining:
@@ -60,7 +69,10 @@ class TrainerService(pb_grpc.TrainerServicer):
             stats, version, repeated = self._apply(request.step_id, queries, responses, rewards, context, min_tokens,
                                                    [r.policy_version for r in rollouts])
             if not repeated and self.checkpoints and self.checkpoint_every and version % self.checkpoint_every == 0:
-                self._save(f"step-{self.trainer.steps_done:06d}", b"")
+                try:
+                    self._save(f"step-{self.trainer.steps_done:06d}", b"")
+                except ProcessGroupFailed as err:
+                    process_group_failed(err, context)
         if repeated:
             metrics.TRAINER_REPEATED_STEPS.inc()
             log.info("Step %s was applied before: answering with its stored response", request.step_id)
@@ -70,11 +82,13 @@ class TrainerService(pb_grpc.TrainerServicer):
 
     def _apply(self, step_id, queries, responses, rewards, context, *step_args):
         try:
-            return self.trainer.apply_step(step_id, queries, responses, rewards, *step_args)
+            return self.calls.apply_step(step_id, queries, responses, rewards, *step_args)
         except StaleRolloutsError as err:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
         except ValueError as err:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        except ProcessGroupFailed as err:
+            process_group_failed(err, context)
         except NonFiniteStep as err:
             metrics.TRAINER_NON_FINITE_STEPS.inc()
             log.error("Step %s: %s; the trainer state is unchanged at version %d", step_id or "(no id)", err,
@@ -82,7 +96,7 @@ class TrainerService(pb_grpc.TrainerServicer):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"non-finite update: {err}")
 
     def _save(self, label: str, coordinator_state: bytes):
-        path = self.trainer.save_checkpoint(self.checkpoints.path_of(label),
+        path = self.calls.save_checkpoint(self.checkpoints.path_of(label),
                                             {"coordinator_state.json": coordinator_state} if coordinator_state else None)
         metrics.CHECKPOINTS_SAVED.inc()
         removed = self.checkpoints.prune()
@@ -118,10 +132,23 @@ class TrainerService(pb_grpc.TrainerServicer):
         with self._lock:
             try:
                 path = self._save(label, request.coordinator_state)
+            except ProcessGroupFailed as err:
+                process_group_failed(err, context)
             except (OSError, CheckpointError) as err:
                 context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"cannot write checkpoint {label}: {err}")
             return pb.SaveCheckpointResponse(directory=str(path), policy_version=self.trainer.version, label=label,
                                              steps_done=self.trainer.steps_done)
+
+    def OpenWeightGroup(self, request, context):
+        return self.weight_groups.open(request, context)
+
+    def JoinWeightGroup(self, request, context):
+        return self.weight_groups.join(request, context)
+
+    def BroadcastWeights(self, request, context):
+        if self.draining:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "trainer is draining")
+        return self.weight_groups.broadcast(request, context)
 
     def GetInfo(self, request, context):
         t = self.trainer
@@ -132,7 +159,18 @@ class TrainerService(pb_grpc.TrainerServicer):
                                       "max_rollouts": self.limits.max_rollouts,
                                       "max_step_tokens": self.limits.max_step_tokens,
                                       "max_abs_reward": int(self.limits.max_abs_reward),
-                                      "max_coordinator_state_bytes": self.max_coordinator_state_bytes})
+                                      "max_coordinator_state_bytes": self.max_coordinator_state_bytes,
+                                      "trainer_processes": t.parallel.world if t.parallel else 1,
+                                      **self.weight_groups.limits})
+
+
+def process_group_failed(err: Exception, context) -> None:
+    """Another trainer process is gone mid-call: this group can never update again. Exit, as a
+    one-process trainer killed mid-Step would, so that the coordinator restarts the trainer from
+    its newest checkpoint; the caller gets UNAVAILABLE."""
+    log.error("a trainer process failed (%s); exiting", str(err).splitlines()[0])
+    threading.Timer(0.5, os._exit, (1,)).start()
+    context.abort(grpc.StatusCode.UNAVAILABLE, "a trainer process failed; the trainer is restarting")
 
 
 @dataclass(frozen=True)
@@ -214,8 +252,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(parser, "--max-step-tokens", 262144, int,
              "most query + response tokens over all rollouts of one Step (RESOURCE_EXHAUSTED beyond)")
     add_flag(parser, "--max-abs-reward", 100.0, float, "largest |reward| a rollout may carry (INVALID_ARGUMENT beyond)")
+    add_flag(parser, "--nproc", 1, int, "trainer processes on this node (data parallel under torchrun; rank 0 "
+             "serves gRPC)")
+    add_flag(parser, "--nnodes", 1, int, "nodes the trainer's processes span (each node starts its own --nproc)")
+    add_flag(parser, "--node-rank", 0, int, "this node's index among --nnodes (node 0 serves gRPC)")
+    add_flag(parser, "--rdzv-endpoint", "", help="host:port where node 0 meets the others (torch.distributed "
+             "static rendezvous; needed with --nnodes > 1; default with one node: a free local port)")
+    add_flag(parser, "--dist-backend", "auto", help="torch.distributed backend: auto (nccl on CUDA, gloo "
+             "otherwise), gloo or nccl", choices=BACKENDS)
+    add_flag(parser, "--dist-timeout", 600.0, float, "seconds a collective may wait for the other processes")
     add_flag(parser, "--ppo-config", "", help="JSON object of PPO options (see PPOConfig), e.g. "
              "'{\"minibatch_size\": 16}'; a typed option flag below overrides its key")
+    add_weight_group_flags(parser)
     add_dataclass_flags(parser, PPOConfig, group_title="PPO options (PPOConfig)")
     return parser
 
@@ -235,8 +283,12 @@ def ppo_options(args) -> dict:
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     check_security_flags(parser, args)
+    world = launched_world_size()
+    if "RANK" not in os.environ and (args.nproc > 1 or args.nnodes > 1):
+        return launch_processes(args, argv)
     try:
         options = ppo_options(args)
         config = PPOConfig.from_dict(options)
@@ -245,20 +297,82 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     device, dtype = pick_device(args.device), parse_dtype(args.dtype)
     resume = args.resume
-    if resume == "latest":
-        if not args.checkpoint_dir:
-            raise SystemExit("--resume latest needs --checkpoint-dir")
-        resume = CheckpointStore(args.checkpoint_dir, args.keep_checkpoints).newest_good()
-    if resume:
+    try:
+        parallel = DataParallel.from_env(args.dist_backend, device, args.dist_timeout) if world > 1 else None
+    except ValueError as err:  # e.g. --dist-backend nccl without CUDA
+        print(f"error: --dist-backend: {err}", file=sys.stderr)
+        return 2
+    if parallel is not None:
+        device = parallel.device  # cuda:LOCAL_RANK on GPUs
+    try:
+        if resume == "latest":
+            if not args.checkpoint_dir:
+                raise SystemExit("--resume latest needs --checkpoint-dir")
+            # only rank 0 looks (a refused checkpoint is moved aside); the others load its choice
+            if parallel is None or parallel.is_leader:
+                resume = CheckpointStore(args.checkpoint_dir, args.keep_checkpoints).newest_good()
+            if parallel is not None:
+                resume = parallel.broadcast_json(str(resume) if resume else "")
+        if resume:
+            try:
+                trainer = PPOTrainer.from_checkpoint(resume, device, dtype, config if options else None, parallel)
+            except (CheckpointError, FileNotFoundError) as err:
+                raise SystemExit(f"--resume: {err}")
+            log.info("resumed from %s at policy version %d (%d steps applied)", resume, trainer.version,
+                     trainer.steps_done)
+        else:
+            trainer = PPOTrainer(args.model, config, device, dtype, parallel=parallel)
+        if parallel is not None and not parallel.is_leader:
+            log.info("trainer rank %d of %d: following rank 0", parallel.rank, parallel.world)
+            # torchrun hands SIGTERM to every process; rank 0 drains (its Step needs this one) and
+            # then says stop, or this process ends with its parent
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            exit_with_parent()
+            follow_leader(trainer, parallel)
+            return 0
+        calls = LeaderCalls(trainer, parallel) if parallel is not None else None
+        draining = Draining()
+        service = TrainerService(trainer, args, draining, calls)
         try:
-            trainer = PPOTrainer.from_checkpoint(resume, device, dtype, config if options else None)
-        except (CheckpointError, FileNotFoundError) as err:
-            raise SystemExit(f"--resume: {err}")
-        log.info("resumed from %s at policy version %d (%d steps applied)", resume, trainer.version,
-                 trainer.steps_done)
-    else:
-        trainer = PPOTrainer(args.model, config, device, dtype)
-    draining = Draining()
-    service = TrainerService(trainer, args, draining)
-    return serve("Trainer", args, lambda server: pb_grpc.add_TrainerServicer_to_server(service, server),
-                 lambda: trainer.policy_weights(), draining)
+            return serve("Trainer", args, lambda server: pb_grpc.add_TrainerServicer_to_server(service, server),
+                         lambda: trainer.policy_weights(), draining)
+        finally:
+            if calls is not None:
+                try:
+                    calls.stop()
+                except ProcessGroupFailed as err:  # the others are gone already
+                    log.warning("trainer processes: %s", err)
+    finally:
+        if parallel is not None:
+            parallel.close()
+
+
+def launch_processes(args, argv: list[str]) -> int:
+    """Start this node's --nproc trainer processes under torchrun (torch.distributed.run) and wait
+    for them. They inherit this process as the parent they exit with; this one exits with the
+    coordinator that started it, if any."""
+    import torch.distributed.run
+
+    try:
+        command = torchrun_args("services.trainer", without_flags(argv), args.nproc, args.nnodes, args.node_rank, args.rdzv_endpoint)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    exit_with_parent()
+    os.environ["HAOPING_PARENT_PID"] = str(os.getpid())
+    log.info("starting %d trainer processes: torchrun %s", args.nproc, " ".join(command))
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    try:
+        torch.distributed.run.main(command)
+    except SystemExit as err:
+        return err.code if isinstance(err.code, int) else 1
+    except SignalException as err:  # SIGTERM/SIGINT: torchrun passed it on and waited for the processes
+        log.info("trainer processes stopped (%s)", err)
+        return 0
+    except Exception as err:  # torchrun's ChildFailedError names the process and its exit code
+        lines = [line for line in str(err).splitlines() if line.strip()]
+        log.error("trainer processes failed: %s", " ".join(lines[:4]) if lines else type(err).__name__)
+        return 1
+    return 0
