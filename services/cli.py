@@ -87,7 +87,14 @@ def cmd_score(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+# The other commands' modules import torch and transformers (3-4 s): `haoping run`, relaunched
+# after a crash, must not wait for that before its first cycle.
+LIGHT_COMMANDS = ("bootstrap", "run", "serve", "generate", "score")
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """Every command's parser; given a ``command`` that needs none of the heavy modules, only the
+    light ones are built."""
     parser = argparse.ArgumentParser(prog="haoping", description="RLHF for positive Chinese reviews, as gRPC services")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -129,19 +136,22 @@ def build_parser() -> argparse.ArgumentParser:
     add_client_access_flags(p)
     p.set_defaults(func=cmd_score)
 
-    from haoping.evaluate import add_cli as add_evaluate_cli
-    from services.labeler.cli import add_cli as add_labeling_cli
-    from services.reward_model_cli import add_cli as add_reward_model_cli
+    if command is None:
+        from haoping.evaluate import add_cli as add_evaluate_cli
+        from services.labeler.cli import add_cli as add_labeling_cli
+        from services.reward_model_cli import add_cli as add_reward_model_cli
 
-    add_evaluate_cli(sub)
-    add_reward_model_cli(sub)
-    add_labeling_cli(sub)
+        add_evaluate_cli(sub)
+        add_reward_model_cli(sub)
+        add_labeling_cli(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    command = argv[0] if argv and argv[0] in LIGHT_COMMANDS else None
+    args = build_parser(command).parse_args(argv)
     try:
         return args.func(args)
     except KeyboardInterrupt:

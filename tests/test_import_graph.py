@@ -66,3 +66,15 @@ def test_no_import_cycle_inside_the_library():
 def test_cycle_finder_finds_a_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_the_coordinator_starts_without_torch():
+    """`haoping run`, relaunched after a crash, reaches its first cycle without waiting 3-4 s for
+    torch and transformers to import (the services it starts import them, in parallel)."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, services.cli as cli; cli.build_parser('run'); import services.coordinator.run; "
+             "print(sorted(m for m in ('torch', 'transformers', 'matplotlib') if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert loaded.stdout.strip() == "[]"

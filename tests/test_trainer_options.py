@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from haoping.client import TrainerClient
-from haoping.ppo_trainer import PPOConfig
+from haoping.ppo_config import PPOConfig
 from haoping.v1 import haoping_pb2 as pb
 from services.coordinator import run as coordinator
 from services.coordinator.run import start_service, stop_services

@@ -32,11 +32,10 @@ from haoping.checkpoint import CheckpointError, CheckpointStore, cycle_label, ve
 from haoping.client import GeneratorClient, GeneratorReplicas, ScorerClient, TrainerClient
 from haoping.discovery import Target, parse_targets
 from haoping.log import get_logger
-from haoping.plots import plot_reward_kl
 from haoping.prompts import DEFAULT_PROMPTS
 from haoping.scorers import ScoreTimeout
 from haoping.scorers.terminal import HumanStopped, LocalScorerClient, TerminalScorer
-from haoping.ppo_trainer import PPOConfig
+from haoping.ppo_config import PPOConfig
 from haoping.v1 import haoping_pb2 as pb
 from services.common.config import add_client_access_flags, add_dataclass_flags, add_flag, dataclass_flag_values
 from services.common.security import client_access, write_token_file
@@ -374,6 +373,8 @@ class Coordinator:
             return records
         after = self.write_samples("samples_after.jsonl")
         log.info("after training: mean reward %.3f over %d samples", _mean(r["reward"] for r in after), len(after))
+        from haoping.plots import plot_reward_kl  # matplotlib costs 0.4 s: not on a relaunch's path to its first cycle
+
         plot_reward_kl(records, self.run_dir / "reward_kl.png", title=f"haoping run {self.run_dir.name}")
         return records
 
