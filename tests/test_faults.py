@@ -6,7 +6,6 @@ rollouts, rewards and updates, bit for bit."""
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys

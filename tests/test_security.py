@@ -1,7 +1,6 @@
 """The service surface against callers it cannot trust: tokens on every RPC (a matrix against
 running services), LoadWeights peers, request budgets, a property-based fuzz of every RPC
 (no UNKNOWN, no crash, nothing changed by a rejected request), TLS, text as sent."""
-import hashlib
 import math
 import re
 import socket

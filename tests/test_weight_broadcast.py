@@ -21,7 +21,6 @@ import torch
 from haoping.client import GeneratorClient, GeneratorReplicas, ScorerClient, TrainerClient
 from haoping.generation import PolicyGenerator
 from haoping.ppo_trainer import PPOConfig, PPOTrainer
-from haoping.v1 import haoping_pb2 as pb
 from haoping.weight_broadcast import (BroadcastFailed, Header, WeightGroup, WeightGroupHost, WeightsRefused,
                                       client_store, plan_header, unpack)
 from services.coordinator.run import DEFAULT_PROMPTS, Coordinator, start_service, stop_services

@@ -10,7 +10,6 @@ import re
 import sys
 import threading
 from dataclasses import dataclass, fields
-from pathlib import Path
 
 import grpc
 
