@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="the runs' seed")
     parser.add_argument("--chaos-seed", type=int, default=1, help="seed of the kill schedule")
     parser.add_argument("--checkpoint-every", type=int, default=10)
-    parser.add_argument("--checkpoint-every-seconds", type=float, default=5.0)
+    parser.add_argument("--checkpoint-every-seconds", type=float, default=2.0)
     parser.add_argument("--work", default="runs/chaos", help="runs go here (replaced)")
     parser.add_argument("run_args", nargs="*", help="more `haoping run` flags (after --)")
     args = parser.parse_args(argv)

@@ -215,3 +215,14 @@ def policy_of(path: str | Path) -> Path:
     if (path / "policy").is_dir():
         return path / "policy"
     return path
+
+
+def checkpoint_interval(every_seconds: float, last_checkpoint_seconds: float, max_overhead: float) -> float:
+    """Seconds between checkpoints by time: ``every_seconds`` (0: none by time), stretched so that
+    writing them takes at most ``max_overhead`` of the run (a checkpoint of ``last_checkpoint_seconds``
+    is followed by at least that / ``max_overhead`` seconds of training)."""
+    if every_seconds <= 0:
+        return 0.0
+    if max_overhead <= 0:
+        return every_seconds
+    return max(every_seconds, last_checkpoint_seconds / max_overhead)

@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from haoping.checkpoint import CheckpointError, CheckpointStore, check_label, cycle_label, verify_checkpoint
+from haoping.checkpoint import (CheckpointError, CheckpointStore, check_label, checkpoint_interval, cycle_label,
+                                verify_checkpoint)
 from haoping.ppo_trainer import NonFiniteStep, PPOConfig, PPOTrainer
 
 QUERIES = [[2, 10, 11], [2, 12], [2, 10, 11], [2, 13, 14, 15]]
@@ -252,3 +253,10 @@ def test_the_trainer_service_checkpoints_by_label_and_applies_each_step_id_once(
     finally:
         stop_services([service])
     assert service.process.returncode == 0
+
+
+def test_the_checkpoint_interval_by_time_stretches_so_checkpoints_stay_a_small_share_of_the_run():
+    assert checkpoint_interval(2.0, 0.1, 0.05) == 2.0     # a cheap checkpoint: the flag's interval
+    assert checkpoint_interval(2.0, 3.0, 0.05) == 60.0    # 3 s to write: at least 60 s of training between
+    assert checkpoint_interval(0.0, 3.0, 0.05) == 0.0     # none by time
+    assert checkpoint_interval(2.0, 3.0, 0.0) == 2.0      # no overhead bound

@@ -28,7 +28,7 @@ import grpc
 
 from haoping import text_metrics
 from haoping.atomic import atomic_write_json, atomic_write_text
-from haoping.checkpoint import CheckpointError, CheckpointStore, cycle_label, verify_checkpoint
+from haoping.checkpoint import CheckpointError, CheckpointStore, checkpoint_interval, cycle_label, verify_checkpoint
 from haoping.client import GeneratorClient, GeneratorReplicas, ScorerClient, TrainerClient
 from haoping.discovery import Target, parse_targets
 from haoping.log import get_logger
@@ -212,7 +212,9 @@ class Coordinator:
         self.cycle_log = CycleLog(run_dir)
         self.checkpoint_every = getattr(args, "checkpoint_every", 10)
         self.checkpoint_every_seconds = getattr(args, "checkpoint_every_seconds", 0.0)
+        self.checkpoint_max_overhead = getattr(args, "checkpoint_max_overhead", 0.05)
         self._checkpointed_time = time.monotonic()
+        self._checkpoint_seconds = 0.0  # how long the last checkpoint took
         self.faults: list[dict] = []
         self.resumed_from: Path | None = None  # set by the trainer restart: the checkpoint it loaded
         self._failures = 0
@@ -397,17 +399,20 @@ class Coordinator:
         """After a cycle: every ``--checkpoint-every`` cycles, or once ``--checkpoint-every-seconds``
         passed since the last checkpoint (or the start), so a trainer fault redoes at most that much."""
         by_count = self.checkpoint_every and self.state.next_cycle % self.checkpoint_every == 0
-        by_time = self.checkpoint_every_seconds and \
-            time.monotonic() - self._checkpointed_time >= self.checkpoint_every_seconds
+        interval = checkpoint_interval(self.checkpoint_every_seconds, self._checkpoint_seconds,
+                                       self.checkpoint_max_overhead)
+        by_time = interval and time.monotonic() - self._checkpointed_time >= interval
         return bool(by_count or by_time)
 
     def checkpoint(self) -> pb.SaveCheckpointResponse:
         """The trainer's state and this coordinator's, as checkpoints/cycle-NNNNNN (cycles done)."""
+        started = time.monotonic()
         saved = self.trainer.save_checkpoint(self.label_prefix + cycle_label(self.state.next_cycle),
                                              self.state.to_bytes())
         atomic_write_json(self.run_dir / "coordinator_state.json", asdict(self.state))
         self._checkpointed_at = self.state.next_cycle
         self._checkpointed_time = time.monotonic()
+        self._checkpoint_seconds = self._checkpointed_time - started
         log.info("checkpoint %s: %d cycles, policy version %d, %d updates applied", saved.label,
                  self.state.next_cycle, saved.policy_version, saved.steps_done)
         return saved
@@ -546,9 +551,13 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
                   "an existing run (--name) always continues from its own newest good checkpoint")
     add_flag(parser, "--fresh", False, bool, "when --name exists, start a new run under a new name (name-2, ...)")
     add_flag(parser, "--checkpoint-every", 10, int, "checkpoint every K cycles (and on every graceful stop)")
-    add_flag(parser, "--checkpoint-every-seconds", 5.0, float,
-             "also checkpoint after a cycle once this many seconds passed since the last checkpoint: a trainer "
-             "or coordinator fault redoes at most about this much work (0: by --checkpoint-every only)")
+    add_flag(parser, "--checkpoint-every-seconds", 2.0, float,
+             "also checkpoint after a cycle once this many seconds passed since the last checkpoint (more when "
+             "--checkpoint-max-overhead asks): a trainer or coordinator fault redoes at most about this much work "
+             "(0: by --checkpoint-every only)")
+    add_flag(parser, "--checkpoint-max-overhead", 0.05, float,
+             "checkpoints by time take at most this share of the run: the interval is at least the last "
+             "checkpoint's seconds / this (a large model checkpoints less often)")
     add_flag(parser, "--keep-checkpoints", 3, int, "newest verified checkpoints kept in <run>/checkpoints")
     add_flag(parser, "--rpc-timeout", 300.0, float, "deadline of every Generate, Step and LoadWeights call")
     add_flag(parser, "--service-wait-seconds", 600.0, float,
