@@ -221,7 +221,35 @@ def contiguous_shards(n: int, parts: int) -> list[tuple[int, int]]:
     return plan
 
 
-class GeneratorReplicas:
+class _Replicas:
+    """What both replica groups share: a :class:`haoping.discovery.ReplicaSet` of clients,
+    refreshed with ``_admit`` preparing each replica that joins (None: nothing to prepare)."""
+
+    replicas: ReplicaSet
+    _admit = None
+
+    @property
+    def clients(self) -> list:
+        return self.replicas.clients()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        self.replicas.close()
+
+    def refresh(self) -> tuple[list[str], list[str]]:
+        """Re-resolve and health-check the replicas; returns (added, dropped) addresses."""
+        return self.replicas.refresh(self._admit)
+
+    def await_members(self, timeout: float) -> None:
+        self.replicas.await_members(timeout, self._admit)
+
+
+class GeneratorReplicas(_Replicas):
     """Several generator replicas behind the two calls the coordinator makes.
 
     :meth:`generate` splits every prompt's samples across the replicas (a contiguous range of
@@ -246,27 +274,7 @@ class GeneratorReplicas:
         self.replicas, self._synced = replicas, None
         return self
 
-    @property
-    def clients(self) -> list[GeneratorClient]:
-        return self.replicas.clients()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def close(self) -> None:
-        self.replicas.close()
-
-    def refresh(self) -> tuple[list[str], list[str]]:
-        """Re-resolve and health-check the replicas; returns (added, dropped) addresses."""
-        return self.replicas.refresh(self._catch_up)
-
-    def await_members(self, timeout: float) -> None:
-        self.replicas.await_members(timeout, self._catch_up)
-
-    def _catch_up(self, client: GeneratorClient) -> bool:
+    def _admit(self, client: GeneratorClient) -> bool:
         """A joining replica first loads the version the others hold (none loaded yet: nothing to do)."""
         if self._synced is not None:
             client.load_weights(*self._synced)
@@ -324,32 +332,13 @@ class ScorerClient(_Client):
         return self.stub.Score(pb.ScoreRequest(texts=texts, normalization=normalization), timeout=self.timeout)
 
 
-class ScorerReplicas:
+class ScorerReplicas(_Replicas):
     """Several scorer replicas behind ``score``: a batch is split into contiguous chunks, one a
     replica, scored concurrently and joined in the batch's order. The replicas are a
     :class:`haoping.discovery.ReplicaSet`, refreshed like :class:`GeneratorReplicas`'."""
 
     def __init__(self, replicas: ReplicaSet):
         self.replicas = replicas
-
-    @property
-    def clients(self) -> list[ScorerClient]:
-        return self.replicas.clients()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def close(self) -> None:
-        self.replicas.close()
-
-    def refresh(self) -> tuple[list[str], list[str]]:
-        return self.replicas.refresh()
-
-    def await_members(self, timeout: float) -> None:
-        self.replicas.await_members(timeout)
 
     def score(self, texts: list[str], normalization: int = pb.SCORE_NORMALIZATION_NONE) -> pb.ScoreResponse:
         clients = self.clients
