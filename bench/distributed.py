@@ -1,5 +1,6 @@
-"""`make bench-distributed`: the data-parallel trainer's Step time, 1 process vs 2 (gloo), on the
-same rollouts and the same machine, side by side. A figure for the record, not a target: on a
+"""`make bench-distributed`: the data-parallel trainer's Step time, 1 process vs 2 (gloo) with
+whole copies vs 2 with FSDP2 shards (``--fsdp``), on the same rollouts and the same machine,
+side by side. A figure for the record, not a target: on a
 2-core CPU host the two processes share the cores one process would use, and add the gradient
 all-reduce, so no speedup is expected; on GPUs each process has its own device.
 
@@ -54,7 +55,7 @@ def _run(rank: int, world: int, port: int, args: dict, out: str) -> None:
         parallel = DataParallel.from_env("gloo", torch.device("cpu"), timeout_seconds=600)
     try:
         trainer = PPOTrainer(args["model"], PPOConfig.from_dict({"algorithm": args["algorithm"]}),
-                             parallel=parallel)
+                             parallel=parallel, fsdp=args.get("fsdp", False))
         batch = rollouts(trainer.model.lm.config.vocab_size, args["prompts"], args["samples"], args["query_tokens"],
                          args["response_tokens"])
         seconds, stats = [], []
@@ -70,13 +71,13 @@ def _run(rank: int, world: int, port: int, args: dict, out: str) -> None:
             parallel.close()
 
 
-def measure(world: int, args: argparse.Namespace, threads_per_process: int = 0) -> dict:
+def measure(world: int, args: argparse.Namespace, threads_per_process: int = 0, fsdp: bool = False) -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out.json"
-        settings = {**vars(args), "threads_per_process": threads_per_process}
+        settings = {**vars(args), "threads_per_process": threads_per_process, "fsdp": fsdp}
         mp.spawn(_run, args=(world, port, settings, str(out)), nprocs=world, join=True)
         return json.loads(out.read_text())
 
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     load_start = os.getloadavg()[0]
-    one, two = measure(1, args), measure(2, args)
+    one, two, two_fsdp = measure(1, args), measure(2, args), measure(2, args, fsdp=True)
     # the scale of float32 rounding alone: one process again, with another thread count
     one_other_threads = measure(1, args, threads_per_process=max(1, args.threads // 2))
     stat_keys = [k for k in one["stats"][0] if not k.startswith("time/")]
@@ -104,20 +105,25 @@ def main(argv: list[str] | None = None) -> int:
         return max(abs(a[k] - b[k]) for a, b in zip(one["stats"], other["stats"]) for k in stat_keys)
 
     max_difference, rounding_difference = max_difference_to(two), max_difference_to(one_other_threads)
+    fsdp_difference = max_difference_to(two_fsdp)
     one_s, two_s = statistics.median(one["seconds"]), statistics.median(two["seconds"])
+    fsdp_s = statistics.median(two_fsdp["seconds"])
     result = {
         "figures": {"step_seconds_1_process": one_s, "step_seconds_2_processes": two_s,
                     "step_time_ratio_2_vs_1": two_s / one_s, "stats_max_abs_difference": max_difference,
+                    "step_seconds_2_fsdp_processes": fsdp_s, "step_time_ratio_2_fsdp_vs_1": fsdp_s / one_s,
+                    "stats_max_abs_difference_fsdp": fsdp_difference,
                     "stats_max_abs_difference_1_process_other_threads": rounding_difference},
-        "one_process": one, "two_processes": two,
+        "one_process": one, "two_processes": two, "two_fsdp_processes": two_fsdp,
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
                     "loadavg_at_start": load_start, "loadavg_at_end": os.getloadavg()[0]},
     }
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"Step on {args.prompts * args.samples} rollouts ({args.model}, {args.algorithm}), median of "
-          f"{args.steps}: 1 process {one_s:.2f} s, 2 processes {two_s:.2f} s, ratio {two_s / one_s:.2f} "
-          f"(no target); statistics differ by at most {max_difference:.1e} (1 process at {max(1, args.threads // 2)} "
+          f"{args.steps}: 1 process {one_s:.2f} s, 2 processes {two_s:.2f} s, ratio {two_s / one_s:.2f}, "
+          f"2 FSDP processes {fsdp_s:.2f} s, ratio {fsdp_s / one_s:.2f} (no target); statistics differ by at most "
+          f"{max_difference:.1e}, FSDP {fsdp_difference:.1e} (1 process at {max(1, args.threads // 2)} "
           f"threads vs {args.threads}: {rounding_difference:.1e}); load average "
           f"{load_start:.2f} -> {result['machine']['loadavg_at_end']:.2f}; wrote {args.out}")
     return 0

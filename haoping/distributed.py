@@ -5,6 +5,8 @@ and sends each state-changing call to the others (:class:`LeaderCalls`, :func:`f
 Inside a Step each rank runs the rollout forward on its shard of the rows (gathered back), and
 the backward on its share of every minibatch; the gradients are summed over ranks. Loss weights
 divide by the minibatch's GLOBAL token count, so N processes take the update one would.
+With ``--fsdp`` (:func:`fully_shard_model`) each rank holds only its shard of the parameters,
+gradients and optimizer state (FSDP2), and the gradients are summed by FSDP's reduce-scatter.
 
 Nothing here runs in a single process: :class:`haoping.ppo_trainer.PPOTrainer` without a
 :class:`DataParallel` never touches torch.distributed.
@@ -206,9 +208,64 @@ class DataParallel:
             for tensor in [*module.parameters(), *module.buffers()]:
                 dist.broadcast(tensor.data, src=0)
 
+    @functools.cached_property
+    def mesh(self):
+        """The 1-D device mesh of every rank, which FSDP shards over."""
+        from torch.distributed.device_mesh import init_device_mesh
+
+        return init_device_mesh(self.device.type, (self.world,))
+
     def close(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a sharded (DTensor) tensor; a plain tensor as it is. A check on the
+    local part needs no collective, so ranks may stop at different tensors."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole of a sharded (DTensor) tensor, gathered (a collective: every rank calls it in
+    the same order); a plain tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks of a Hugging Face model (its ``_no_split_modules`` classes, e.g.
+    GPT2Block): the units FSDP gathers one at a time."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
+def fully_shard_model(model: torch.nn.Module, blocks: list[torch.nn.Module], parallel: DataParallel,
+                      param_dtype: torch.dtype | None = None) -> None:
+    """Shard ``model``'s parameters over the ranks with FSDP2 (``fully_shard``): each block, then
+    the root (the rest: embeddings, final norm, value head). A forward all-gathers a block's
+    parameters and frees them after; the backward reduce-scatters its gradients.
+
+    The gradients are SUMMED over ranks (FSDP's default averages): the loss weights already
+    divide by the whole minibatch's token count, as :meth:`DataParallel.sum_gradients` assumes.
+    A divide factor of 1 with sum-only reductions is plain ``ReduceOp.SUM``, which every backend
+    has (gloo has neither AVG nor PREMUL_SUM). ``param_dtype`` (bf16/fp16): the all-gathered
+    parameters' dtype (MixedPrecisionPolicy); gradients are reduced in float32 and the shards
+    stay float32."""
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+    precision = MixedPrecisionPolicy(param_dtype=param_dtype if param_dtype != torch.float32 else None,
+                                     reduce_dtype=torch.float32)
+    for block in blocks:
+        fully_shard(block, mesh=parallel.mesh, mp_policy=precision)
+    fully_shard(model, mesh=parallel.mesh, mp_policy=precision)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)
 
 
 def _buckets(params: list[torch.nn.Parameter], limit: int) -> list[list[torch.nn.Parameter]]:

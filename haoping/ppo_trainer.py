@@ -30,7 +30,8 @@ from safetensors.torch import load_file, save, save_file
 
 from haoping import algorithms, ppo
 from haoping.checkpoint import CheckpointError, CheckpointStore, verify_checkpoint
-from haoping.distributed import DataParallel, collective
+from haoping.distributed import (DataParallel, collective, full_tensor, fully_shard_model, local_tensor,
+                                 transformer_blocks)
 from haoping.log import get_logger
 from haoping.models import TokenFormat, autocast, decode_clean, load_causal_lm, load_tokenizer
 from haoping.ppo_config import PPOConfig
@@ -55,10 +56,11 @@ class PolicyWithValueHead(nn.Module):
         nn.init.normal_(self.value_head.weight, std=1.0 / math.sqrt(hidden + 1))
         nn.init.zeros_(self.value_head.bias)
 
-    def forward(self, batch: "RolloutBatch", with_values: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, batch: "RolloutBatch", with_values: bool = True, share_queries: bool | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Response logits [B, R, V] and values [B, R] (None without ``with_values``: the value
         head is skipped), at the positions that predict response tokens."""
-        logits, hidden = response_pass(self.lm, batch, want_hidden=with_values)
+        logits, hidden = response_pass(self.lm, batch, want_hidden=with_values, share_queries=share_queries)
         if not with_values:
             return logits, None
         return logits, self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
@@ -99,24 +101,24 @@ def build_rollout_batch(queries: list[list[int]], responses: list[list[int]], pa
     return RolloutBatch(input_ids, attention_mask, position_ids, input_ids[:, q_width:], response_mask, q_width)
 
 
-def shared_query_groups(batch: "RolloutBatch") -> tuple[torch.Tensor, torch.Tensor] | None:
+def shared_query_groups(batch: "RolloutBatch", force: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Rows with the same query can share one forward pass over it (several samples per prompt).
 
     Returns (a row holding each distinct query [U], each row's query index [B]), or None when
-    most queries are distinct and sharing would not pay for its second pass."""
+    most queries are distinct and sharing would not pay for its second pass (unless ``force``)."""
     q = batch.query_width
     # the mask too: a real pad-id token at a query's start is not padding
     queries = torch.cat([batch.input_ids[:, :q], batch.attention_mask[:, :q]], 1)
     distinct, group = torch.unique(queries, dim=0, return_inverse=True)
     rows = len(group)
-    if 2 * len(distinct) > rows:
+    if 2 * len(distinct) > rows and not force:
         return None
     first = torch.full((len(distinct),), rows, dtype=torch.long, device=group.device)
     first = first.scatter_reduce(0, group, torch.arange(rows, device=group.device), "amin")
     return first, group
 
 
-def response_pass(lm: nn.Module, batch: "RolloutBatch", want_hidden: bool = False
+def response_pass(lm: nn.Module, batch: "RolloutBatch", want_hidden: bool = False, share_queries: bool | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The LM's logits that predict the response tokens [B, R, V], and with ``want_hidden`` the
     last hidden states at those positions [B, R, H].
@@ -125,9 +127,11 @@ def response_pass(lm: nn.Module, batch: "RolloutBatch", want_hidden: bool = Fals
     a small model. When queries repeat, each distinct query runs once and its KV cache is
     gathered per row (gradients flow back through the gather): with 16 samples per prompt that
     is about a third fewer tokens through the model than one pass over [query | response] rows.
+    ``share_queries`` True/False takes or skips that path whatever the rows (None: by the rows):
+    under FSDP every process must call the model as often as the others.
     """
     q, r = batch.query_width, batch.response_ids.shape[1]
-    groups = shared_query_groups(batch)
+    groups = None if share_queries is False else shared_query_groups(batch, force=bool(share_queries))
     if groups is None:
         out = lm(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
                  use_cache=False, output_hidden_states=want_hidden, logits_to_keep=r + 1)
@@ -179,9 +183,11 @@ class StaleRolloutsError(ValueError):
 class PPOTrainer:
     def __init__(self, policy_ref: str, config: PPOConfig = PPOConfig(), device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, ref_model_ref: str | None = None,
-                 parallel: DataParallel | None = None):
+                 parallel: DataParallel | None = None, fsdp: bool = False):
         self.config = config
         self.parallel = parallel  # None: one process, torch.distributed untouched
+        # FSDP2: each process holds a shard of the parameters, gradients and optimizer state
+        self.fsdp = fsdp and parallel is not None
         self.device = torch.device(device)
         self.dtype = dtype  # autocast dtype for forward passes; master weights stay float32
         self.policy_ref = policy_ref
@@ -201,6 +207,9 @@ class PPOTrainer:
             for module in (self.model.lm.get_input_embeddings(), self.model.lm.get_output_embeddings()):
                 for p in module.parameters() if module is not None else ():
                     p.requires_grad_(False)
+        if self.fsdp:  # after freezing (shards keep requires_grad), before the optimizer takes the shards
+            fully_shard_model(self.model, transformer_blocks(self.model.lm), parallel, dtype)
+            fully_shard_model(self.ref_model, transformer_blocks(self.ref_model), parallel)
         self.optimizer = self._make_optimizer()
         self.kl_ctl = (ppo.AdaptiveKLController(config.init_kl_coef, config.kl_target, config.kl_horizon)
                        if config.adaptive_kl else ppo.FixedKLController(config.init_kl_coef))
@@ -210,6 +219,8 @@ class PPOTrainer:
         self.steps_done = 0
         self.recent_rewards: list[float] = []  # the last 3 batches' mean raw score (target_reward)
         self._weights_cache: tuple[int, bytes, str] | None = None
+        self._full_policy: dict[str, torch.Tensor] | None = None  # FSDP: rank 0's full copy it exports
+        self._gather_policy()
         self.fuse_first_forward = True  # see _rollout_forward_with_grad; tests compare both paths
         self.applied_steps: dict[str, dict] = {}  # Step id -> its answer, in the order applied (exactly once)
 
@@ -245,13 +256,19 @@ class PPOTrainer:
     # ``min_tokens``: EOS is impossible before it, as at sampling (None: the config's minimum).
 
     @torch.no_grad()
-    def _rollout_forward(self, batch: RolloutBatch, min_tokens: int | None = None):
+    def _rollout_forward(self, batch: RolloutBatch, min_tokens: int | None = None, total_rows: int | None = None):
         """Old log-probs, values (without a value head: none), entropies and reference log-probs,
-        in chunks. Each [B, R]."""
+        in chunks. Each [B, R]. ``total_rows``: the rows over all processes, ``batch`` this one's
+        share of them (with several processes)."""
         chunks = {"logp": [], "values": [], "entropy": [], "ref_logp": []}
         n = batch.input_ids.shape[0]
-        for start in range(0, n, self.config.forward_batch_size):
-            part = batch.rows(torch.arange(start, min(n, start + self.config.forward_batch_size)))
+        for rows in self._parts(torch.arange(n), self.config.forward_batch_size, total_rows or n):
+            if not len(rows):  # FSDP: a chunk another process has; this one's forward takes part, unused
+                part = batch.rows(torch.zeros(1, dtype=torch.long))
+                self._policy_forward(part, min_tokens)
+                self._ref_logprobs(part, min_tokens)
+                continue
+            part = batch.rows(rows)
             logp_all, values = self._policy_forward(part, min_tokens)
             chunks["logp"].append(ppo.token_logprobs(logp_all, part.response_ids))
             chunks["entropy"].append(ppo.entropy_from_logprobs(logp_all))
@@ -267,7 +284,7 @@ class PPOTrainer:
     def _ref_logprobs(self, part: RolloutBatch, min_tokens: int | None = None) -> torch.Tensor:
         """The frozen reference model's log-probs of the response tokens [B, R]."""
         with self._autocast():
-            ref_logits, _ = response_pass(self.ref_model, part)
+            ref_logits, _ = response_pass(self.ref_model, part, share_queries=self._share_queries(part))
         ref_logits = mask_early_eos(ref_logits, self.eos_id, self._min_tokens(min_tokens))
         return ppo.logprobs_from_logits(ref_logits, part.response_ids)
 
@@ -276,9 +293,25 @@ class PPOTrainer:
         """Log-softmax over the vocabulary [B, R, V] (EOS masked as the sampler did) and values [B, R]
         (None for a critic-free algorithm: the value head does not run)."""
         with self._autocast():
-            logits, values = self.model(part, with_values=self.config.uses_value_head)
+            logits, values = self.model(part, with_values=self.config.uses_value_head,
+                                        share_queries=self._share_queries(part))
         logits = mask_early_eos(logits, self.eos_id, self._min_tokens(min_tokens))
         return F.log_softmax(logits.float(), -1), values
+
+    def _share_queries(self, part: RolloutBatch) -> bool | None:
+        """Under FSDP, whether this forward takes the shared-query path, agreed by all processes
+        (each pass all-gathers the weights, so all must make as many; a process whose rows have
+        no repeated query then passes each query alone). Otherwise None: each decides by its rows."""
+        if not self.fsdp:
+            return None
+        return self.parallel.any(shared_query_groups(part) is not None)
+
+    def _parts(self, rows: torch.Tensor, size: int, total: int) -> list[torch.Tensor]:
+        """``rows`` (this process's share of ``total`` rows) in parts of ``size``. Under FSDP every
+        process takes as many parts as the one with the most rows (``row_shard``: ceil(total /
+        world)), some of them empty: each forward and backward is a collective there."""
+        most = -(-total // self.parallel.world) if self.fsdp else len(rows)
+        return [rows[start:start + size] for start in range(0, most, size)]
 
     def _rollout_forward_with_grad(self, batch: RolloutBatch, min_tokens: int | None = None):
         """When one minibatch is the whole batch, the first epoch's forward runs on the same rows
@@ -337,7 +370,7 @@ class PPOTrainer:
         if self.fuse_first_forward and c.minibatch_size >= n and c.gradient_accumulation_steps == 1:
             old, first_forward = self._rollout_forward_with_grad(local_batch, min_tokens)
         else:
-            old = self._rollout_forward(local_batch, min_tokens)
+            old = self._rollout_forward(local_batch, min_tokens, total_rows=n)
         if self.parallel:
             old = {k: self.parallel.gather_rows(v, n) if v is not None else None for k, v in old.items()}
         t_forward = time.perf_counter()
@@ -374,8 +407,7 @@ class PPOTrainer:
                 mb_tokens = mask[mb_index].sum().clamp(min=1)
                 share = self.parallel.share(mb_index) if self.parallel else mb_index
                 parts = []
-                for micro_start in range(0, len(share), micro):
-                    index = share[micro_start:micro_start + micro]
+                for index in self._parts(share, micro, len(mb_index)):
                     if first_forward is not None:  # the whole batch, before any update: same rows, same weights
                         index = local_rows
                         parts.append(self._loss(local_batch, old, advantages, returns, index,
@@ -384,9 +416,11 @@ class PPOTrainer:
                         continue
                     # weight each micro-batch by its share of real tokens: accumulation == one big batch
                     weight = mask[index].sum() / mb_tokens
+                    if not len(index):  # FSDP: a forward and backward with the others', weighted 0
+                        index = index.new_zeros(1)
                     parts.append(self._loss(batch.rows(index), old, advantages, returns, index, weight, loss_kl_coef,
                                             min_tokens))
-                if self.parallel:
+                if self.parallel and not self.fsdp:  # FSDP's backward reduce-scattered (summed) them
                     self.parallel.sum_gradients(self._trained_parameters())
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.max_grad_norm)
                 self.optimizer.step()
@@ -403,6 +437,7 @@ class PPOTrainer:
         self.steps_done += 1
         self.version += 1
         self._weights_cache = None
+        self._gather_policy()
 
         stats = {
             "objective/kl": mean_kl,
@@ -489,9 +524,45 @@ class PPOTrainer:
 
     # ------------------------------------------------------------ weights and checkpoints
 
+    def policy_tensors(self) -> dict[str, torch.Tensor]:
+        """The LM weights only (no value head), tied weights once, where they are (on the GPU for
+        NCCL) and not copied: what a generator loads. Under FSDP: rank 0's full copy, gathered at
+        the end of each Step (:meth:`_gather_policy`); the other processes export nothing."""
+        if self.fsdp:
+            if self._full_policy is None:
+                raise RuntimeError("under FSDP only trainer rank 0 holds the full policy")
+            return dict(self._full_policy)
+        return {name: p.detach() for name, p in self.model.lm.named_parameters()}
+
     def policy_state(self) -> dict[str, torch.Tensor]:
-        """The LM weights only (no value head), tied weights once: what a generator loads."""
-        return {name: p.detach().to("cpu").contiguous() for name, p in self.model.lm.named_parameters()}
+        """:meth:`policy_tensors` on the CPU."""
+        return {name: t.to("cpu").contiguous() for name, t in self.policy_tensors().items()}
+
+    def _gather_policy(self) -> None:
+        """Under FSDP, every process all-gathers the policy's shards (a collective: each calls
+        this at the same points, after each Step and on loading) and rank 0 keeps the whole on
+        the CPU. So GetWeights, the weight broadcast and save_pretrained on rank 0 need no
+        collective of their own, which the other processes could not join outside a Step."""
+        if not self.fsdp:
+            return
+        full = {}
+        with torch.no_grad():
+            for name, p in self.model.lm.named_parameters():
+                whole = collective(full_tensor)(p)
+                if self.parallel.is_leader:
+                    full[name] = whole.detach().to("cpu", copy=True)
+                del whole
+        self._full_policy = full if self.parallel.is_leader else None
+
+    def _policy_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The LM's state_dict for save_pretrained: None (its own) in one process; under FSDP
+        every key of it from rank 0's full copy (tied keys share a tensor), buffers as they are."""
+        if not self.fsdp:
+            return None
+        names = {id(p): name for name, p in self.model.lm.named_parameters()}
+        full = self.policy_tensors()
+        return {key: full[names[id(value)]] if id(value) in names else value.detach().cpu()
+                for key, value in self.model.lm.state_dict(keep_vars=True).items()}
 
     def policy_weights(self) -> tuple[int, bytes, str]:
         """(version, safetensors bytes, sha256), cached per version."""
@@ -527,7 +598,7 @@ class PPOTrainer:
 
     def _write_checkpoint_files(self, tmp: Path, state: dict, extra_files: dict[str, bytes] | None) -> None:
         """What one process writes in either layout: policy, RNG, the trainer's state, extras."""
-        self.model.lm.save_pretrained(tmp / "policy")
+        self.model.lm.save_pretrained(tmp / "policy", state_dict=self._policy_state_dict())
         self.tokenizer.save_pretrained(tmp / "policy")
         save_file({"torch_rng": torch.get_rng_state()}, tmp / "rng.safetensors")
         state = {
@@ -548,9 +619,9 @@ class PPOTrainer:
 
         state = sharded_state(self.model, self.optimizer)
         problem = non_finite_tensor(state)
-        if problem:  # the same state on every process: all refuse together, before any collective
-            raise ValueError(f"not checkpointing: {problem} is non-finite")
         p = self.parallel
+        if p.any(bool(problem)):  # under FSDP each checks its own shards: all refuse together
+            raise ValueError(f"not checkpointing: {problem or 'a tensor in another trainer process'} is non-finite")
         if not p.is_leader:
             staging = p.broadcast_json()
             if staging:  # None: rank 0 could not start the checkpoint
@@ -574,7 +645,7 @@ class PPOTrainer:
     @classmethod
     def from_checkpoint(cls, directory: str | Path, device: str | torch.device = "cpu",
                         dtype: torch.dtype = torch.float32, config: PPOConfig | None = None,
-                        parallel: DataParallel | None = None) -> "PPOTrainer":
+                        parallel: DataParallel | None = None, fsdp: bool = False) -> "PPOTrainer":
         """Resume: the policy, value head, optimizer, KL coefficient, version, RNGs and applied Step
         ids come back; the reference model is the original one, not the checkpoint. Either layout
         (one process's or the sharded one) loads at any number of processes (each calls this).
@@ -586,13 +657,17 @@ class PPOTrainer:
         state = json.loads((directory / "trainer_state.json").read_text())
         config = config or PPOConfig.from_dict(state["config"])
         trainer = cls(str(directory / "policy"), config, device, dtype, ref_model_ref=state["ref_model_ref"],
-                      parallel=parallel)
+                      parallel=parallel, fsdp=fsdp)
         trainer.policy_ref = state["policy_ref"]
         if state.get("sharded"):
-            load_sharded_state(trainer.model, trainer.optimizer, directory / state["sharded"])
+            load_sharded_state(trainer.model, trainer.optimizer, directory / state["sharded"], parallel)
+        elif trainer.fsdp:  # one process's files, whole tensors: each process takes its shards
+            load_full_state(trainer.model, trainer.optimizer, load_file(directory / "value_head.safetensors"),
+                            load_file(directory / "optimizer.safetensors"), state["optimizer"])
         else:
             trainer.model.value_head.load_state_dict(load_file(directory / "value_head.safetensors"))
             optimizer_from_flat(trainer.optimizer, load_file(directory / "optimizer.safetensors"), state["optimizer"])
+        trainer._gather_policy()  # policy/ is the same weights; gathered again so all ranks did alike
         torch.set_rng_state(load_file(directory / "rng.safetensors")["torch_rng"])
         if state.get("python_rng"):
             random.setstate(_python_rng_from_json(state["python_rng"]))
@@ -665,7 +740,7 @@ class PPOTrainer:
                                  for g in self.optimizer.param_groups],
                 "kl_ctl": copy.deepcopy(self.kl_ctl.__dict__),
                 "score_moments": copy.deepcopy(self.score_moments.__dict__) if self.score_moments else None,
-                "counters": (self.version, self.steps_done, self._weights_cache),
+                "counters": (self.version, self.steps_done, self._weights_cache, self._full_policy),
                 "rng": torch.get_rng_state()}
 
     def _restore(self, snapshot: dict) -> None:
@@ -683,18 +758,20 @@ class PPOTrainer:
         self.kl_ctl.__dict__.update(snapshot["kl_ctl"])
         if self.score_moments is not None:
             self.score_moments.__dict__.update(snapshot["score_moments"])
-        self.version, self.steps_done, self._weights_cache = snapshot["counters"]
+        self.version, self.steps_done, self._weights_cache, self._full_policy = snapshot["counters"]
         torch.set_rng_state(snapshot["rng"])
 
     def _non_finite_problem(self, stats: dict[str, float]) -> str:
-        """What is non-finite after an update ('' when nothing): a loss, a gradient, a weight."""
+        """What is non-finite after an update ('' when nothing): a loss, a gradient, a weight.
+        Under FSDP each process checks its own shards (no collective), and ``guarded_step``
+        agrees the answer."""
         losses = sorted(k for k, v in stats.items() if "loss" in k and not math.isfinite(v))
         if losses:
             return f"non-finite {', '.join(losses)}"
         for name, p in self.model.named_parameters():
-            if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+            if p.grad is not None and not bool(torch.isfinite(local_tensor(p.grad)).all()):
                 return f"non-finite gradient of {name}"
-            if not bool(torch.isfinite(p).all()):
+            if not bool(torch.isfinite(local_tensor(p)).all()):
                 return f"non-finite weights in {name}"
         return ""
 
@@ -711,24 +788,48 @@ def sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     return {"model": model_state, "optimizer": optimizer_state}
 
 
-def load_sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
+def load_sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path,
+                       parallel: DataParallel | None = None) -> None:
     """Load a ``dcp/`` folder into ``model`` and ``optimizer`` (collective when a process group
-    is up); :class:`CheckpointError` when a tensor in it is non-finite."""
+    is up; under FSDP each process reads its shards); :class:`CheckpointError` on every process
+    when a tensor in it is non-finite."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     state = sharded_state(model, optimizer)
     dcp.load(state, checkpoint_id=folder, no_dist=not torch.distributed.is_initialized())
     problem = non_finite_tensor(state)
+    if parallel is not None and parallel.any(bool(problem)):
+        problem = problem or "in another trainer process's shard"
     if problem:
         raise CheckpointError(folder, f"tensor {problem} has non-finite values")
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
+def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, value_head: dict[str, torch.Tensor],
+                    optimizer_tensors: dict[str, torch.Tensor], optimizer_meta: dict) -> None:
+    """A one-process checkpoint's value head and optimizer (whole tensors, the optimizer's keyed
+    by parameter position) into a sharded (FSDP) model and optimizer: renamed to parameter names
+    and given to ``set_state_dict`` as a full state dict, which keeps each process's shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    names = {id(p): name for name, p in model.named_parameters()}
+    positions = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    per_param: dict[str, dict] = {}
+    for key, value in list(optimizer_tensors.items()) + list(optimizer_meta["scalars"].items()):
+        if key != "_empty":
+            position, field = key.split(".", 1)
+            per_param.setdefault(positions[int(position)], {})[field] = value
+    groups = [{**group, "params": [positions[i] for i in group["params"]]} for group in optimizer_meta["param_groups"]]
+    set_state_dict(model, optimizer, model_state_dict={f"value_head.{k}": v for k, v in value_head.items()},
+                   optim_state_dict={"state": per_param, "param_groups": groups},
+                   options=StateDictOptions(full_state_dict=True, strict=False))
+
+
 def non_finite_tensor(tree, prefix: str = "") -> str:
     """The name of the first floating-point tensor in a nested dict/list with a non-finite value, or ''."""
-    if torch.is_tensor(tree):
-        return prefix if tree.is_floating_point() and not bool(torch.isfinite(tree).all()) else ""
+    if torch.is_tensor(tree):  # a sharded tensor: this process's shard
+        return prefix if tree.is_floating_point() and not bool(torch.isfinite(local_tensor(tree)).all()) else ""
     items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else ()
     for key, value in items:
         found = non_finite_tensor(value, f"{prefix}.{key}" if prefix else str(key))

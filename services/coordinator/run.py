@@ -568,6 +568,8 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
              "started skips the interpreter's imports (a trainer restart restarts the generators too)")
     add_flag(parser, "--trainer-nproc", 1, int,
              "trainer processes (data parallel under torchrun; the same updates as one; see docs/distributed.md)")
+    add_flag(parser, "--trainer-fsdp", False, bool,
+             "with --trainer-nproc > 1: shard the model and optimizer over the trainer processes (FSDP2)")
     add_flag(parser, "--weight-sync", "pull", choices=("pull", "broadcast"),
              help="how generators get each new policy: pull (LoadWeights, the safetensors file over gRPC) or "
                   "broadcast (a torch.distributed group of the trainer and the generators; the pull on failure)")
@@ -891,6 +893,8 @@ def start_services(args, run_dir: Path, services: list[ServiceProcess], token_fi
                     "--keep-checkpoints", str(getattr(args, "keep_checkpoints", 3)), *common]
     if getattr(args, "trainer_nproc", 1) > 1:
         trainer_args += ["--nproc", str(args.trainer_nproc)]
+        if getattr(args, "trainer_fsdp", False):
+            trainer_args.append("--fsdp")
     if getattr(args, "weight_sync", "pull") == "broadcast":
         trainer_args += ["--weight-group-port", "0"]  # a free port: runs side by side do not collide
     resume = resume_from or args.resume

@@ -18,7 +18,7 @@ MAY_CHANGE = frozenset({
     "name", "runs_dir", "fresh", "cycles", "max_seconds", "score_timeout", "rpc_timeout", "service_wait_seconds",
     "checkpoint_every", "checkpoint_every_seconds", "checkpoint_max_overhead", "keep_checkpoints",
     "max_restarts_per_hour", "warm_spares",
-    "max_kl", "min_distinct2_ratio", "max_repetition_rate", "trainer_nproc", "trainer_address",
+    "max_kl", "min_distinct2_ratio", "max_repetition_rate", "trainer_nproc", "trainer_fsdp", "trainer_address",
     "generator_addresses", "scorer_address", "metrics_address", "device",
     "auth_token_file", "tls_ca", "tls_cert", "tls_key",
 })

@@ -160,6 +160,7 @@ class TrainerService(pb_grpc.TrainerServicer):
                                       "max_abs_reward": int(self.limits.max_abs_reward),
                                       "max_coordinator_state_bytes": self.max_coordinator_state_bytes,
                                       "trainer_processes": t.parallel.world if t.parallel else 1,
+                                      "trainer_fsdp": int(t.fsdp),
                                       **self.weight_groups.limits})
 
 
@@ -260,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(parser, "--dist-backend", "auto", help="torch.distributed backend: auto (nccl on CUDA, gloo "
              "otherwise), gloo or nccl", choices=BACKENDS)
     add_flag(parser, "--dist-timeout", 600.0, float, "seconds a collective may wait for the other processes")
+    add_flag(parser, "--fsdp", False, bool, "with several processes: shard the policy, value head, reference model, "
+             "gradients and optimizer state over them (FSDP2 fully_shard) instead of a whole copy in each")
     add_flag(parser, "--ppo-config", "", help="JSON object of PPO options (see PPOConfig), e.g. "
              "'{\"minibatch_size\": 16}'; a typed option flag below overrides its key")
     add_weight_group_flags(parser)
@@ -303,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if parallel is not None:
         device = parallel.device  # cuda:LOCAL_RANK on GPUs
+    elif args.fsdp:
+        log.warning("--fsdp with one trainer process: nothing to shard; the trainer runs unsharded")
     try:
         if resume == "latest":
             if not args.checkpoint_dir:
@@ -314,13 +319,14 @@ def main(argv: list[str] | None = None) -> int:
                 resume = parallel.broadcast_json(str(resume) if resume else "")
         if resume:
             try:
-                trainer = PPOTrainer.from_checkpoint(resume, device, dtype, config if options else None, parallel)
+                trainer = PPOTrainer.from_checkpoint(resume, device, dtype, config if options else None, parallel,
+                                                     fsdp=args.fsdp)
             except (CheckpointError, FileNotFoundError) as err:
                 raise SystemExit(f"--resume: {err}")
             log.info("resumed from %s at policy version %d (%d steps applied)", resume, trainer.version,
                      trainer.steps_done)
         else:
-            trainer = PPOTrainer(args.model, config, device, dtype, parallel=parallel)
+            trainer = PPOTrainer(args.model, config, device, dtype, parallel=parallel, fsdp=args.fsdp)
         if parallel is not None and not parallel.is_leader:
             log.info("trainer rank %d of %d: following rank 0", parallel.rank, parallel.world)
             # torchrun hands SIGTERM to every process; rank 0 drains (its Step needs this one) and

@@ -113,7 +113,7 @@ class TrainerWeightGroups:
                     self.host.cancel(request.group_id, version, problem)  # the members stop waiting
                     context.abort(grpc.StatusCode.NOT_FOUND, problem)
                 # the parameters where they are (on the GPU for NCCL), not policy_state's host copies
-                tensors = {name: p.detach() for name, p in self.trainer.model.lm.named_parameters()}
+                tensors = self.trainer.policy_tensors()
                 report = self.host.broadcast(request.group_id, version, tensors)
             except LookupError as err:
                 context.abort(grpc.StatusCode.NOT_FOUND, f"group_id: {err}")
