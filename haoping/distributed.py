@@ -251,8 +251,9 @@ def fully_shard_model(model: torch.nn.Module, blocks: list[torch.nn.Module], par
 
     The gradients are SUMMED over ranks (FSDP's default averages): the loss weights already
     divide by the whole minibatch's token count, as :meth:`DataParallel.sum_gradients` assumes.
-    A divide factor of 1 with sum-only reductions is plain ``ReduceOp.SUM``, which every backend
-    has (gloo has neither AVG nor PREMUL_SUM). ``param_dtype`` (bf16/fp16): the all-gathered
+    A divide factor of 1 alone becomes ``PREMUL_SUM(1.0)``, which gloo refuses ("Cannot use
+    ReduceOp.PREMUL_SUM with Gloo"); with sum-only reductions it is plain ``ReduceOp.SUM``,
+    which every backend has. ``param_dtype`` (bf16/fp16): the all-gathered
     parameters' dtype (MixedPrecisionPolicy); gradients are reduced in float32 and the shards
     stay float32."""
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard

@@ -98,6 +98,13 @@ def _two_process_run(rank: int, world: int, port: int, policy: str, out: str, mo
         for name, options in CONFIGS.items():
             trainer = PPOTrainer(policy, PPOConfig.from_dict(options), parallel=parallel, fsdp=fsdp)
             assert trainer.fsdp == fsdp
+            if fsdp:  # each process holds a part of every parameter, the reference model's too
+                from torch.distributed.tensor import DTensor
+
+                for model in (trainer.model, trainer.ref_model):
+                    params = list(model.parameters())
+                    assert all(isinstance(p, DTensor) for p in params)
+                    assert sum(p.to_local().numel() for p in params) < sum(p.numel() for p in params)
             stats = [_compared(trainer.step(QUERIES, RESPONSES, SCORES)) for _ in range(STEPS)]
             params = _parameters(trainer)
             trainer.save_checkpoint(Path(out) / f"ckpt-{name}" / "step-3")
