@@ -146,15 +146,13 @@ def test_repeated_queries_are_grouped_and_distinct_ones_are_not():
     assert shared_query_groups(build_rollout_batch(QUERIES, RESPONSES, pad_id=0)) is None  # nothing to share
 
 
-def test_shared_query_pass_gives_the_logits_values_and_gradients_of_one_pass_per_row(tiny_policy, monkeypatch):
+def test_shared_query_pass_gives_the_logits_values_and_gradients_of_one_pass_per_row(tiny_policy):
     trainer = PPOTrainer(str(tiny_policy))
     batch = build_rollout_batch(SHARED_QUERIES, SHARED_RESPONSES, trainer.pad_id)
     results = []
     for shared in (True, False):
-        if not shared:
-            monkeypatch.setattr(ppo_trainer, "shared_query_groups", lambda batch: None)
         trainer.model.zero_grad()
-        logits, values = trainer.model(batch)
+        logits, values = trainer.model(batch, share_queries=shared)
         mask = batch.response_mask
         ((logits.log_softmax(-1).amax(-1) * mask).sum() + (values * mask).sum()).backward()
         grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
