@@ -10,12 +10,16 @@ code), and in every round each variant once, in turn, so background load hits al
               alternating between them (two device threads per process)
   bare-split  torch only: each bucket cut in R parts, rank 0 sends part r to receiver r only and
               the receivers swap parts (pg.send/recv): rank 0 sends each byte once, not R times
-  packed      haoping.weight_broadcast.WeightGroup with every tensor packed into its bucket
-              (the former sender); the receiver checks and copies into its parameters
-  direct      large tensors sent from their own storage, small runs packed (the current
-              sender); the receiver checks and copies into its parameters
-  adopt       direct, and the receiver receives into ReceiveBuffers and makes the received views
-              its parameters (no copy): the current generator
+  former      the weight broadcast as it was before spans (a copy of its loop over a WeightGroup):
+              rank 0 packs every tensor into two reused bucket buffers, one packed while the
+              other is on the wire; each receiver takes whole buckets into its own buffers,
+              checks, and copies into its parameters
+  direct-N    haoping.weight_broadcast.WeightGroup as it is, a tensor of N bytes or more (256k,
+              32m) sent from its own storage in a span of its own, the rest packed in runs (into
+              kept buffers) within each bucket, every span in flight at once and received
+              straight into its place; the receiver checks and copies into its parameters
+  adopt-N     direct-N, and the receiver receives into ReceiveBuffers and makes the received
+              views its parameters (no copy): the generator's path
 
 Figures: the median wall seconds from a barrier to the last receiver done, GB/s to each
 receiver, the CPU seconds of every process summed (about cores x wall: CPU-bound), and for the
@@ -35,7 +39,7 @@ import sys
 import time
 from datetime import timedelta
 
-VARIANTS = ("bare", "bare-2dev", "bare-split", "packed", "direct", "adopt")
+VARIANTS = ("bare", "bare-2dev", "bare-split", "former", "direct-256k", "adopt-256k", "direct-32m", "adopt-32m")
 TIMEOUT = timedelta(seconds=120)
 
 
@@ -98,6 +102,64 @@ def bare_split(pg, buckets, rank: int, world: int) -> None:
         work.wait()
 
 
+def former_broadcast(group, version: int, tensors: dict, bucket_bytes: int, spare: list) -> dict:
+    """The sender before spans: every tensor packed into one of two reused bucket buffers."""
+    import torch
+
+    from haoping.weight_broadcast import Header, Phases, STATUS_OK, plan_header
+
+    phases = Phases()
+    with phases("header"):
+        planned = plan_header(version, tensors, bucket_bytes)
+        header = Header(planned.version, planned.buckets, planned.tensors)  # no spans: whole buckets
+        group._send_header(header)
+    by_bucket = [[] for _ in header.buckets]
+    for slot in header.tensors:
+        by_bucket[slot.bucket].append(slot)
+    in_flight = []
+    with phases("transfer"):  # packing included: it overlaps the previous bucket's sending
+        for index, nbytes in enumerate(header.buckets):
+            fits = [i for i, b in enumerate(spare) if b.numel() >= nbytes]
+            buffer = spare.pop(fits[0]) if fits else torch.empty(max(nbytes, 1), dtype=torch.uint8)
+            view = buffer[:nbytes]
+            for slot in by_bucket[index]:
+                view[slot.offset:slot.offset + slot.nbytes].copy_(tensors[slot.name].reshape(-1).view(torch.uint8))
+            in_flight.append((group._bcast(view), buffer))
+            if len(in_flight) == 2:
+                done, done_buffer = in_flight.pop(0)
+                done.wait()
+                spare.append(done_buffer)
+        for work, buffer in in_flight:
+            work.wait()
+            spare.append(buffer)
+    with phases("status"):
+        group._statuses(STATUS_OK)
+    return dict(phases)
+
+
+def former_receive(group, check, buffers: list) -> tuple[int, dict, dict]:
+    """The receiver before spans: whole buckets into its own reused buffers, then the check."""
+    import torch
+
+    from haoping.weight_broadcast import Phases, STATUS_OK, unpack
+
+    phases = Phases()
+    with phases("header"):
+        header = group._receive_header()
+    with phases("transfer"):
+        if [b.numel() for b in buffers] != list(header.buckets):
+            buffers[:] = [torch.empty(n, dtype=torch.uint8) for n in header.buckets]
+        works = [group._bcast(buffer) for buffer in buffers]
+        for work in works:
+            work.wait()
+    with phases("check"):
+        tensors = unpack(header, buffers)
+        check(tensors, header.version)
+    with phases("status"):
+        group._statuses(STATUS_OK)
+    return header.version, tensors, phases
+
+
 def barrier(pg) -> None:
     import torch
 
@@ -124,6 +186,7 @@ def rank_main(rank: int, world: int, port: int, config: dict, results) -> None:
     bare_bytes = torch.full((total,), 7 if rank == 0 else 0, dtype=torch.uint8)
     bare_buckets = list(bare_bytes.split(config["bucket_mb"] << 20))
     receive_buffers = ReceiveBuffers()
+    former_buffers: list = []  # the former sender's two, or the former receiver's buckets
     bucket_bytes = config["bucket_mb"] << 20
     version = 0
 
@@ -137,21 +200,27 @@ def rank_main(rank: int, world: int, port: int, config: dict, results) -> None:
             return {}
         if rank == 0:
             version += 1
-            direct = {"direct_bytes": 1 << 62} if variant == "packed" else {}  # packed: no tensor sent as it is
-            report = group.broadcast(version, params, bucket_bytes, **direct)
-            return dict(report.phases)
+            if variant == "former":
+                return former_broadcast(group, version, params, bucket_bytes, former_buffers)
+            direct_bytes = {"256k": 256 << 10, "32m": 32 << 20}[variant.split("-")[1]]
+            return dict(group.broadcast(version, params, bucket_bytes, direct_bytes).phases)
         check = lambda state, v: check_weights(state, params, set(params), v, version)  # noqa: E731
-        into = ((lambda sizes: receive_buffers.spare(sizes, params.values())) if variant == "adopt" else None)
-        got, state = group.receive(check, 1 << 31, into=into)
+        if variant == "former":
+            got, state, phases = former_receive(group, check, former_buffers)
+        else:
+            adopt = variant.startswith("adopt")
+            into = (lambda sizes: receive_buffers.spare(sizes, params.values())) if adopt else None
+            got, state = group.receive(check, 1 << 31, into=into)
+            phases = group.last_phases
         version = got
         started = time.perf_counter()
-        if variant == "adopt":
+        if variant.startswith("adopt"):
             params = dict(state)  # the views become the parameters
         else:
             for name, tensor in state.items():
                 params[name].copy_(tensor)
-        group.last_phases["swap"] = time.perf_counter() - started
-        return dict(group.last_phases)
+        phases["swap"] = time.perf_counter() - started
+        return dict(phases)
 
     for round_index in range(config["rounds"] + 1):  # the first is a warm-up
         for variant in config["variants"]:

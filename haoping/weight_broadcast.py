@@ -225,6 +225,7 @@ class WeightGroup:
             raise BroadcastFailed(f"weight group {group_id}: rendezvous of {world} ranks failed: {err}") from None
         self.broken: str | None = None
         self._buffers: list[torch.Tensor] = []  # a receiver's own buckets (when the caller gives none)
+        self._staging: list[torch.Tensor] = []  # rank 0: packed spans' buffers, kept for the next broadcast
         self.last_phases: Phases = Phases()
         self._store = store  # kept alive as long as the group
 
@@ -285,29 +286,34 @@ class WeightGroup:
         with phases("header"):
             header = plan_header(version, tensors, bucket_bytes, direct_bytes)
             self._send_header(header)
-        with phases("pack"):
-            sources = [self._span_bytes(tensors, span, slots)
-                       for span, slots in zip(header.transfers, header.span_slots())]
-        with phases("transfer"):
-            works = []
-            for index, source in enumerate(sources):  # all in flight at once; the sources live until done
+        spare, used, works = self._staging, [], []
+        for index, (span, slots) in enumerate(zip(header.transfers, header.span_slots())):
+            with phases("pack"):  # while the spans before are on the wire
+                source = self._span_bytes(tensors, span, slots, spare, used)
+            with phases("transfer"):  # all in flight at once; the sources live until done
                 self._collective(f"span {index}", lambda source=source: works.append(self._bcast(source)))
+        with phases("transfer"):
             for index, work in enumerate(works):
                 self._collective(f"span {index}", work.wait)
+        self._staging = used + spare
         with phases("status"):
             statuses = self._statuses(STATUS_OK)
         refused = [rank for rank, status in enumerate(statuses) if status != STATUS_OK]
         return BroadcastReport(version, header.total_bytes, phases.total, refused, self.world - 1, dict(phases))
 
-    def _span_bytes(self, tensors: dict[str, torch.Tensor], span: tuple[int, int, int],
-                    slots: list[TensorSlot]) -> torch.Tensor:
-        """A span's bytes: one contiguous tensor's own storage as it is, else packed into a new buffer."""
+    def _span_bytes(self, tensors: dict[str, torch.Tensor], span: tuple[int, int, int], slots: list[TensorSlot],
+                    spare: list[torch.Tensor], used: list[torch.Tensor]) -> torch.Tensor:
+        """A span's bytes: one contiguous tensor's own storage as it is, else packed into the
+        smallest ``spare`` buffer it fits (moved to ``used``; a new one when none does)."""
         _, start, end = span
         if len(slots) == 1 and slots[0].offset == start and slots[0].nbytes == end - start:
             tensor = tensors[slots[0].name].detach()
             if tensor.is_contiguous() and tensor.device == self.device:
                 return tensor.reshape(-1).view(torch.uint8)
-        packed = torch.zeros(end - start, dtype=torch.uint8, device=self.device)
+        fits = sorted((b.numel(), i) for i, b in enumerate(spare) if b.numel() >= end - start)
+        buffer = spare.pop(fits[0][1]) if fits else torch.zeros(end - start, dtype=torch.uint8, device=self.device)
+        used.append(buffer)
+        packed = buffer[:end - start]
         for slot in slots:
             at = slot.offset - start
             packed[at:at + slot.nbytes].copy_(tensors[slot.name].detach().reshape(-1).view(torch.uint8))
