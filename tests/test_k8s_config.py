@@ -85,10 +85,17 @@ def _container(pod: dict, name: str, init: bool = False) -> dict:
     return found[0]
 
 
+POD_IP = "10.244.0.7"  # what the downward API's status.podIP gives a container, for parsing
+
+
 def _env(container: dict) -> dict[str, str]:
     env = {}
     for var in container.get("env", []):
-        assert "value" in var, f"{var['name']}: only literal values are checked"
+        if "valueFrom" in var:
+            assert var["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}, var["name"]
+            env[var["name"]] = POD_IP
+            continue
+        assert "value" in var, f"{var['name']}: only literal values and the pod's IP are checked"
         env[var["name"]] = var["value"]
     return env
 
@@ -193,7 +200,8 @@ def test_each_overlay_renders_the_whole_stack_in_its_namespace(rendered):
     assert kinds == sorted([("Namespace", "haoping"), ("PersistentVolumeClaim", "haoping-cache"),
                             ("PersistentVolumeClaim", "haoping-runs"), ("Service", "generator"),
                             ("Service", "scorer"), ("Service", "trainer"), ("Deployment", "generator"),
-                            ("Deployment", "scorer"), ("StatefulSet", "trainer"), ("Job", "coordinator")])
+                            ("Deployment", "scorer"), ("StatefulSet", "trainer"), ("Job", "coordinator"),
+                            *(("NetworkPolicy", name) for name in ("default-deny-ingress", *PARSERS, "coordinator"))])
     for obj in objects:
         if obj["kind"] != "Namespace":
             assert obj["metadata"]["namespace"] == "haoping", obj["metadata"]["name"]
@@ -302,6 +310,59 @@ def test_the_trainer_is_a_statefulset_ready_for_a_torchrun_rendezvous(rendered, 
     ports = {p["name"]: (p["port"], p["targetPort"]) for p in svc["spec"]["ports"]}
     assert _port(container, "rendezvous") == C10D_RENDEZVOUS_PORT
     assert ports["rendezvous"] == (C10D_RENDEZVOUS_PORT, "rendezvous")
+
+
+def _policy_rules(objects: list[dict], workload: str) -> tuple[set[int], set[str]]:
+    """What the NetworkPolicies let reach a workload's pods: the ports open to any source, and the
+    workloads whose pods may connect on any port."""
+    labels = _workload(objects, workload)["spec"]["template"]["metadata"]["labels"]
+    open_ports, peers = set(), set()
+    for policy in (o for o in objects if o["kind"] == "NetworkPolicy"):
+        spec = policy["spec"]
+        if not spec["podSelector"].get("matchLabels", {}).items() <= labels.items():
+            continue
+        assert spec["policyTypes"] == ["Ingress"]
+        for rule in spec.get("ingress", []):
+            if "from" not in rule:
+                open_ports |= {p["port"] for p in rule["ports"]}
+                continue
+            assert "ports" not in rule  # the data plane's ports are ephemeral (gloo, NCCL)
+            for source in rule["from"]:
+                assert set(source) == {"podSelector"}  # pods of this namespace, never an IP block
+                (expression,) = source["podSelector"]["matchExpressions"]
+                assert (expression["key"], expression["operator"]) == ("app.kubernetes.io/name", "In")
+                peers |= set(expression["values"])
+    return open_ports, peers
+
+
+def test_only_grpc_and_metrics_are_open_and_the_data_plane_is_the_stacks_own(rendered, monkeypatch):
+    _, objects = rendered
+    deny = _find(objects, "NetworkPolicy", "default-deny-ingress")["spec"]
+    assert deny == {"podSelector": {}, "policyTypes": ["Ingress"]}  # no rule: nothing else gets in
+    for service in PARSERS:
+        args = _service_args(_container(_workload(objects, service)["spec"]["template"], service), service,
+                             monkeypatch)
+        open_ports, peers = _policy_rules(objects, service)
+        assert open_ports == {args.port, args.metrics_port}, service
+        # torch.distributed: the trainer's ranks and the weight group's members, nobody else
+        assert peers == ({"trainer", "generator"} if service in ("trainer", "generator") else set()), service
+    coordinator = _container(_workload(objects, "coordinator")["spec"]["template"], "coordinator")
+    assert _policy_rules(objects, "coordinator") == ({_port(coordinator, "metrics")}, set())
+
+
+def test_weight_broadcast_runs_on_the_pods_own_addresses(rendered, monkeypatch):
+    _, objects = rendered
+    trainer = _service_args(_container(_workload(objects, "trainer")["spec"]["template"], "trainer"), "trainer",
+                            monkeypatch)
+    # on a wildcard --host the trainer turns broadcast off; the downward API gives it the pod's IP
+    assert (trainer.host, trainer.weight_group_address) == ("0.0.0.0", POD_IP)
+    assert _port(_container(_workload(objects, "trainer")["spec"]["template"], "trainer"),
+                 "weight-group") == trainer.weight_group_port
+    generator = _service_args(_container(_workload(objects, "generator")["spec"]["template"], "generator"),
+                              "generator", monkeypatch)
+    assert generator.weight_group_host == POD_IP
+    run = _run_args(_container(_workload(objects, "coordinator")["spec"]["template"], "coordinator"), monkeypatch)
+    assert run.weight_sync == "broadcast"
 
 
 def _address(objects: list[dict], address: str) -> tuple[str, int]:

@@ -8,6 +8,14 @@ starting a new interpreter (:class:`services.coordinator.supervisor.SparePool`).
 
     python -m services.common.spare --log <file>
 
+The imports run at the lowest CPU priority: a spare started beside a running loop takes only
+the CPU that loop leaves idle, so keeping spares does not slow the run's first cycles, nor a run
+recovering from a fault while the pool refills. A spare is a session of its own, which the
+kernel's autogroups schedule as one group; the group's nice value goes to 19 for the imports and
+back to what it was when the spare becomes a service (unlike a process's or a thread's nice value,
+anyone may set it back: threads started meanwhile would inherit a thread's). On a kernel without
+autogroups the spare imports at its normal priority.
+
 It reads one JSON line on standard input, ``{"module": "trainer", "argv": [...], "log": "<path>"}``,
 sends its output to ``log`` from then on and runs ``services.<module>.server.main(argv)``. At end
 of input (the coordinator is gone) it exits without serving anything.
@@ -21,6 +29,7 @@ import os
 import sys
 import threading
 import time
+from pathlib import Path
 
 SERVICES = ("trainer", "generator", "scorer")
 
@@ -60,16 +69,46 @@ def exit_with_parent_while_importing() -> None:
     threading.Thread(target=watch, name="spare-parent-watch", daemon=True).start()
 
 
+IMPORT_NICENESS = 19  # the scheduling group's nice value while importing
+AUTOGROUP = Path("/proc/self/autogroup")  # "/autogroup-123 nice 0" where the kernel has autogroups
+
+
+def autogroup_nice() -> int | None:
+    try:
+        return int(AUTOGROUP.read_text().split()[-1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def set_autogroup_nice(nice: int) -> bool:
+    """The session's scheduling-group nice value; the kernel refuses changes less than 0.1 s apart
+    (EAGAIN), so one more try after that."""
+    for attempt in range(2):
+        try:
+            AUTOGROUP.write_text(str(nice))
+            return True
+        except BlockingIOError:
+            time.sleep(0.11)
+        except OSError:
+            return False
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m services.common.spare", description=__doc__)
     parser.add_argument("--log", required=True, help="where this spare's own output goes until it is a service")
     parser.parse_args(argv)
     exit_with_parent_while_importing()
+    started_nice = autogroup_nice()
+    lowered = started_nice is not None and set_autogroup_nice(max(started_nice, IMPORT_NICENESS))
     modules = {name: importlib.import_module(f"services.{name}.server") for name in SERVICES}
     print("spare ready", flush=True)
     line = sys.stdin.readline()
     if not line.strip():
         return 0
+    if lowered and not set_autogroup_nice(started_nice):
+        print(f"spare: could not set the scheduling group's nice value back to {started_nice}", file=sys.stderr,
+              flush=True)
     return become(json.loads(line), modules)
 
 

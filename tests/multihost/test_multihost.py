@@ -2,7 +2,9 @@
 route), one service each: the trainer, two generators, a scorer, and the coordinator in a
 namespace of its own. The coordinator finds the generators and the scorer by name
 (dns:///generators.haoping:50051, from the hosts file `ip netns exec` shows it), runs 3 cycles,
-then one generator is killed with SIGKILL and the run carries on for 3 more with the other.
+then one generator is killed with SIGKILL and the run carries on for 3 more with the other. It
+runs once with each weight sync: the gRPC pull, and the broadcast over a torch.distributed group
+of the trainer's rank 0 and the generators across their namespaces.
 
 Root only (skipped with the reason otherwise; HAOPING_REQUIRE_MULTIHOST=1, as in CI, makes that a
 failure). Everything it makes is removed, on failure too."""
@@ -31,8 +33,12 @@ ADDRESSES = {"coordinator": f"{netns.SUBNET}.2", "generator-1": f"{netns.SUBNET}
              "generator-2": f"{netns.SUBNET}.22", "scorer": f"{netns.SUBNET}.31"}
 TRAINER_RANKS = 2  # rank 0 serves gRPC; each rank in its own namespace (see trainer_commands)
 RENDEZVOUS_PORT = 29400
-# how weights reach the generators: the coordinator's and the generators' extra flags per mode
-WEIGHT_SYNC = {"pull": {"coordinator": [], "generator": []}}
+# how weights reach the generators: the coordinator's and the generators' extra flags per mode. With
+# broadcast, rank 0 opens the weight group on its own address (--host) and each generator joins from
+# its own; a member killed mid-broadcast makes that sync fall back to the pull.
+WEIGHT_SYNC = {"pull": {"coordinator": [], "generator": []},
+               "broadcast": {"coordinator": ["--weight-sync", "broadcast"], "generator": []}}
+SYNC_METHODS = {"pull": {"pull"}, "broadcast": {"broadcast", "pull-after-broadcast"}}
 PPO = json.dumps({"learning_rate": 0.01, "minibatch_size": 8})
 
 
@@ -192,6 +198,11 @@ def test_a_run_across_namespaces_survives_a_generator_killed_with_sigkill(networ
         assert {r["replicas/scorer"] for r in records} == {1}
         assert f"dropped {ADDRESSES['generator-2']}:{PORTS['generator']}" in output, output
         assert [r["policy_version"] for r in records] == list(range(1, CYCLES + 1))
+        methods = [r["weight_sync"] for r in records]
+        assert set(methods) <= SYNC_METHODS[weight_sync], methods
+        if weight_sync == "broadcast":  # by broadcast before the kill and again with the survivor
+            assert methods[:KILL_AFTER] == ["broadcast"] * KILL_AFTER, methods
+            assert methods[-2:] == ["broadcast"] * 2, methods
         assert generators[1].process.wait(10) == -signal.SIGKILL
         print("".join(line + "\n" for line in output.splitlines() if "replicas:" in line or "interrupted" in line))
         assert generators[0].process.poll() is None  # the other one served on
