@@ -25,7 +25,8 @@ Figures: the median wall seconds from a barrier to the last receiver done, GB/s 
 receiver, the CPU seconds of every process summed (about cores x wall: CPU-bound), and for the
 haoping variants each side's phases. Plus one memcpy of the bytes in one process, for scale.
 
-    python -m bench.weight_broadcast_ab [--receivers 2] [--rounds 3] [--variants bare,direct,...]
+    make bench-weight-broadcast-ab   (python -m bench.weight_broadcast_ab [--receivers 2] [--rounds 7]
+                                     [--variants bare,former,adopt-256k,...])
 """
 from __future__ import annotations
 
@@ -260,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--receivers", type=int, default=2)
     parser.add_argument("--bucket-mb", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--out", default="")
     args = parser.parse_args(argv)
