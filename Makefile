@@ -7,7 +7,7 @@ REWARD_DEV ?= $(if $(wildcard ../shared/data/ranklists_sample.tsv),../shared/dat
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv run test proto bootstrap bench bench-distributed bench-real-size bench-weight-sync bench-learning bench-peer reward-model run-rm clean docker-wheels docker compose-test chaos
+.PHONY: venv run test proto bootstrap bench bench-distributed bench-real-size bench-weight-sync bench-weight-broadcast-ab bench-learning bench-peer reward-model run-rm clean docker-wheels docker compose-test chaos
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -73,6 +73,10 @@ bench: venv
 WEIGHT_SYNC_ARGS ?=
 bench-weight-sync: venv
 	$(PY) -m bench.weight_sync $(WEIGHT_SYNC_ARGS)
+
+# where the broadcast's time goes: its variants (the former one too) and bare gloo side by side
+bench-weight-broadcast-ab: venv
+	$(PY) -m bench.weight_broadcast_ab
 
 # the data-parallel trainer's Step: 1 process vs 2 on the same rollouts (docs/distributed.md)
 bench-distributed: venv

@@ -109,7 +109,14 @@ def measure(trainer: TrainerClient, trainer_address: str, replicas: GeneratorRep
         save_file(state, raw_path)
         return sum(t.numel() * t.element_size() for t in load_file(raw_path).values())
 
-    methods = {"broadcast": lambda: broadcast.sync(replicas.clients).bytes // len(replicas.clients),
+    phases: list[dict[str, float]] = []  # each timed broadcast's, from BroadcastSync
+
+    def broadcast_once() -> int:
+        reply = broadcast.sync(replicas.clients)
+        phases.append(dict(reply.phase_seconds, coordinator_total=reply.seconds))
+        return reply.bytes // len(replicas.clients)
+
+    methods = {"broadcast": broadcast_once,
                "pull": lambda: replicas.load_weights(trainer_address).bytes // len(replicas.clients),
                "raw": raw}
     first = {}
@@ -126,9 +133,13 @@ def measure(trainer: TrainerClient, trainer_address: str, replicas: GeneratorRep
             times[name].append(time.perf_counter() - start)
         print(f"round {round_index + 1}: " + "  ".join(f"{n} {t[-1]:.2f}s" for n, t in times.items())
               + f"  (load {load_average()})", flush=True)
+    timed = phases[1:]  # the warm-up's first
     return {"bytes": sizes, "first_seconds": first, "seconds": times,
             "median_seconds": {n: statistics.median(t) for n, t in times.items()},
-            "best_seconds": {n: min(t) for n, t in times.items()}}
+            "best_seconds": {n: min(t) for n, t in times.items()},
+            "broadcast_phases": timed,
+            "broadcast_phase_median_seconds": {k: statistics.median(p.get(k, 0.0) for p in timed)
+                                               for k in sorted(timed[0])} if timed else {}}
 
 
 def report(results: dict) -> None:
@@ -153,6 +164,15 @@ def report(results: dict) -> None:
     print(f"broadcast effective: {gbps['broadcast']:.2f} GB/s to each generator (target >= 1: "
           f"{'met' if results['targets']['broadcast_at_least_1_gbps'] else 'NOT met'})")
     print(f"pull / broadcast: {r['pull_over_broadcast_seconds']:.2f}x the time")
+    phases = results.get("broadcast_phase_median_seconds", {})
+    if phases:
+        print("broadcast phases, median s (generator_*: the slower generator's; control: the coordinator's "
+              "total beyond the slower side's):")
+        for side in ("trainer", "generator"):
+            print(f"  {side:<9} " + "  ".join(f"{k.removeprefix(side + '_')} {v:.3f}" for k, v in phases.items()
+                                             if k.startswith(side + "_")))
+        control = phases["coordinator_total"] - max(phases.get("trainer_total", 0.0), phases.get("generator_total", 0.0))
+        print(f"  control   {control:.3f} (coordinator total {phases['coordinator_total']:.3f})")
 
 
 if __name__ == "__main__":

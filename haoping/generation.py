@@ -437,10 +437,15 @@ class PolicyGenerator:
         check_weights(state, dict(self.model.named_parameters()), set(self.model.state_dict()), version,
                       self.version)
 
-    def swap_in(self, state: dict[str, torch.Tensor], version: int) -> None:
+    def swap_in(self, state: dict[str, torch.Tensor], version: int, adopt: bool = False) -> None:
         """Copy a ``state`` that :meth:`check_state` passed into the model once the running batches
-        finished; ValueError (old weights serving) if a newer version was loaded meanwhile."""
+        finished; ValueError (old weights serving) if a newer version was loaded meanwhile.
+
+        ``adopt``: the tensors are the generator's to keep (nobody else writes them): when each has
+        its parameter's dtype, device and shape, they become the parameters themselves, no copy."""
         expected = dict(self.model.named_parameters())
+        adopt = adopt and all(name in state and state[name].dtype == p.dtype and state[name].device == p.device
+                              and state[name].shape == p.shape for name, p in expected.items())
         with self._weights:
             self._loads_waiting += 1
             try:
@@ -451,7 +456,11 @@ class PolicyGenerator:
                                      f"{self.version} this generator serves")
                 with torch.no_grad():
                     for name, tensor in state.items():
-                        if name in expected:
+                        if name not in expected:
+                            continue
+                        if adopt:
+                            expected[name].data = tensor
+                        else:
                             expected[name].copy_(tensor.to(expected[name].dtype))
                 self.version = version
             finally:

@@ -21,8 +21,8 @@ import torch
 from haoping.client import GeneratorClient, GeneratorReplicas, ScorerClient, TrainerClient
 from haoping.generation import PolicyGenerator
 from haoping.ppo_trainer import PPOConfig, PPOTrainer
-from haoping.weight_broadcast import (BroadcastFailed, Header, WeightGroup, WeightGroupHost, WeightsRefused,
-                                      client_store, plan_header, unpack)
+from haoping.weight_broadcast import (BroadcastFailed, Header, ReceiveBuffers, WeightGroup, WeightGroupHost,
+                                      WeightsRefused, client_store, plan_header, unpack)
 from services.coordinator.run import DEFAULT_PROMPTS, Coordinator, start_service, stop_services
 from services.coordinator.weight_sync import BroadcastSync
 
@@ -48,6 +48,46 @@ def test_the_header_packs_every_tensor_aligned_and_round_trips():
                 b'{"version": 1, "buckets": [8], "tensors": [["x", "float32", [4], 0, 0]]}'):  # 16 B in 8
         with pytest.raises(ValueError):
             Header.from_bytes(bad)
+
+
+def test_large_tensors_travel_alone_and_every_byte_lies_in_a_span():
+    tensors = {"a": torch.arange(10, dtype=torch.float32), "b": torch.ones(3, dtype=torch.float16),
+               "big": torch.randn(300), "c": torch.zeros(7), "huge": torch.randn(2000)}
+    header = plan_header(1, tensors, bucket_bytes=4096, direct_bytes=1024)
+    slot = {t.name: t for t in header.tensors}
+    assert header.buckets[slot["huge"].bucket] == 8000  # alone in a bucket of its own
+    # "a" and "b" share a packed span; "big" (1200 B) and "huge" travel alone; "c" starts a new run
+    assert header.spans == ((0, 0, slot["b"].offset + 6), (0, slot["big"].offset, slot["big"].offset + 1200),
+                            (0, slot["c"].offset, slot["c"].offset + 28), (1, 0, 8000))
+    assert [[t.name for t in inside] for inside in header.span_slots()] == [["a", "b"], ["big"], ["c"], ["huge"]]
+    assert Header.from_bytes(header.to_bytes()) == header
+    raw = json.loads(header.to_bytes())
+    for spans, words in (([s for s in raw["spans"] if s[1] != slot["big"].offset], "big lies in no span"),
+                         (raw["spans"][::-1], "out of order"),
+                         ([[0, 0, 64], [0, 32, 1400]] + raw["spans"][2:], "out of order"),  # overlapping
+                         (raw["spans"][:-1] + [[1, 0, 8001]], "outside its bucket"),
+                         (raw["spans"][:-1] + [[2, 0, 10]], "outside its bucket")):
+        with pytest.raises(ValueError, match=words):
+            Header.from_bytes(json.dumps(dict(raw, spans=spans)).encode())
+    # a header without spans: each bucket whole, as before spans existed
+    whole = Header.from_bytes(json.dumps({k: v for k, v in raw.items() if k != "spans"}).encode())
+    assert whole.transfers == ((0, 0, header.buckets[0]), (1, 0, 8000))
+
+
+def test_receive_buffers_never_hand_out_memory_a_serving_tensor_uses():
+    buffers = ReceiveBuffers()
+    first = buffers.spare((64, 128), [])
+    serving = [first[0][:16].view(torch.float32), first[1][64:].view(torch.float32)]
+    second = buffers.spare((64, 128), serving)
+    assert all(b.data_ptr() != f.data_ptr() for b in second for f in first)
+    assert [b.numel() for b in second] == [64, 128]
+    assert buffers.spare((64, 128), serving)[0].data_ptr() == second[0].data_ptr()  # reused, not reallocated
+    now_serving = [second[1][:4].view(torch.float32)]
+    assert buffers.spare((64, 128), now_serving)[0].data_ptr() == first[0].data_ptr()  # turns back to the first
+    # a tensor in each set (weights partly copied in): a set of its own, sharing nothing
+    third = buffers.spare((64, 128), serving + now_serving)
+    used = {t.data_ptr() for t in serving + now_serving}
+    assert all(not b.data_ptr() <= p < b.data_ptr() + b.numel() for b in third for p in used)
 
 
 # ------------------------------------------------------------------ in one process: ranks on threads
@@ -145,6 +185,88 @@ def test_older_non_finite_and_unfitting_weights_are_refused_and_the_old_ones_kee
     from haoping.generation import SampleSpec, SamplingParams
     samples, version = generators[0].generate([SampleSpec((101, 5), SamplingParams(max_new_tokens=3), seed=1)])
     assert version == 12 and len(samples[0].response_ids) >= 1
+
+
+def test_weights_received_into_spare_buffers_become_the_parameters_and_a_refusal_leaves_them_alone(tiny_policy):
+    """The generator's path: spans straight into the buckets the model does not serve from, the
+    views adopted as its parameters (no copy); a refused broadcast lands in the other set, so the
+    serving weights stay bit for bit; a pull in between copies into the serving set in place."""
+    trainer = PPOTrainer(str(tiny_policy), PPOConfig(minibatch_size=4, ppo_epochs=1, learning_rate=0.05), "cpu")
+    trainer.step([[101, 5, 6]] * 4, [[7, 8, 102], [9, 10, 11], [12, 102], [13, 14, 15]], [1.0, 0.0, 0.5, -1.0])
+    live = trainer.policy_state()  # the trainer's parameters themselves: large ones are sent from there
+    state = {name: tensor.clone() for name, tensor in live.items()}
+    generators = [PolicyGenerator(str(tiny_policy)) for _ in range(2)]
+    host = WeightGroupHost("127.0.0.1", 0, TIMEOUT, 4096, 8, direct_bytes=1024)
+    opened = host.open(2)
+    with ThreadPoolExecutor(2) as pool:
+        members = list(pool.map(lambda rank: WeightGroup(client_store("127.0.0.1", host.port, TIMEOUT),
+                                                         opened.group_id, rank, 3, "127.0.0.1", TIMEOUT), (1, 2)))
+    pools = [ReceiveBuffers() for _ in generators]
+    handed: list[list[list[torch.Tensor]]] = [[], []]
+
+    def receive(index):
+        generator = generators[index]
+
+        def into(sizes):
+            handed[index].append(pools[index].spare(sizes, generator.model.parameters()))
+            return handed[index][-1]
+        try:
+            got, received = members[index].receive(generator.check_state, 1 << 26, into=into)
+            generator.swap_in(received, got, adopt=True)
+            return generator.version
+        except WeightsRefused as err:
+            return err
+
+    def broadcast(version, tensors):
+        with ThreadPoolExecutor(2) as pool:
+            outcomes = [pool.submit(receive, i) for i in range(2)]
+            report = host.broadcast(opened.group_id, version, tensors)
+            return report, [o.result(timeout=TIMEOUT * 2) for o in outcomes]
+
+    def lies_in(tensor, buffers):
+        return any(b.data_ptr() <= tensor.data_ptr() < b.data_ptr() + b.numel() for b in buffers)
+
+    header = plan_header(1, state, 4096, 1024)
+    assert any(len(inside) == 1 for inside in header.span_slots()) and any(len(i) > 1 for i in header.span_slots())
+    # a non-contiguous large tensor is packed, not sent from its storage, and arrives the same
+    wte = "transformer.wte.weight"
+    transposed = dict(live, **{wte: state[wte].t().contiguous().t()})
+    assert not transposed[wte].is_contiguous()
+    report, outcomes = broadcast(1, transposed)
+    assert outcomes == [1, 1] and report.refused_ranks == []
+    assert set(report.phases) == {"header", "pack", "transfer", "status"}
+    assert set(members[0].last_phases) == {"header", "transfer", "check", "status"}
+    for index, generator in enumerate(generators):
+        for name, p in generator.model.named_parameters():
+            assert torch.equal(p, state[name]) and lies_in(p, handed[index][-1]), name  # adopted: no copy
+    serving = [params_of(g) for g in generators]
+    name = next(iter(state))
+    poisoned = dict(state, **{name: state[name].clone().index_fill_(0, torch.tensor([0]), float("nan"))})
+    report, outcomes = broadcast(2, poisoned)
+    assert report.refused_ranks == [1, 2] and all(isinstance(o, WeightsRefused) for o in outcomes)
+    for index, (generator, before) in enumerate(zip(generators, serving)):
+        assert generator.version == 1
+        assert not any(lies_in(b, handed[index][0]) for b in handed[index][1])  # the refused ones went elsewhere
+        for n, p in generator.model.named_parameters():
+            assert torch.equal(p, before[n]) and lies_in(p, handed[index][0]), n
+    # accepted again: into the other set, which now serves
+    shifted = {n: t + 1 for n, t in state.items()}
+    report, outcomes = broadcast(3, shifted)
+    assert outcomes == [3, 3]
+    for index, generator in enumerate(generators):
+        assert all(torch.equal(p, shifted[n]) and lies_in(p, handed[index][2]) and not lies_in(p, handed[index][0])
+                   for n, p in generator.model.named_parameters())
+    # a pull copies into the serving set in place; the next broadcast still lands beside it
+    from safetensors.torch import save
+    generators[0].load_weights(save(state), 4)
+    assert all(torch.equal(p, state[n]) and lies_in(p, handed[0][2]) for n, p in generators[0].model.named_parameters())
+    report, outcomes = broadcast(5, shifted)
+    assert outcomes == [5, 5]
+    assert all(torch.equal(p, shifted[n]) for g in generators for n, p in g.model.named_parameters())
+    assert all(torch.equal(t, state[n]) for n, t in live.items())  # the sender's own storage untouched
+    from haoping.generation import SampleSpec, SamplingParams
+    samples, version = generators[1].generate([SampleSpec((101, 5), SamplingParams(max_new_tokens=3), seed=1)])
+    assert version == 5 and len(samples[0].response_ids) >= 1
 
 
 # ------------------------------------------------------------------ as services

@@ -98,14 +98,23 @@ class LoadWeightsRequest(_message.Message):
     def __init__(self, trainer_address: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class LoadWeightsResponse(_message.Message):
-    __slots__ = ("policy_version", "bytes", "seconds")
+    __slots__ = ("policy_version", "bytes", "seconds", "phase_seconds")
+    class PhaseSecondsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PHASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     policy_version: int
     bytes: int
     seconds: float
-    def __init__(self, policy_version: _Optional[int] = ..., bytes: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
+    phase_seconds: _containers.ScalarMap[str, float]
+    def __init__(self, policy_version: _Optional[int] = ..., bytes: _Optional[int] = ..., seconds: _Optional[float] = ..., phase_seconds: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class GeneratorJoinWeightGroupRequest(_message.Message):
     __slots__ = ("group_id", "trainer_address")
@@ -275,16 +284,25 @@ class BroadcastWeightsRequest(_message.Message):
     def __init__(self, group_id: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class BroadcastWeightsResponse(_message.Message):
-    __slots__ = ("policy_version", "bytes", "seconds", "refused_ranks")
+    __slots__ = ("policy_version", "bytes", "seconds", "refused_ranks", "phase_seconds")
+    class PhaseSecondsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     REFUSED_RANKS_FIELD_NUMBER: _ClassVar[int]
+    PHASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     policy_version: int
     bytes: int
     seconds: float
     refused_ranks: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, policy_version: _Optional[int] = ..., bytes: _Optional[int] = ..., seconds: _Optional[float] = ..., refused_ranks: _Optional[_Iterable[int]] = ...) -> None: ...
+    phase_seconds: _containers.ScalarMap[str, float]
+    def __init__(self, policy_version: _Optional[int] = ..., bytes: _Optional[int] = ..., seconds: _Optional[float] = ..., refused_ranks: _Optional[_Iterable[int]] = ..., phase_seconds: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class GetInfoRequest(_message.Message):
     __slots__ = ()

@@ -63,5 +63,13 @@ class BroadcastSync:
         except grpc.RpcError:
             self.group_id = None
             raise
+        # where the time went: the trainer's phases, and each generator phase's slowest
+        phases = {f"trainer_{name}": seconds for name, seconds in sent.phase_seconds.items()}
+        phases["trainer_total"] = sent.seconds
+        phases["generator_total"] = max(r.seconds for r in received)
+        for reply in received:
+            for name, seconds in reply.phase_seconds.items():
+                phases[f"generator_{name}"] = max(phases.get(f"generator_{name}", 0.0), seconds)
         return pb.LoadWeightsResponse(policy_version=min(r.policy_version for r in received),
-                                      bytes=sent.bytes * len(received), seconds=time.perf_counter() - started)
+                                      bytes=sent.bytes * len(received), seconds=time.perf_counter() - started,
+                                      phase_seconds=phases)

@@ -15,7 +15,7 @@ import grpc
 from haoping.log import get_logger
 from haoping.v1 import haoping_pb2 as pb
 from haoping.v1 import haoping_pb2_grpc as pb_grpc
-from haoping.weight_broadcast import BroadcastFailed, WeightGroup, WeightsRefused, client_store
+from haoping.weight_broadcast import BroadcastFailed, ReceiveBuffers, WeightGroup, WeightsRefused, client_store
 from services.common import metrics
 from services.common.config import add_flag
 
@@ -43,6 +43,8 @@ class GeneratorWeightGroup:
         self._lock = threading.Lock()  # one join or receive at a time
         # what a broadcast may make this generator allocate: its own policy in float32, twice over
         self.max_bytes = 2 * 4 * sum(p.numel() for p in self.generator.model.parameters())
+        # weights arrive in the set the model does not serve from and become its parameters in place
+        self.buffers = ReceiveBuffers()
 
     def join(self, request, context) -> pb.WeightGroup:
         if self.service.draining:
@@ -65,6 +67,8 @@ class GeneratorWeightGroup:
                 store = client_store(group.address, group.port, timeout)
                 self.group = WeightGroup(store, group.group_id, group.rank, group.world_size, self.host, timeout,
                                          device)
+                if self.buffers.device != self.group.device:
+                    self.buffers = ReceiveBuffers(self.group.device)
             except (BroadcastFailed, RuntimeError) as err:  # RuntimeError: the store did not answer
                 metrics.WEIGHT_BROADCASTS.labels("failed").inc()
                 context.abort(grpc.StatusCode.ABORTED, f"weight group {group.group_id}: cannot connect to "
@@ -84,8 +88,12 @@ class GeneratorWeightGroup:
                               "JoinWeightGroup first")
             started = time.perf_counter()
             try:
-                version, state = group.receive(self.generator.check_state, self.max_bytes)
-                self.generator.swap_in(state, version)
+                version, state = group.receive(
+                    self.generator.check_state, self.max_bytes,
+                    into=lambda sizes: self.buffers.spare(sizes, self.generator.model.parameters()))
+                swap_started = time.perf_counter()
+                self.generator.swap_in(state, version, adopt=True)
+                group.last_phases["swap"] = time.perf_counter() - swap_started
             except WeightsRefused as err:
                 self._refused(err)
                 context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
@@ -104,7 +112,8 @@ class GeneratorWeightGroup:
         metrics.WEIGHT_BYTES.labels("received").inc(nbytes)
         metrics.POLICY_VERSION.labels("generator").set(self.generator.version)
         log.info("received policy version %d by broadcast (%.1f MB in %.2fs)", version, nbytes / 1e6, seconds)
-        return pb.LoadWeightsResponse(policy_version=self.generator.version, bytes=nbytes, seconds=seconds)
+        return pb.LoadWeightsResponse(policy_version=self.generator.version, bytes=nbytes, seconds=seconds,
+                                      phase_seconds=group.last_phases)
 
     def _refused(self, err: Exception) -> None:
         metrics.WEIGHT_BROADCASTS.labels("refused").inc()

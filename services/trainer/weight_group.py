@@ -126,5 +126,5 @@ class TrainerWeightGroups:
         log.info("broadcast policy version %d (%.1f MB in %.2fs%s)", version, report.bytes / 1e6, report.seconds,
                  f"; refused by ranks {report.refused_ranks}" if report.refused_ranks else "")
         return pb.BroadcastWeightsResponse(policy_version=version, bytes=report.bytes, seconds=report.seconds,
-                                           refused_ranks=report.refused_ranks)
+                                           refused_ranks=report.refused_ranks, phase_seconds=report.phases)
 
