@@ -330,16 +330,20 @@ def optional(strategy):
 
 @st.composite
 def generate_requests(draw):
-    """Half within the limits (they must answer OK), half anywhere in the fields' wire ranges."""
-    if draw(st.booleans()):
-        max_new = draw(st.integers(1, 8))
+    """A third within the limits (they must answer OK), a third valid but over the generator's
+    --max-request-tokens (2048: RESOURCE_EXHAUSTED), a third anywhere in the fields' wire ranges."""
+    kind = draw(st.sampled_from(["within", "too-large", "wire"]))
+    if kind != "wire":
+        max_new = draw(st.integers(1, 8)) if kind == "within" else 40  # the fixture's --max-new-tokens-limit
         request = pb.GenerateRequest(prompts=draw(st.lists(st.sampled_from([PROMPT, "这部电影很", "Hello, this product",
                                                                            "好评😀"]), min_size=1, max_size=3)),
-                                     samples_per_prompt=draw(st.integers(1, 4)), max_new_tokens=max_new,
+                                     samples_per_prompt=draw(st.integers(1, 4) if kind == "within"
+                                                             else st.integers(52, 64)),  # 52 x 40 > 2048
+                                     max_new_tokens=max_new,
                                      temperature=draw(st.floats(0, 2, width=32)), top_k=draw(st.integers(0, 10)),
                                      top_p=draw(st.floats(0.0625, 1.0, width=32)), seed=draw(uint64),
                                      min_new_tokens=draw(st.integers(0, max_new)),
-                                     first_sample_index=draw(st.integers(0, 2**32 - 5)))
+                                     first_sample_index=draw(st.integers(0, 2**32 - 65)))
         return request
     request = pb.GenerateRequest(prompts=draw(st.lists(texts, max_size=4)), top_k=draw(int32),
                                  min_new_tokens=draw(int32), first_sample_index=draw(uint32))
@@ -399,7 +403,7 @@ def test_fuzzed_generator_requests_get_statuses_not_crashes_and_change_nothing(s
         assert client.health_status() == "SERVING"
     for codes in (generated, streamed):
         assert codes[grpc.StatusCode.OK] >= 20 and codes[grpc.StatusCode.INVALID_ARGUMENT] >= 20, codes
-        assert codes[grpc.StatusCode.RESOURCE_EXHAUSTED] >= 5, codes
+        assert codes[grpc.StatusCode.RESOURCE_EXHAUSTED] >= 50, codes  # a third is over --max-request-tokens
     assert loads[grpc.StatusCode.PERMISSION_DENIED] >= 20 and loads[grpc.StatusCode.OK] >= 1, loads
     assert [s.response_token_ids for s in after.samples] == [s.response_token_ids for s in before.samples]
     assert [s.full_text for s in after.samples] == [s.full_text for s in before.samples]
