@@ -436,6 +436,49 @@ def test_char_ngram_ranker_learns_the_grade_markers_and_scores_unseen_lists():
         NgramRanker().score(["好"])
 
 
+def test_word_ngrams_come_from_the_jieba_dictionary_and_can_be_turned_off():
+    from haoping.reward_model.linear import NgramRanker, NgramRankerConfig, jieba_words
+
+    assert jieba_words("质量很好 物流很快") == ["质量", "很", "好", "物流", "很快"]  # dictionary words, no spaces
+    train = synthetic_lists(30, seed=5)
+    with_words = NgramRanker(NgramRankerConfig(word_ngram_max=2)).fit(train)
+    names = with_words.vectorizer.get_feature_names_out()
+    assert any(name.startswith("word__") for name in names) and any(name.startswith("char__") for name in names)
+    chars_only = NgramRanker().fit(train)  # the default: char n-grams alone
+    assert all(name.startswith("char__") for name in chars_only.vectorizer.get_feature_names_out())
+    assert len(chars_only.weights) < len(with_words.weights)
+
+
+def _noisy_rankers(count: int, noise: float, seed: int):
+    """Lists of 4 and two rankers that each see the true grade through independent noise."""
+    generator = torch.Generator().manual_seed(seed)
+    lists = [RankList(tuple(f"{i}-{k}" for k in range(4))) for i in range(count)]
+    truth = torch.tensor([3.0, 2.0, 1.0, 0.0]).repeat(count)
+    model = truth + noise * torch.randn(4 * count, generator=generator)
+    linear = truth + noise * torch.randn(4 * count, generator=generator)
+    return lists, model, linear
+
+
+def test_the_blend_weight_is_chosen_on_the_given_lists_and_ignores_each_rankers_scale():
+    from haoping.reward_model.ensemble import blend, blend_metrics, choose_blend_weight
+
+    lists, model, linear = _noisy_rankers(300, noise=1.0, seed=0)
+    weight, chosen_on, model_spread, linear_spread = choose_blend_weight(model, linear, lists)
+    alone = [ranking_metrics(list(torch.split(s, 4)))["pairwise_accuracy"] for s in (model, linear)]
+    assert 0.2 <= weight <= 0.8  # two equally good rankers: a blend, not one of them
+    assert chosen_on["pairwise_accuracy"] > max(alone) + 0.02  # independent errors partly cancel
+    # each ranker is divided by its spread: scaling one by 1000 chooses the same weight
+    assert choose_blend_weight(model, 1000 * linear, lists)[0] == weight
+    assert blend_metrics(model, linear, lists, weight, model_spread, linear_spread) == chosen_on
+    assert torch.equal(blend(model, linear, 0.0, 1.0, 1.0), model.double())  # weight 0: the reward model alone
+    # a useless second ranker gets weight 0
+    assert choose_blend_weight(model, torch.zeros_like(model), lists)[0] == 0.0
+    with pytest.raises(ValueError, match="one score per text"):
+        choose_blend_weight(model[:-1], linear[:-1], lists)
+    with pytest.raises(ValueError, match="blend weight"):
+        blend(model, linear, 1.5, 1.0, 1.0)
+
+
 def test_training_from_a_list_file_distills_the_ngram_teacher_and_reports_three_scorers(
         tiny_base, tmp_path, monkeypatch):
     """The file path end to end through the CLI; the unlabeled texts are synthetic too."""
@@ -449,13 +492,17 @@ def test_training_from_a_list_file_distills_the_ngram_teacher_and_reports_three_
     assert cli(["train-reward-model", "--train", str(train), "--dev", str(dev), "--base", tiny_base,
                 "--baseline", tiny_base, "--out", str(out), "--steps", "60", "--eval-every", "20",
                 "--lists-per-batch", "8", "--lr", "3e-3", "--warmup-steps", "5", "--max-length", "64",
-                "--teacher", "ngram", "--texts-per-batch", "16", "--device", "cpu"]) == 0
+                "--teacher", "ngram", "--texts-per-batch", "16", "--linear-word-ngrams", "2", "--device", "cpu"]) == 0
     metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["transfer_texts"] == len(unlabeled) and metrics["config"]["teacher"] == "ngram"
     assert metrics["train_lists"] == 36 and metrics["data"]["select"]["lists"] == 4  # a 10% slice held out
     for scorer in ("reward_model", "baseline", "linear"):
         assert metrics["dev"][scorer]["n_pairs"] == metrics["dev"]["reward_model"]["n_pairs"], scorer
     assert metrics["dev"]["linear"]["pairwise_accuracy"] > 0.9  # the teacher ranks by the markers
+    assert "word 1-2-gram" in metrics["dev"]["linear"]["model"]  # --linear-word-ngrams reached the ranker
+    ensemble = metrics["dev"]["ensemble"]  # the blend, its weight chosen on the held-out slice
+    assert 0.0 <= ensemble["weight_linear"] <= 1.0 and ensemble["chosen_on"]["n_lists"] == 4
+    assert ensemble["n_pairs"] == metrics["dev"]["reward_model"]["n_pairs"]
     assert metrics["dev"]["reward_model"]["pairwise_accuracy"] > metrics["untrained"]["pairwise_accuracy"]
     model = BertForSequenceClassification.from_pretrained(out)  # plain transformers, a scalar head
     assert model.config.num_labels == 1

@@ -36,5 +36,9 @@ def print_summary(result: dict) -> None:
         print(f"  baseline P(positive)    pairwise {dev['baseline']['pairwise_accuracy']:.3f}  "
               f"whole-list {dev['baseline']['list_accuracy']:.3f}  ({dev['baseline']['model']})")
     if dev.get("linear"):
-        print(f"  char n-gram ranker      pairwise {dev['linear']['pairwise_accuracy']:.3f}  "
+        print(f"  n-gram ranker           pairwise {dev['linear']['pairwise_accuracy']:.3f}  "
               f"whole-list {dev['linear']['list_accuracy']:.3f}")
+    if dev.get("ensemble"):
+        print(f"  blend (not saved)       pairwise {dev['ensemble']['pairwise_accuracy']:.3f}  "
+              f"whole-list {dev['ensemble']['list_accuracy']:.3f}  (n-gram weight {dev['ensemble']['weight_linear']:.1f}, "
+              f"chosen on held-out lists)")

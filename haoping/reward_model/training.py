@@ -21,6 +21,7 @@ from haoping import models
 from haoping.log import get_logger
 from haoping.rank_loss import LOSS_KINDS, batch_rank_loss, pairwise_correct, ranking_metrics
 from haoping.ranklists import RankList
+from haoping.reward_model.ensemble import blend_metrics, choose_blend_weight
 from haoping.reward_model.model import (
     classifier_positive_probability,
     forward_scores,
@@ -47,8 +48,12 @@ class TrainConfig:
     base: str = option("starter:classifier", "encoder to start from: a sequence classifier (starter:, dir or hub id)")
     baseline: str | None = option("starter:classifier",
                                   "classifier whose P(positive) is measured beside the reward model, or none")
-    linear_baseline: bool = option(True, "also fit and measure a char 1-3-gram logistic ranker on the same lists "
+    linear_baseline: bool = option(True, "also fit and measure an n-gram logistic ranker on the same lists, and its "
+                                         "blend with the reward model "
                                          "(needs scikit-learn)")
+    linear_word_ngrams: int = option(0, "word 1..n grams (jieba's dictionary) beside the char 1-3 grams of the n-gram "
+                                        "ranker; 0: char n-grams alone")
+    linear_c: float = option(3.0, "inverse L2 strength of the n-gram ranker's logistic regression")
     loss: str = option("logsigmoid", "logsigmoid: -log σ(r_i - r_j) (InstructGPT); sigmoid: -σ(r_i - r_j)",
                        LOSS_KINDS)
     steps: int = option(400, "optimizer steps")
@@ -99,17 +104,19 @@ def _check(config: TrainConfig, train_lists, dev_lists, select_lists, transfer_t
         raise ValueError("need at least one training and one dev rank list")
     if select_lists is not None and not select_lists:
         raise ValueError("the checkpoint-selection set holds no rank lists")
+    if config.linear_word_ngrams < 0 or not config.linear_c > 0:
+        raise ValueError("linear_word_ngrams must be 0 or more and linear_c positive")
     if config.steps < 1 or config.eval_every < 1 or config.lists_per_batch < 1 or config.texts_per_batch < 2:
         raise ValueError("steps, eval_every and lists_per_batch must be positive, texts_per_batch at least 2")
     if config.teacher != "none" and (not transfer_texts or len(transfer_texts) < 2):
         raise ValueError("distilling a teacher needs at least 2 unlabeled texts")
 
 
-def _fit_linear(train_lists: Sequence[RankList]):
-    from haoping.reward_model.linear import NgramRanker
+def _fit_linear(train_lists: Sequence[RankList], config: TrainConfig):
+    from haoping.reward_model.linear import NgramRanker, NgramRankerConfig
 
     started = time.perf_counter()
-    ranker = NgramRanker().fit(train_lists)
+    ranker = NgramRanker(NgramRankerConfig(word_ngram_max=config.linear_word_ngrams, c=config.linear_c)).fit(train_lists)
     log.info("char n-gram ranker fit on %d lists in %.1f s", len(train_lists), time.perf_counter() - started)
     return ranker
 
@@ -157,11 +164,12 @@ def train_reward_model(train_lists: Sequence[RankList], dev_lists: Sequence[Rank
                  baseline["pairwise_accuracy"], baseline["list_accuracy"])
     del base_classifier
 
-    linear = _fit_linear(train_lists) if config.linear_baseline or config.teacher == "ngram" else None
-    linear_metrics = None
+    linear = _fit_linear(train_lists, config) if config.linear_baseline or config.teacher == "ngram" else None
+    linear_metrics = linear_dev_scores = None
     if config.linear_baseline:
-        linear_metrics = {"model": "char 1-3-gram logistic ranker, fit on the training lists",
-                          **ranking_metrics(split_per_list(torch.as_tensor(linear.score(dev_texts)), dev_lists))}
+        linear_dev_scores = torch.as_tensor(linear.score(dev_texts))
+        linear_metrics = {"model": _linear_name(linear.config) + ", fit on the training lists",
+                          **ranking_metrics(split_per_list(linear_dev_scores, dev_lists))}
         log.info("char n-gram ranker on dev: pairwise %.3f, whole-list %.3f",
                  linear_metrics["pairwise_accuracy"], linear_metrics["list_accuracy"])
     teacher_scores = None
@@ -253,9 +261,19 @@ def train_reward_model(train_lists: Sequence[RankList], dev_lists: Sequence[Rank
     last = {"step": config.steps, "metrics": {k: history[k][-1] for k in ("dev_pairwise_accuracy", "dev_list_accuracy")}}
     model.load_state_dict(best["state"])
     model.eval()
+    ensemble = None
+    if linear_dev_scores is not None and select_lists is not None:
+        def score_texts(texts: list[str]) -> Tensor:
+            return score_in_chunks(model, tokenizer, texts, max_length, device, autocast_dtype=compute_dtype)
+
+        ensemble = _ensemble_metrics(score_texts, linear, select_lists, select_texts, dev_lists, dev_texts,
+                                     linear_dev_scores)
+        log.info("blend with the n-gram ranker (weight %.1f, chosen on held-out lists) on dev: pairwise %.3f, "
+                 "whole-list %.3f", ensemble["weight_linear"], ensemble["pairwise_accuracy"], ensemble["list_accuracy"])
 
     result = {
-        "dev": {"reward_model": best["metrics"], "baseline": baseline, "linear": linear_metrics},
+        # ensemble: a measurement of the blend with the n-gram ranker; the saved model is the reward model alone
+        "dev": {"reward_model": best["metrics"], "baseline": baseline, "linear": linear_metrics, "ensemble": ensemble},
         "best_step": best["step"],
         # where the kept checkpoint was chosen: "held-out" (select_lists) or "dev" (the dev lists)
         "selected_on": select_name,
@@ -276,6 +294,22 @@ def train_reward_model(train_lists: Sequence[RankList], dev_lists: Sequence[Rank
     write_output(out, model, tokenizer, max_length, result)
     print_summary(result)
     return result
+
+
+def _linear_name(config) -> str:
+    words = f" + word 1-{config.word_ngram_max}-gram" if config.word_ngram_max > 0 else ""
+    return f"char {config.ngram_min}-{config.ngram_max}-gram{words} logistic ranker (C {config.c:g})"
+
+
+def _ensemble_metrics(score_texts, linear, select_lists: Sequence[RankList], select_texts: list[str],
+                      dev_lists: Sequence[RankList], dev_texts: list[str], linear_dev_scores: Tensor) -> dict:
+    """The blend weight and spreads chosen on the held-out lists, then measured on dev."""
+    weight, chosen_on, model_spread, linear_spread = choose_blend_weight(
+        score_texts(select_texts), torch.as_tensor(linear.score(select_texts)), select_lists)
+    dev = blend_metrics(score_texts(dev_texts), linear_dev_scores, dev_lists, weight, model_spread, linear_spread)
+    return {"model": "reward model blended with the n-gram ranker (measured, not saved)",
+            "weight_linear": weight, "spreads": {"reward_model": model_spread, "linear": linear_spread},
+            "chosen_on": chosen_on, **dev}
 
 
 def _baseline_metrics(ref: str, classifier: PreTrainedModel | None, dev_texts: list[str],
