@@ -50,6 +50,18 @@ def pick_device(name: str = "auto") -> torch.device:
     return device
 
 
+def use_deterministic_kernels(enabled: bool = True) -> None:
+    """Kernels that give the same bits in every process. Some multi-threaded CPU kernels add in
+    thread order (``index_put_(accumulate=True)``, the backward of advanced indexing, is one), so
+    two processes given the same Step drifted apart in the 7th digit, then in sampled tokens after
+    a few cycles; the deterministic ones cost nothing measurable at the starter size on CPU.
+    ``warn_only``: an op without a deterministic CUDA kernel warns instead of failing the run."""
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when CUDA initializes
+        torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(enabled, warn_only=True)
+
+
 def resolve_model(ref: str) -> str:
     """Map a model reference to something ``from_pretrained`` accepts."""
     if ref.startswith(STARTER_PREFIX):

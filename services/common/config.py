@@ -36,6 +36,10 @@ def add_common_server_flags(parser: argparse.ArgumentParser, port: int, metrics_
     add_flag(parser, "--drain-announce-seconds", 1.0, float, "after SIGTERM, report NOT_SERVING this long before closing")
     add_flag(parser, "--max-message-mb", 64, int, "largest gRPC message, send and receive")
     add_flag(parser, "--threads", 0, int, "torch threads (0: torch's default)")
+    add_flag(parser, "--deterministic", True, bool,
+             "deterministic torch kernels: the same request gives the same bits in every process, so a "
+             "run is reproducible from its seed and a replayed cycle repeats the original (on CPU free; "
+             "on CUDA it can cost speed)")
     add_flag(parser, "--rpc-threads", 0, int,
              "gRPC worker threads, one per in-flight call (0: --max-queue + 8, so the queue bound, "
              "not the thread pool, decides when callers get RESOURCE_EXHAUSTED)")

@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 
 from haoping.atomic import atomic_write_text
 from haoping.log import get_logger
+from haoping.models import use_deterministic_kernels
 from haoping.v1 import haoping_pb2
 from services.common.interceptors import AuthInterceptor, ErrorInterceptor, MetricsInterceptor
 from services.common.metrics import start_metrics_server
@@ -63,6 +64,13 @@ def exit_with_parent() -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
+def configure_torch(args) -> None:
+    """--threads and --deterministic, before any model is built (every process of a service)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    use_deterministic_kernels(args.deterministic)
+
+
 def server_interceptors(service: str, security: ServerSecurity) -> list[grpc.ServerInterceptor]:
     """Outermost first: metrics see the final code of every call, refused ones included."""
     return [MetricsInterceptor(service), ErrorInterceptor(service),
@@ -73,8 +81,6 @@ def serve(short_name: str, args, register: Callable[[grpc.Server], None],
           warm_up: Callable[[], None] | None = None, draining: Draining | None = None) -> int:
     """Run a service until SIGTERM/SIGINT; returns the process exit code."""
     exit_with_parent()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if getattr(args, "gil_switch_ms", None):
         sys.setswitchinterval(args.gil_switch_ms / 1000)
     draining = Draining() if draining is None else draining

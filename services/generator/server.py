@@ -23,7 +23,7 @@ from services.common import metrics
 from services.common.batching import ContinuousBatcher, QueueFull, ShuttingDown
 from services.common.config import add_batching_flags, add_common_server_flags, add_flag
 from services.common.security import check_security_flags, client_tls
-from services.common.server import Draining, serve
+from services.common.server import Draining, configure_torch, serve
 from services.generator.weight_group import GeneratorWeightGroup, add_weight_group_flags
 
 log = get_logger(__name__)
@@ -354,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_security_flags(parser, args)
+    configure_torch(args)
     if args.max_queued_tokens < args.max_request_tokens:
         parser.error("--max-queued-tokens must be at least --max-request-tokens")
     generator = PolicyGenerator(args.model, pick_device(args.device), parse_dtype(args.dtype))

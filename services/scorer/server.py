@@ -18,7 +18,7 @@ from services.common import metrics
 from services.common.batching import DynamicBatcher, QueueFull
 from services.common.config import add_batching_flags, add_common_server_flags, add_flag
 from services.common.security import check_security_flags
-from services.common.server import Draining, serve
+from services.common.server import Draining, configure_torch, serve
 
 log = get_logger(__name__)
 
@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_security_flags(parser, args)
+    configure_torch(args)
     scorer = build_scorer(args.backend, args.model, pick_device(args.device), parse_dtype(args.dtype),
                           human_host=args.human_host, human_port=args.human_port, max_pending=args.max_queue)
     scorer.start()

@@ -24,7 +24,7 @@ from haoping.v1 import haoping_pb2_grpc as pb_grpc
 from services.common import metrics
 from services.common.config import add_common_server_flags, add_dataclass_flags, add_flag, dataclass_flag_values
 from services.common.security import check_security_flags
-from services.common.server import Draining, exit_with_parent, serve
+from services.common.server import Draining, configure_torch, exit_with_parent, serve
 from services.trainer.weight_group import TrainerWeightGroups, add_weight_group_flags
 
 log = get_logger(__name__)
@@ -288,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     check_security_flags(parser, args)
+    configure_torch(args)
     world = launched_world_size()
     if "RANK" not in os.environ and (args.nproc > 1 or args.nnodes > 1):
         return launch_processes(args, argv)
