@@ -489,12 +489,15 @@ class PPOTrainer:
         mask = part.response_mask
         logp_all, values = forward if forward is not None else self._policy_forward(part, min_tokens)
         logp = ppo.token_logprobs(logp_all, part.response_ids)
+        # the fused first pass is the rollout forward itself: its entropy is already in ``old``
+        token_entropy = old["entropy"][index] if forward is not None else None
         if not c.uses_value_head:
             out = algorithms.critic_free_loss(logp, old["logp"][index], old["ref_logp"][index], advantages[index],
                                               mask, c.cliprange, loss_kl_coef)
             (out.loss * weight).backward()
             with torch.no_grad():
-                entropy = ppo.masked_mean(ppo.entropy_from_logprobs(logp_all), mask)
+                entropy = ppo.masked_mean(ppo.entropy_from_logprobs(logp_all) if token_entropy is None
+                                          else token_entropy, mask)
             return {"weight": float(weight), "ppo/loss/policy": out.policy.item(), "ppo/loss/total": out.loss.item(),
                     "ppo/loss/kl": out.kl.item(), "ppo/policy/clipfrac": out.clipfrac.item(),
                     "ppo/policy/approxkl": out.approxkl.item(), "ppo/policy/entropy": entropy.item()}
@@ -508,7 +511,8 @@ class PPOTrainer:
             loss = loss + c.kl_loss_coef * kl_to_ref
         (loss * weight).backward()
         with torch.no_grad():
-            entropy = ppo.masked_mean(ppo.entropy_from_logprobs(logp_all), mask)
+            entropy = ppo.masked_mean(ppo.entropy_from_logprobs(logp_all) if token_entropy is None
+                                      else token_entropy, mask)
         return {
             "weight": float(weight),
             "ppo/loss/policy": pg.loss.item(),

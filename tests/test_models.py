@@ -107,3 +107,27 @@ def test_services_use_kernels_that_give_the_same_bits_every_time(flags, determin
         assert distinct == 1
     else:  # shows the probe can tell: the default kernel's sums differ from call to call
         assert distinct > 1
+
+
+def test_length_sorted_batches_group_similar_lengths_and_cover_every_index_once():
+    from haoping.scorers.base import length_sorted_batches
+
+    lengths = [9, 3, 7, 3, 12, 1, 8]
+    batches = length_sorted_batches(lengths, batch_size=3)
+    assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
+    assert [len(b) for b in batches] == [3, 3, 1]
+    assert [[lengths[i] for i in batch] for batch in batches] == [[1, 3, 3], [7, 8, 9], [12]]
+
+
+def test_classifier_scores_come_back_in_request_order_whatever_the_batching(tiny_classifier):
+    from haoping.scorers.classifier import ClassifierScorer
+
+    scorer = ClassifierScorer(str(tiny_classifier), batch_size=2)
+    texts = ["质量很好，物流也快，非常满意，下次还来", "差", "还行吧", "包装破了，客服不理人", "好", "一般般，不算好也不算差"]
+    together = scorer.score(texts)
+    alone = [scorer.score([text])[0] for text in texts]
+    for a, b in zip(together, alone):
+        assert a.label == b.label
+        assert a.score == pytest.approx(b.score, abs=1e-7) and a.raw_score == pytest.approx(b.raw_score, abs=1e-7)
+    raw = sorted(r.raw_score for r in alone)
+    assert min(b - a for a, b in zip(raw, raw[1:])) > 1e-6  # each text scores apart, so a mix-up shows
