@@ -34,6 +34,14 @@ class ScorerService(pb_grpc.ScorerServicer):
                                       args.max_batch_size, args.max_wait_ms / 1000,
                                       args.max_queue) if scorer.batchable else None
 
+    def warm_up(self) -> None:
+        """A batchable backend warms up through the batcher, on the thread that will score: torch
+        work on a second thread would start a second OpenMP team (see the generator's warm-up)."""
+        if self.batcher is None:
+            self.scorer.warm_up()
+        else:
+            self.batcher.submit(["质量很好"])
+
     def _check(self, request, context) -> None:
         if self.draining:
             context.abort(grpc.StatusCode.UNAVAILABLE, "scorer is draining")
@@ -117,6 +125,6 @@ def main(argv: list[str] | None = None) -> int:
     service = ScorerService(scorer, args, draining)
     try:
         return serve("Scorer", args, lambda server: pb_grpc.add_ScorerServicer_to_server(service, server),
-                     scorer.warm_up, draining)
+                     service.warm_up, draining)
     finally:
         scorer.stop()
