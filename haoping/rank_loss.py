@@ -82,6 +82,11 @@ def list_accuracy(scores: Tensor) -> float:
     return float(correct == total)
 
 
+def split_per_list(scores: Tensor, lists: Sequence) -> list[Tensor]:
+    """Undo the flattening of rank lists' texts: Tensor[Σ n_l] → L × Tensor[n_l]."""
+    return list(torch.split(scores, [len(r.texts) for r in lists]))
+
+
 def ranking_metrics(score_lists: Sequence[Tensor]) -> dict[str, float | int]:
     """Metrics over a dev set.
 

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor
 
-from haoping.rank_loss import ranking_metrics
+from haoping.rank_loss import ranking_metrics, split_per_list
 from haoping.ranklists import RankList
 
 BLEND_WEIGHTS = tuple(i / 10 for i in range(11))  # weight of the n-gram ranker; 0 is the reward model alone
@@ -32,10 +31,6 @@ def blend(model: Tensor, linear: Tensor, weight: float, model_spread: float, lin
     return weight * linear.double() / linear_spread + (1.0 - weight) * model.double() / model_spread
 
 
-def _per_list(scores: Tensor, lists: Sequence[RankList]) -> list[Tensor]:
-    return list(torch.split(scores, [len(r.texts) for r in lists]))
-
-
 def choose_blend_weight(model: Tensor, linear: Tensor, lists: Sequence[RankList],
                         weights: Sequence[float] = BLEND_WEIGHTS) -> tuple[float, dict, float, float]:
     """The weight with the best pairwise accuracy on ``lists`` (whole-list accuracy, then the
@@ -50,7 +45,7 @@ def choose_blend_weight(model: Tensor, linear: Tensor, lists: Sequence[RankList]
     model_spread, linear_spread = spread(model), spread(linear)
     best = None
     for weight in weights:
-        metrics = ranking_metrics(_per_list(blend(model, linear, weight, model_spread, linear_spread), lists))
+        metrics = blend_metrics(model, linear, lists, weight, model_spread, linear_spread)
         key = (metrics["pairwise_accuracy"], metrics["list_accuracy"], -weight)
         if best is None or key > best[0]:
             best = (key, weight, metrics)
@@ -60,4 +55,4 @@ def choose_blend_weight(model: Tensor, linear: Tensor, lists: Sequence[RankList]
 def blend_metrics(model: Tensor, linear: Tensor, lists: Sequence[RankList], weight: float,
                   model_spread: float, linear_spread: float) -> dict:
     """Ranking metrics of the blend with a weight and spreads chosen elsewhere."""
-    return ranking_metrics(_per_list(blend(model, linear, weight, model_spread, linear_spread), lists))
+    return ranking_metrics(split_per_list(blend(model, linear, weight, model_spread, linear_spread), lists))

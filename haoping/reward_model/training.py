@@ -19,7 +19,7 @@ from transformers import PreTrainedModel
 
 from haoping import models
 from haoping.log import get_logger
-from haoping.rank_loss import LOSS_KINDS, batch_rank_loss, pairwise_correct, ranking_metrics
+from haoping.rank_loss import LOSS_KINDS, batch_rank_loss, pairwise_correct, ranking_metrics, split_per_list
 from haoping.ranklists import RankList
 from haoping.reward_model.ensemble import blend_metrics, choose_blend_weight
 from haoping.reward_model.model import (
@@ -71,11 +71,6 @@ class TrainConfig:
     device: str = option("auto", "auto, cpu, cuda, cuda:1, ...")
     dtype: str = option("float32", "compute dtype; bfloat16/float16 use autocast over float32 weights",
                         tuple(models.DTYPES))
-
-
-def split_per_list(scores: Tensor, lists: Sequence[RankList]) -> list[Tensor]:
-    """Undo the flattening: Tensor[Σ n_l] → L × Tensor[n_l]."""
-    return list(torch.split(scores, [len(r.texts) for r in lists]))
 
 
 def evaluate_lists(scores: Tensor, lists: Sequence[RankList], loss_kind: str) -> dict:

@@ -14,6 +14,9 @@ class ScoreResult:
     truncated: bool = False  # only the first max_length tokens of the text were read
 
 
+WARM_UP_TEXTS = ("质量很好",)  # what a model scorer scores once before it serves
+
+
 def truncated_flags(tokenizer, texts: Sequence[str], max_length: int) -> list[bool]:
     """Which texts have more than ``max_length`` tokens (special tokens included). Every token
     covers at least one byte, so only texts of more than ``max_length - 2`` UTF-8 bytes are
@@ -97,4 +100,4 @@ class ModelScorer:
         pass
 
     def warm_up(self) -> None:
-        self.score(["质量很好"])
+        self.score(WARM_UP_TEXTS)

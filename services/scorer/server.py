@@ -11,6 +11,7 @@ import grpc
 from haoping.log import get_logger, setup_logging
 from haoping.models import parse_dtype, pick_device
 from haoping.scorers import ScoreCancelled, Scorer, ScorerBusy, ScoreTimeout, in_unit_interval
+from haoping.scorers.base import WARM_UP_TEXTS
 from haoping.scorers.backends import BACKENDS, build_scorer
 from haoping.v1 import haoping_pb2 as pb
 from haoping.v1 import haoping_pb2_grpc as pb_grpc
@@ -40,7 +41,7 @@ class ScorerService(pb_grpc.ScorerServicer):
         if self.batcher is None:
             self.scorer.warm_up()
         else:
-            self.batcher.submit(["质量很好"])
+            self.batcher.submit(WARM_UP_TEXTS)
 
     def _check(self, request, context) -> None:
         if self.draining:
