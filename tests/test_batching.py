@@ -8,7 +8,7 @@ from safetensors.torch import save
 
 from haoping.errors import Cancelled
 from haoping.generation import PolicyGenerator, SampleSpec, SamplingParams, sample_seed
-from services.common.batching import ContinuousBatcher, DynamicBatcher
+from services.common.batching import ContinuousBatcher, DynamicBatcher, ShuttingDown
 
 PROMPTS = ["刚收到货，感觉", "这部电影很", "说实话，真的很", "这次购物总的来说体验很"]
 
@@ -145,6 +145,56 @@ def test_weight_load_waits_for_the_running_batch_and_joins_wait_for_the_load(slo
     samples, version = joiner["value"]
     assert version == 1 and gen.version == 1
     assert [s.response_ids for s in samples] == [s.response_ids for s in gen.generate(new_specs)[0]]
+
+
+def test_work_run_when_idle_runs_on_the_batcher_thread_between_batches(slow_gen):
+    """A weight load through run_when_idle: on the batcher's thread (the one thread that does model
+    work), after the running batch finished, before a request that arrived after it."""
+    gen = slow_gen
+    batcher = ContinuousBatcher("test-idle", gen.open_batch, max_batch_size=64, max_wait_seconds=0)
+    old_specs, new_specs = _specs(gen, 2, seed=7, max_new_tokens=30), _specs(gen, 2, seed=8, max_new_tokens=8)
+    expected_old = [s.response_ids for s in gen.generate(old_specs)[0]]
+    torch.manual_seed(0)
+    weights = save({name: p.detach() + 0.5 * torch.randn_like(p) for name, p in gen.model.named_parameters()})
+    seen: dict = {}
+
+    def load():
+        seen["thread"] = threading.current_thread()
+        seen["running_batches"] = gen._holds
+        gen.load_weights(weights, 1)
+        return "loaded"
+
+    steps = _Steps()
+    running = _submit(batcher, old_specs, on_step=steps)
+    steps.wait(2)
+    loader: dict = {}
+    loader_thread = threading.Thread(target=lambda: loader.update(value=batcher.run_when_idle(load)))
+    loader_thread.start()
+    deadline = time.monotonic() + 10
+    while not batcher._tasks and "thread" not in seen and time.monotonic() < deadline:
+        time.sleep(0.001)
+    joiner = _submit(batcher, new_specs)  # arrives while the load waits: joins no batch before it
+    for thread in (running["thread"], loader_thread, joiner["thread"]):
+        thread.join(30)
+    assert loader["value"] == "loaded"
+    assert seen["thread"] is batcher._thread and seen["running_batches"] == 0
+    samples, version = running["value"]
+    assert version == 0 and [s.response_ids for s in samples] == expected_old
+    samples, version = joiner["value"]
+    assert version == 1 and [s.response_ids for s in samples] == [s.response_ids for s in gen.generate(new_specs)[0]]
+
+    with pytest.raises(ZeroDivisionError):  # the work's own error, raised to its caller
+        batcher.run_when_idle(lambda: 1 / 0)
+    batcher.close()
+    with pytest.raises(ShuttingDown):
+        batcher.run_when_idle(lambda: None)
+
+
+def test_the_scorer_batcher_runs_work_on_its_thread_too():
+    batcher = DynamicBatcher("test-idle", lambda items, stop: (items, None))
+    assert batcher.submit([1, 2])[0] == [1, 2]
+    assert batcher.run_when_idle(threading.current_thread) is batcher._thread
+    batcher.close()
 
 
 def _recording_batcher(sizes: list) -> DynamicBatcher:

@@ -8,7 +8,8 @@ In both, when nothing runs, a request waits at most ``max_wait_seconds`` for com
 while other requests are on their way (handlers inside :meth:`arriving`): a lone request starts
 at once instead of paying the window for nobody. A batch
 holds at most ``max_batch_size`` items (a larger request runs alone). The queue is bounded:
-when it is full, ``submit`` raises :class:`QueueFull` (RESOURCE_EXHAUSTED).
+when it is full, ``submit`` raises :class:`QueueFull` (RESOURCE_EXHAUSTED). Other model work
+(a weight load, a warm-up) runs on the batcher's thread too, between batches: :meth:`run_when_idle`.
 """
 from __future__ import annotations
 
@@ -42,6 +43,12 @@ class _Pending:
     future: Future = field(default_factory=Future)
 
 
+@dataclass
+class _Task:
+    run: Callable[[], Any]
+    future: Future = field(default_factory=Future)
+
+
 class Arrival:
     """A request on its way to the batcher (see :meth:`_QueuedBatcher.arriving`)."""
 
@@ -60,6 +67,7 @@ class _QueuedBatcher:
         self._queue: deque = deque()
         self._cond = threading.Condition()
         self._arriving = 0  # requests between arriving() and their submit()
+        self._tasks: deque[_Task] = deque()  # run_when_idle's
         self._closing = False
         self._thread = threading.Thread(target=self._loop, name=f"{service}-batcher", daemon=True)
         self._thread.start()
@@ -75,11 +83,38 @@ class _QueuedBatcher:
 
     def _fail_queued(self) -> None:
         with self._cond:
-            while self._queue:
-                self._queue.popleft().future.set_exception(ShuttingDown(f"{self.service} is shutting down"))
+            waiting = [*self._queue, *self._tasks]
+            self._queue.clear()
+            self._tasks.clear()
+        for pending in waiting:
+            pending.future.set_exception(ShuttingDown(f"{self.service} is shutting down"))
 
     def _loop(self) -> None:
         raise NotImplementedError
+
+    def run_when_idle(self, fn: Callable[[], Any]) -> Any:
+        """``fn()`` on the batcher's thread between batches, once the running one has finished (no
+        request joins it meanwhile); its result, or its exception raised here. All model work of a process on
+        one thread: torch on a second thread starts a second OpenMP team, and with more OpenMP
+        threads than cores libgomp stops spin-waiting, which slows every later decode step."""
+        task = _Task(fn)
+        with self._cond:
+            if self._closing:
+                raise ShuttingDown(f"{self.service} is shutting down")
+            self._tasks.append(task)
+            self._cond.notify()
+        return task.future.result()
+
+    def _run_tasks(self) -> None:
+        while True:
+            with self._cond:
+                if not self._tasks:
+                    return
+                task = self._tasks.popleft()
+            try:
+                task.future.set_result(task.run())
+            except BaseException as err:  # noqa: BLE001 - the caller's to handle
+                task.future.set_exception(err)
 
     @contextmanager
     def arriving(self):
@@ -126,9 +161,9 @@ class DynamicBatcher(_QueuedBatcher):
 
     def _take_batch(self) -> list[_Pending]:
         with self._cond:
-            while not self._queue and not self._closing:
+            while not self._queue and not self._closing and not self._tasks:
                 self._cond.wait()
-            if self._closing:
+            if self._closing or self._tasks:
                 return []
             batch = [self._queue.popleft()]
             size = len(batch[0].items)
@@ -149,6 +184,7 @@ class DynamicBatcher(_QueuedBatcher):
 
     def _loop(self) -> None:
         while not self._closing:
+            self._run_tasks()
             batch = []
             for pending in self._take_batch():
                 if pending.is_cancelled():  # gone before its turn: no model work for it
@@ -227,8 +263,10 @@ class ContinuousBatcher(_QueuedBatcher):
         """The waiting requests that join now; blocks while there is nothing to do."""
         with self._cond:
             if not running:
-                while not self._queue and not self._closing:
+                while not self._queue and not self._closing and not self._tasks:
                     self._cond.wait()
+                if self._tasks:
+                    return []
                 deadline = time.monotonic() + self.max_wait_seconds
                 while self._arriving and sum(len(r.items) for r in self._queue) < self.max_batch_size:
                     remaining = deadline - time.monotonic()
@@ -236,7 +274,7 @@ class ContinuousBatcher(_QueuedBatcher):
                         break
                     self._cond.wait(remaining)
             admitted, size = [], running
-            while self._queue and (accepting or not running):
+            while self._queue and ((accepting and not self._tasks) or not running):
                 if size and size + len(self._queue[0].items) > self.max_batch_size:
                     break
                 admitted.append(self._queue.popleft())
@@ -256,6 +294,8 @@ class ContinuousBatcher(_QueuedBatcher):
                     batch.close()
                 self._fail_queued()
                 return
+            if batch is None:
+                self._run_tasks()
             running = len(batch) if batch is not None else 0
             joining = []
             for request in self._admit(running, batch is None or batch.accepting()):

@@ -17,6 +17,7 @@ from haoping.v1 import haoping_pb2 as pb
 from haoping.v1 import haoping_pb2_grpc as pb_grpc
 from haoping.weight_broadcast import BroadcastFailed, ReceiveBuffers, WeightGroup, WeightsRefused, client_store
 from services.common import metrics
+from services.common.batching import ShuttingDown
 from services.common.config import add_flag
 
 log = get_logger(__name__)
@@ -88,11 +89,13 @@ class GeneratorWeightGroup:
                               "JoinWeightGroup first")
             started = time.perf_counter()
             try:
+                # the check and the swap are model work: on the batcher's thread (see run_when_idle)
+                run = self.service.batcher.run_when_idle
                 version, state = group.receive(
-                    self.generator.check_state, self.max_bytes,
-                    into=lambda sizes: self.buffers.spare(sizes, self.generator.model.parameters()))
+                    lambda tensors, version: run(lambda: self.generator.check_state(tensors, version)),
+                    self.max_bytes, into=lambda sizes: self.buffers.spare(sizes, self.generator.model.parameters()))
                 swap_started = time.perf_counter()
-                self.generator.swap_in(state, version, adopt=True)
+                run(lambda: self.generator.swap_in(state, version, adopt=True))
                 group.last_phases["swap"] = time.perf_counter() - swap_started
             except WeightsRefused as err:
                 self._refused(err)
@@ -100,6 +103,9 @@ class GeneratorWeightGroup:
             except ValueError as err:  # a newer version was loaded meanwhile
                 self._refused(err)
                 context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
+            except ShuttingDown as err:  # mid-broadcast: this group is done for
+                self.group = None
+                context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
             except BroadcastFailed as err:
                 self.group = None
                 metrics.WEIGHT_BROADCASTS.labels("failed").inc()
