@@ -14,7 +14,8 @@ synced three ways in one run, interleaved round by round so background load hits
 Figures: seconds (median of the timed rounds; best in brackets), effective GB/s = the policy's
 bytes / seconds (every generator holds them at the end; x2 for the bytes delivered in all), and
 the ratios broadcast/raw and pull/broadcast. Targets: broadcast >= 1 GB/s effective and at most
-2x the raw save + load. Writes the figures as JSON to --out (default bench/run/weight_sync.json).
+2x the raw save + load. Writes the figures as JSON to --out. `--starter` syncs the 5.3 MB starter
+policy instead, where the fixed costs of each method decide.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from haoping.client import GeneratorClient, GeneratorReplicas, TrainerClient
 from haoping.log import setup_logging
+from haoping.models import resolve_model
 from services.coordinator.run import start_service, stop_services
 from services.coordinator.weight_sync import BroadcastSync
 
@@ -63,16 +65,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds of each method, after one warm-up")
     parser.add_argument("--bucket-mb", type=int, default=128, help="the trainer's --weight-bucket-mb")
     parser.add_argument("--layers", type=int, default=GPT2_BASE["n_layer"], help="smaller for a quick try")
-    parser.add_argument("--out", default=str(WORK / "weight_sync.json"))
+    parser.add_argument("--starter", action="store_true",
+                        help="sync the starter policy (5.3 MB) instead: where fixed costs decide")
+    parser.add_argument("--out", help="default: bench/run/weight-sync/weight_sync[_starter].json")
     args = parser.parse_args(argv)
     setup_logging()
     started_load = load_average()
     run_dir = WORK
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    policy = run_dir / "policy"
-    parameters = make_policy(policy, {**GPT2_BASE, "n_layer": args.layers})
-    print(f"policy: random GPT-2, {args.layers} layers x {GPT2_BASE['n_embd']}, vocab {GPT2_BASE['vocab_size']}: "
-          f"{parameters / 1e6:.1f}M parameters", flush=True)
+    out = args.out or str(WORK / ("weight_sync_starter.json" if args.starter else "weight_sync.json"))
+    if args.starter:
+        policy = Path(resolve_model("starter:policy"))
+        parameters = sum(t.numel() for t in load_file(str(policy / "model.safetensors")).values())
+        print(f"policy: the starter policy, {parameters / 1e6:.2f}M parameters", flush=True)
+    else:
+        policy = run_dir / "policy"
+        parameters = make_policy(policy, {**GPT2_BASE, "n_layer": args.layers})
+        print(f"policy: random GPT-2, {args.layers} layers x {GPT2_BASE['n_embd']}, vocab {GPT2_BASE['vocab_size']}: "
+              f"{parameters / 1e6:.1f}M parameters", flush=True)
     services = []
     try:
         common = ["--model", str(policy), "--device", "cpu"]
@@ -92,8 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     results.update(parameters=parameters, layers=args.layers, bucket_mb=args.bucket_mb, rounds=args.rounds,
                    loadavg_start=started_load, loadavg_end=load_average(), cores=os.cpu_count())
     report(results)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(results, indent=2) + "\n")
     return 0
 
 
@@ -157,7 +167,7 @@ def report(results: dict) -> None:
     print(f"{'method':<10} {'seconds':>8} {'(best)':>8} {'GB/s each':>10} {'GB/s all':>9}")
     for name in ("broadcast", "pull", "raw"):
         copies = 1 if name == "raw" else 2
-        print(f"{name:<10} {median[name]:8.2f} {best[name]:8.2f} {gbps[name]:10.2f} {gbps[name] * copies:9.2f}")
+        print(f"{name:<10} {median[name]:8.3f} {best[name]:8.3f} {gbps[name]:10.2f} {gbps[name] * copies:9.2f}")
     r = results["ratios"]
     print(f"broadcast / raw save+load: {r['broadcast_over_raw_seconds']:.2f}x the time (target <= 2x: "
           f"{'met' if results['targets']['broadcast_at_most_2x_raw'] else 'NOT met'})")
