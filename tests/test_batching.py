@@ -1,4 +1,5 @@
-"""Continuous batching in-process (no gRPC): joins, cancellation, weight loads, batch limits."""
+"""Batching and the one thread for model work, in-process (no gRPC): joins, cancellation, weight
+loads, batch limits, compute threads."""
 import threading
 import time
 
@@ -9,6 +10,7 @@ from safetensors.torch import save
 from haoping.errors import Cancelled
 from haoping.generation import PolicyGenerator, SampleSpec, SamplingParams, sample_seed
 from services.common.batching import ContinuousBatcher, DynamicBatcher, ShuttingDown
+from services.common.server import ComputeThread, Draining
 
 PROMPTS = ["刚收到货，感觉", "这部电影很", "说实话，真的很", "这次购物总的来说体验很"]
 
@@ -233,3 +235,49 @@ def test_a_request_rejected_on_its_way_releases_the_wait():
         time.sleep(0.3)
     first["thread"].join(10)
     assert first["value"] == ([1], None) and sizes == [1]
+
+
+def test_a_compute_thread_runs_all_work_on_one_thread_and_raises_its_errors():
+    compute = ComputeThread("test-compute")
+    callers = [threading.Thread(target=lambda: seen.append(compute.run(threading.current_thread))) for _ in range(3)]
+    seen: list = []
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join(10)
+    assert len(seen) == 3 and len(set(seen)) == 1 and seen[0] not in callers
+    assert compute.run(lambda: compute.run(threading.current_thread)) is seen[0]  # nested: runs in place
+    with pytest.raises(ZeroDivisionError):
+        compute.run(lambda: 1 / 0)
+
+
+def test_the_trainer_service_runs_steps_and_weight_reads_on_its_compute_thread(tiny_policy):
+    """Steps arrive on whichever gRPC thread is free; the model work must not follow them."""
+    from haoping.ppo_config import PPOConfig
+    from haoping.ppo_trainer import PPOTrainer
+    from haoping.v1 import haoping_pb2 as pb
+    from services.trainer.server import TrainerService, build_parser
+
+    compute = ComputeThread("test-trainer-compute")
+    trainer = compute.run(PPOTrainer, str(tiny_policy), PPOConfig(minibatch_size=2, ppo_epochs=1))
+    threads: list = []
+    for name in ("apply_step", "policy_weights"):
+        def spy(*args, _original=getattr(trainer, name), **kwargs):
+            threads.append(threading.current_thread())
+            return _original(*args, **kwargs)
+        setattr(trainer, name, spy)
+    args = build_parser().parse_args(["--model", str(tiny_policy), "--insecure-no-auth", "--weight-group-port", "0"])
+    service = TrainerService(trainer, args, Draining(), compute=compute)
+
+    class Context:
+        def abort(self, code, details):
+            raise AssertionError(f"{code}: {details}")
+
+    request = pb.StepRequest(rollouts=[pb.Rollout(query_token_ids=[5, 6], response_token_ids=[7, 8], reward=r)
+                                       for r in (1.0, 0.0)])
+    callers = [threading.Thread(target=service.Step, args=(request, Context())),
+               threading.Thread(target=lambda: list(service.GetWeights(pb.GetWeightsRequest(), Context())))]
+    for caller in callers:
+        caller.start()
+        caller.join(60)
+    assert len(threads) == 2 and threads[0] is threads[1] and threads[0] not in callers

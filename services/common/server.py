@@ -64,6 +64,25 @@ def exit_with_parent() -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
+class ComputeThread:
+    """One thread for a process's model work. gRPC runs each call on whichever pool thread is
+    free, and torch work on a second thread starts a second OpenMP team: with more OpenMP threads
+    than cores libgomp stops spin-waiting, and every op gets slower. :meth:`run` hands the work
+    to this thread and waits for it (called on the thread itself, it just runs it)."""
+
+    def __init__(self, name: str):
+        self._thread: threading.Thread | None = None
+        self._pool = futures.ThreadPoolExecutor(1, thread_name_prefix=name, initializer=self._started)
+
+    def _started(self) -> None:
+        self._thread = threading.current_thread()
+
+    def run(self, fn: Callable, *args, **kwargs):
+        if threading.current_thread() is self._thread:
+            return fn(*args, **kwargs)
+        return self._pool.submit(fn, *args, **kwargs).result()
+
+
 def configure_torch(args) -> None:
     """--threads and --deterministic, before any model is built (every process of a service)."""
     if args.threads:

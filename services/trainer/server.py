@@ -24,7 +24,7 @@ from haoping.v1 import haoping_pb2_grpc as pb_grpc
 from services.common import metrics
 from services.common.config import add_common_server_flags, add_dataclass_flags, add_flag, dataclass_flag_values
 from services.common.security import check_security_flags
-from services.common.server import Draining, configure_torch, exit_with_parent, serve
+from services.common.server import ComputeThread, Draining, configure_torch, exit_with_parent, serve
 from services.trainer.weight_group import TrainerWeightGroups, add_weight_group_flags
 
 log = get_logger(__name__)
@@ -33,8 +33,11 @@ STEP_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 class TrainerService(pb_grpc.TrainerServicer):
-    def __init__(self, trainer: PPOTrainer, args, draining: Draining, calls: LeaderCalls | None = None):
+    def __init__(self, trainer: PPOTrainer, args, draining: Draining, calls: LeaderCalls | None = None,
+                 compute: ComputeThread | None = None):
         self.trainer = trainer
+        # every model op on one thread (the one that built the trainer), whichever thread took the call
+        self.compute = compute or ComputeThread("trainer-compute")
         # what changes the trainer: the trainer itself, or, with several processes, rank 0's
         # calls that every other process takes part in
         self.calls = calls or trainer
@@ -49,7 +52,7 @@ class TrainerService(pb_grpc.TrainerServicer):
                                  max_abs_reward=args.max_abs_reward, vocab_size=config.vocab_size,
                                  max_context=model_context(config))
         metrics.POLICY_VERSION.labels("trainer").set(trainer.version)
-        self.weight_groups = TrainerWeightGroups(trainer, self._lock, args)
+        self.weight_groups = TrainerWeightGroups(trainer, self._lock, args, self.compute)
 
     def Step(self, request, context):
         if self.draining:
@@ -81,7 +84,7 @@ class TrainerService(pb_grpc.TrainerServicer):
 
     def _apply(self, step_id, queries, responses, rewards, context, *step_args):
         try:
-            return self.calls.apply_step(step_id, queries, responses, rewards, *step_args)
+            return self.compute.run(self.calls.apply_step, step_id, queries, responses, rewards, *step_args)
         except StaleRolloutsError as err:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
         except ValueError as err:
@@ -95,8 +98,8 @@ class TrainerService(pb_grpc.TrainerServicer):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"non-finite update: {err}")
 
     def _save(self, label: str, coordinator_state: bytes):
-        path = self.calls.save_checkpoint(self.checkpoints.path_of(label),
-                                            {"coordinator_state.json": coordinator_state} if coordinator_state else None)
+        path = self.compute.run(self.calls.save_checkpoint, self.checkpoints.path_of(label),
+                                {"coordinator_state.json": coordinator_state} if coordinator_state else None)
         metrics.CHECKPOINTS_SAVED.inc()
         removed = self.checkpoints.prune()
         log.info("checkpoint %s saved (policy version %d)%s", path, self.trainer.version,
@@ -105,7 +108,7 @@ class TrainerService(pb_grpc.TrainerServicer):
 
     def GetWeights(self, request, context):
         with self._lock:
-            version, data, sha = self.trainer.policy_weights()
+            version, data, sha = self.compute.run(self.trainer.policy_weights)
         if request.version and request.version != version:
             context.abort(grpc.StatusCode.NOT_FOUND,
                           f"policy version {request.version} is not available; the trainer holds {version}")
@@ -318,16 +321,21 @@ def main(argv: list[str] | None = None) -> int:
                 resume = CheckpointStore(args.checkpoint_dir, args.keep_checkpoints).newest_good()
             if parallel is not None:
                 resume = parallel.broadcast_json(str(resume) if resume else "")
-        if resume:
+        compute = ComputeThread("trainer-compute")
+
+        def build() -> PPOTrainer:
+            if not resume:
+                return PPOTrainer(args.model, config, device, dtype, parallel=parallel, fsdp=args.fsdp)
             try:
-                trainer = PPOTrainer.from_checkpoint(resume, device, dtype, config if options else None, parallel,
+                resumed = PPOTrainer.from_checkpoint(resume, device, dtype, config if options else None, parallel,
                                                      fsdp=args.fsdp)
             except (CheckpointError, FileNotFoundError) as err:
                 raise SystemExit(f"--resume: {err}")
-            log.info("resumed from %s at policy version %d (%d steps applied)", resume, trainer.version,
-                     trainer.steps_done)
-        else:
-            trainer = PPOTrainer(args.model, config, device, dtype, parallel=parallel, fsdp=args.fsdp)
+            log.info("resumed from %s at policy version %d (%d steps applied)", resume, resumed.version,
+                     resumed.steps_done)
+            return resumed
+
+        trainer = compute.run(build)  # built where every later model op runs
         if parallel is not None and not parallel.is_leader:
             log.info("trainer rank %d of %d: following rank 0", parallel.rank, parallel.world)
             # torchrun hands SIGTERM to every process; rank 0 drains (its Step needs this one) and
@@ -335,18 +343,18 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             exit_with_parent()
-            follow_leader(trainer, parallel)
+            compute.run(follow_leader, trainer, parallel)
             return 0
         calls = LeaderCalls(trainer, parallel) if parallel is not None else None
         draining = Draining()
-        service = TrainerService(trainer, args, draining, calls)
+        service = TrainerService(trainer, args, draining, calls, compute)
         try:
             return serve("Trainer", args, lambda server: pb_grpc.add_TrainerServicer_to_server(service, server),
-                         lambda: trainer.policy_weights(), draining)
+                         lambda: compute.run(trainer.policy_weights), draining)
         finally:
             if calls is not None:
                 try:
-                    calls.stop()
+                    compute.run(calls.stop)
                 except ProcessGroupFailed as err:  # the others are gone already
                     log.warning("trainer processes: %s", err)
     finally:

@@ -53,10 +53,11 @@ def add_weight_group_flags(parser: argparse.ArgumentParser) -> None:
 
 
 class TrainerWeightGroups:
-    """OpenWeightGroup, JoinWeightGroup, BroadcastWeights for a TrainerService (its lock and trainer)."""
+    """OpenWeightGroup, JoinWeightGroup, BroadcastWeights for a TrainerService (its lock, trainer and
+    compute thread)."""
 
-    def __init__(self, trainer, lock: threading.Lock, args):
-        self.trainer, self._lock = trainer, lock
+    def __init__(self, trainer, lock: threading.Lock, args, compute):
+        self.trainer, self._lock, self.compute = trainer, lock, compute
         address = args.weight_group_address or args.host
         self.address = "" if address in WILDCARDS else address
         self.host = WeightGroupHost(self.address, args.weight_group_port, args.weight_group_timeout,
@@ -113,8 +114,8 @@ class TrainerWeightGroups:
                     self.host.cancel(request.group_id, version, problem)  # the members stop waiting
                     context.abort(grpc.StatusCode.NOT_FOUND, problem)
                 # the parameters where they are (on the GPU for NCCL), not policy_state's host copies
-                tensors = self.trainer.policy_tensors()
-                report = self.host.broadcast(request.group_id, version, tensors)
+                report = self.compute.run(lambda: self.host.broadcast(request.group_id, version,
+                                                                      self.trainer.policy_tensors()))
             except LookupError as err:
                 context.abort(grpc.StatusCode.NOT_FOUND, f"group_id: {err}")
             except BroadcastFailed as err:
