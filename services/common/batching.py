@@ -94,9 +94,8 @@ class _QueuedBatcher:
 
     def run_when_idle(self, fn: Callable[[], Any]) -> Any:
         """``fn()`` on the batcher's thread between batches, once the running one has finished (no
-        request joins it meanwhile); its result, or its exception raised here. All model work of a process on
-        one thread: torch on a second thread starts a second OpenMP team, and with more OpenMP
-        threads than cores libgomp stops spin-waiting, which slows every later decode step."""
+        request joins it meanwhile); its result, or its exception raised here. So all model work of
+        a process runs on one thread (why: :class:`services.common.server.ComputeThread`)."""
         task = _Task(fn)
         with self._cond:
             if self._closing:
