@@ -52,6 +52,7 @@ from bench.reference import ReferencePipeline
 from haoping.bootstrap import ensure_starter_models
 from haoping.client import GeneratorClient, GeneratorReplicas, ScorerClient, TrainerClient
 from haoping.log import setup_logging
+from haoping.models import use_deterministic_kernels
 from services.coordinator.run import Coordinator, add_run_flags, split_services, start_services, stop_services
 
 RESULTS = Path("bench/results.json")
@@ -373,6 +374,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     setup_logging(os.environ.get("HAOPING_LOG_LEVEL", "WARNING"))
     torch.manual_seed(SEED)
+    # the kernels every service runs (--deterministic): both sides of services-vs-in-process run the
+    # same ones, and the in-process cycles equal the services' bit for bit
+    use_deterministic_kernels()
     ensure_starter_models()
     if options.only:
         return measure_only(options.only)
@@ -409,9 +413,9 @@ def main(argv: list[str] | None = None) -> int:
     same = [s["examples"] == i["examples"] and abs(s["reward_mean"] - i["reward_mean"]) < 1e-6
             for s, i in zip(cycles["services"], cycles["in_process"])]
     checks = {
-        # Same starter weights and seeds: the first rollout must match exactly. After updates the
-        # trainer's float rounding differs at ~1e-8 between processes (two fresh trainers in one
-        # process differ too), so later cycles may drift apart; how long they agree is reported.
+        # Same starter weights, seeds and deterministic kernels: every cycle should match exactly
+        # (without deterministic kernels they drifted apart after a few updates, at ~1e-8); how
+        # many cycles agree from the first is reported.
         "services_and_in_process_same_first_rollout": same[0],
         "services_and_in_process_same_cycles": same.index(False) if False in same else len(same),
         "replicas_same_samples": replicas_same_samples,
