@@ -9,8 +9,12 @@ from safetensors.torch import save
 
 from haoping.errors import Cancelled
 from haoping.generation import PolicyGenerator, SampleSpec, SamplingParams, sample_seed
+from haoping.ppo_config import PPOConfig
+from haoping.ppo_trainer import PPOTrainer
+from haoping.v1 import haoping_pb2 as pb
 from services.common.batching import ContinuousBatcher, DynamicBatcher, ShuttingDown
 from services.common.server import ComputeThread, Draining
+from services.trainer.server import TrainerService, build_parser
 
 PROMPTS = ["刚收到货，感觉", "这部电影很", "说实话，真的很", "这次购物总的来说体验很"]
 
@@ -239,8 +243,8 @@ def test_a_request_rejected_on_its_way_releases_the_wait():
 
 def test_a_compute_thread_runs_all_work_on_one_thread_and_raises_its_errors():
     compute = ComputeThread("test-compute")
-    callers = [threading.Thread(target=lambda: seen.append(compute.run(threading.current_thread))) for _ in range(3)]
     seen: list = []
+    callers = [threading.Thread(target=lambda: seen.append(compute.run(threading.current_thread))) for _ in range(3)]
     for caller in callers:
         caller.start()
     for caller in callers:
@@ -253,11 +257,6 @@ def test_a_compute_thread_runs_all_work_on_one_thread_and_raises_its_errors():
 
 def test_the_trainer_service_runs_steps_and_weight_reads_on_its_compute_thread(tiny_policy):
     """Steps arrive on whichever gRPC thread is free; the model work must not follow them."""
-    from haoping.ppo_config import PPOConfig
-    from haoping.ppo_trainer import PPOTrainer
-    from haoping.v1 import haoping_pb2 as pb
-    from services.trainer.server import TrainerService, build_parser
-
     compute = ComputeThread("test-trainer-compute")
     trainer = compute.run(PPOTrainer, str(tiny_policy), PPOConfig(minibatch_size=2, ppo_epochs=1))
     threads: list = []
