@@ -125,13 +125,19 @@ def test_max_batch_size_is_respected(slow_gen):
     assert len(big["value"][0]) == 9
 
 
-def test_weight_load_waits_for_the_running_batch_and_joins_wait_for_the_load(slow_gen):
-    gen = slow_gen
-    batcher = ContinuousBatcher("test-load", gen.open_batch, max_batch_size=64, max_wait_seconds=0)
+def _load_case(gen):
+    """A long request, a short one to arrive later, the long one's samples alone, and new weights."""
     old_specs, new_specs = _specs(gen, 2, seed=7, max_new_tokens=30), _specs(gen, 2, seed=8, max_new_tokens=8)
     expected_old = [s.response_ids for s in gen.generate(old_specs)[0]]
     torch.manual_seed(0)
     weights = save({name: p.detach() + 0.5 * torch.randn_like(p) for name, p in gen.model.named_parameters()})
+    return old_specs, new_specs, expected_old, weights
+
+
+def test_weight_load_waits_for_the_running_batch_and_joins_wait_for_the_load(slow_gen):
+    gen = slow_gen
+    batcher = ContinuousBatcher("test-load", gen.open_batch, max_batch_size=64, max_wait_seconds=0)
+    old_specs, new_specs, expected_old, weights = _load_case(gen)
 
     steps = _Steps()
     running = _submit(batcher, old_specs, on_step=steps)
@@ -158,10 +164,7 @@ def test_work_run_when_idle_runs_on_the_batcher_thread_between_batches(slow_gen)
     work), after the running batch finished, before a request that arrived after it."""
     gen = slow_gen
     batcher = ContinuousBatcher("test-idle", gen.open_batch, max_batch_size=64, max_wait_seconds=0)
-    old_specs, new_specs = _specs(gen, 2, seed=7, max_new_tokens=30), _specs(gen, 2, seed=8, max_new_tokens=8)
-    expected_old = [s.response_ids for s in gen.generate(old_specs)[0]]
-    torch.manual_seed(0)
-    weights = save({name: p.detach() + 0.5 * torch.randn_like(p) for name, p in gen.model.named_parameters()})
+    old_specs, new_specs, expected_old, weights = _load_case(gen)
     seen: dict = {}
 
     def load():
