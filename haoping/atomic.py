@@ -33,8 +33,10 @@ def fsync_file(path: str | Path) -> None:
         os.fsync(f.fileno())
 
 
-def atomic_write_bytes(path: str | Path, data: bytes, mode: int | None = None) -> Path:
-    """Write ``data`` to ``path`` atomically; ``mode`` (e.g. 0o600) is set before any byte lands."""
+def atomic_write_bytes(path: str | Path, data: bytes, mode: int | None = None, durable: bool = True) -> Path:
+    """Write ``data`` to ``path`` atomically; ``mode`` (e.g. 0o600) is set before any byte lands.
+    ``durable=False`` skips the fsyncs: readers still see the old file or the new one whole, but a
+    power loss may lose it (for files that are handed over, not kept)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
@@ -43,12 +45,14 @@ def atomic_write_bytes(path: str | Path, data: bytes, mode: int | None = None) -
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
     return path
 
 

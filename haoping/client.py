@@ -311,7 +311,8 @@ class GeneratorReplicas(_Replicas):
         loaded = min(r.policy_version for r in replies)
         self._synced = (trainer_address, loaded)
         return pb.LoadWeightsResponse(policy_version=loaded, bytes=sum(r.bytes for r in replies),
-                                      seconds=time.perf_counter() - started)
+                                      seconds=time.perf_counter() - started,
+                                      transport=",".join(sorted({r.transport for r in replies})))
 
 
     def mark_synced(self, trainer_address: str, version: int) -> None:

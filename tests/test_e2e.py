@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from haoping.client import GeneratorClient, GeneratorReplicas, ScorerClient, TrainerClient
+from haoping.v1 import haoping_pb2 as pb
 from services.coordinator.run import DEFAULT_PROMPTS, Coordinator, start_service, stop_services
 
 pytestmark = pytest.mark.slow
@@ -29,16 +30,21 @@ def stack(tiny_policy, tiny_classifier, tmp_path_factory):
     (run_dir / "logs").mkdir()
     services = []
     try:
+        # generator 1 shares the trainer's weight folder; generator 2 names one the trainer does not write
         services.append(start_service("trainer", ["--model", str(tiny_policy), "--ppo-config", FAST_PPO,
-                                                  "--device", "cpu", "--checkpoint-dir", str(run_dir / "checkpoints")],
+                                                  "--device", "cpu", "--checkpoint-dir", str(run_dir / "checkpoints"),
+                                                  "--local-weights-dir", str(run_dir / "weight-files")],
                                       run_dir, timeout=120))
         services.append(start_service("generator", ["--model", str(tiny_policy), "--device", "cpu",
-                                                    "--trainer-address", services[0].address], run_dir, timeout=120))
+                                                    "--trainer-address", services[0].address,
+                                                    "--local-weights-dir", str(run_dir / "weight-files")],
+                                      run_dir, timeout=120))
         services.append(start_service("scorer", ["--model", str(tiny_classifier), "--device", "cpu"], run_dir,
                                       timeout=120))
         services.append(start_service("generator", ["--model", str(tiny_policy), "--device", "cpu",
-                                                    "--trainer-address", services[0].address], run_dir, timeout=120,
-                                      label="generator-2"))
+                                                    "--trainer-address", services[0].address,
+                                                    "--local-weights-dir", str(run_dir / "not-shared")], run_dir,
+                                      timeout=120, label="generator-2"))
         yield SimpleNamespace(trainer=services[0], generator=services[1], scorer=services[2],
                               generator_2=services[3], run_dir=run_dir)
     finally:
@@ -137,6 +143,32 @@ def test_generator_replicas_split_rollouts_and_all_load_new_weights(stack, tmp_p
         # each rollout came from replicas that all held the previous update
         assert [r["rollout_policy_version"] for r in records] == [start_version, start_version + 1]
         assert [client.info().policy_version for client in replicas.clients] == [start_version + 2] * 2
+
+
+def test_a_generator_sharing_the_trainers_folder_reads_the_weight_file_and_one_that_cannot_streams(stack):
+    token = dict(token_file=stack.trainer.token_file)
+    request = dict(n=2, max_new_tokens=6, min_new_tokens=6, seed=11)
+    with GeneratorClient(stack.generator.address, **token) as sharing, \
+            GeneratorClient(stack.generator_2.address, **token) as streaming, \
+            TrainerClient(stack.trainer.address, **token) as trainer:
+        before = sharing.generate(DEFAULT_PROMPTS[:1], **request)
+        rollouts = [pb.Rollout(query_token_ids=s.prompt_token_ids, response_token_ids=s.response_token_ids,
+                               reward=float(i % 2)) for i, s in enumerate(before.samples)]
+        version = trainer.step(rollouts).policy_version
+        by_file, by_stream = sharing.load_weights(), streaming.load_weights()
+        assert (by_file.transport, by_stream.transport) == ("file", "stream")
+        assert by_file.policy_version == by_stream.policy_version == version
+        assert by_file.bytes == by_stream.bytes > 0 and set(by_file.phase_seconds) == {"fetch", "load"}
+        weights = b"".join(c.data for c in trainer.stub.GetWeights(pb.GetWeightsRequest(), timeout=60))
+        written = list((stack.run_dir / "weight-files").glob(f"policy-v{version}-*.safetensors"))
+        assert len(written) == 1 and written[0].read_bytes() == weights
+        assert not (stack.run_dir / "not-shared").exists()
+        # both now serve the trainer's new weights: the same samples, and not the old ones
+        after = sharing.generate(DEFAULT_PROMPTS[:1], **request)
+        assert [s.response_token_ids for s in after.samples] == \
+            [s.response_token_ids for s in streaming.generate(DEFAULT_PROMPTS[:1], **request).samples]
+        assert {s.policy_version for s in after.samples} == {version}
+    assert "come by stream, not through --local-weights-dir" in stack.generator_2.log_path.read_text()
 
 
 def test_haoping_run_rejects_bad_flags_before_starting_anything(tmp_path):

@@ -98,7 +98,7 @@ class LoadWeightsRequest(_message.Message):
     def __init__(self, trainer_address: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class LoadWeightsResponse(_message.Message):
-    __slots__ = ("policy_version", "bytes", "seconds", "phase_seconds")
+    __slots__ = ("policy_version", "bytes", "seconds", "phase_seconds", "transport")
     class PhaseSecondsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -110,11 +110,13 @@ class LoadWeightsResponse(_message.Message):
     BYTES_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     PHASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     policy_version: int
     bytes: int
     seconds: float
     phase_seconds: _containers.ScalarMap[str, float]
-    def __init__(self, policy_version: _Optional[int] = ..., bytes: _Optional[int] = ..., seconds: _Optional[float] = ..., phase_seconds: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    transport: str
+    def __init__(self, policy_version: _Optional[int] = ..., bytes: _Optional[int] = ..., seconds: _Optional[float] = ..., phase_seconds: _Optional[_Mapping[str, float]] = ..., transport: _Optional[str] = ...) -> None: ...
 
 class GeneratorJoinWeightGroupRequest(_message.Message):
     __slots__ = ("group_id", "trainer_address")
@@ -200,10 +202,12 @@ class StepResponse(_message.Message):
     def __init__(self, policy_version: _Optional[int] = ..., stats: _Optional[_Mapping[str, float]] = ..., repeated: _Optional[bool] = ...) -> None: ...
 
 class GetWeightsRequest(_message.Message):
-    __slots__ = ("version",)
+    __slots__ = ("version", "as_local_file")
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    AS_LOCAL_FILE_FIELD_NUMBER: _ClassVar[int]
     version: int
-    def __init__(self, version: _Optional[int] = ...) -> None: ...
+    as_local_file: bool
+    def __init__(self, version: _Optional[int] = ..., as_local_file: _Optional[bool] = ...) -> None: ...
 
 class WeightsChunk(_message.Message):
     __slots__ = ("policy_version", "offset", "total_bytes", "data", "sha256")

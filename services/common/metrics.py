@@ -27,7 +27,8 @@ POLICY_VERSION = Gauge("haoping_policy_version", "Policy version this service ho
 GENERATE_BATCH_SIZE = Histogram("haoping_batch_size", "Items per model batch (generator: rows in the running batch "
                                 "at every decode step)", ["service"],
                                 buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
-WEIGHT_BYTES = Counter("haoping_weight_transfer_bytes", "Policy weight bytes sent or received", ["direction"])
+WEIGHT_BYTES = Counter("haoping_weight_transfer_bytes", "Policy weight bytes sent or received over gRPC, or "
+                       "filed (written into --local-weights-dir for a co-located generator) and read from there", ["direction"])
 WEIGHT_BROADCASTS = Counter("haoping_weight_broadcasts", "Weight broadcasts this service took part in (trainer: "
                             "sent; generator: received), by outcome: ok, refused (a receiver's checks refused "
                             "the weights; the old ones keep serving) or failed (a member died or timed out)",

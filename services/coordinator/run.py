@@ -573,6 +573,9 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--weight-sync", "pull", choices=("pull", "broadcast"),
              help="how generators get each new policy: pull (LoadWeights, the safetensors file over gRPC) or "
                   "broadcast (a torch.distributed group of the trainer and the generators; the pull on failure)")
+    add_flag(parser, "--local-weight-files", True, bool,
+             "the pull hands the weights over as a file in <run>/weight-files (the services this run starts share "
+             "the machine); --no-local-weight-files streams them over gRPC")
     add_flag(parser, "--generator-replicas", 1, int,
              "generator processes; each rollout's samples are split across them and run concurrently")
     add_flag(parser, "--device", "auto", help="torch device for all services")
@@ -604,7 +607,7 @@ PPO_OPTION_NAMES = [f.name for f in fields(PPOConfig) if f.name not in RUN_SET_O
 
 # flags that configure the services a run starts; running services were configured by their own flags
 SERVICE_FLAGS = ("policy", "scorer_backend", "scorer_model", "scorer_normalize", "ppo_config", "resume",
-                 "generator_replicas", "device", "dtype")
+                 "generator_replicas", "device", "dtype", "local_weight_files")
 
 
 def human_in_terminal(args) -> bool:
@@ -888,7 +891,9 @@ def start_services(args, run_dir: Path, services: list[ServiceProcess], token_fi
     ``token_file``. The trainer starts from ``resume_from`` (the run's own checkpoint), else from
     ``--resume``, else fresh."""
     common = ["--device", args.device, "--dtype", args.dtype]
-    trainer_args = ["--model", args.policy, "--ppo-config", json.dumps(trainer_ppo_config(args)),
+    # the trainer and its generators run on this machine: weights go through a shared folder
+    files = ["--local-weights-dir", str(run_dir / "weight-files")] if getattr(args, "local_weight_files", True) else []
+    trainer_args = ["--model", args.policy, "--ppo-config", json.dumps(trainer_ppo_config(args)), *files,
                     "--checkpoint-dir", str(run_dir / "checkpoints"),
                     "--keep-checkpoints", str(getattr(args, "keep_checkpoints", 3)), *common]
     if getattr(args, "trainer_nproc", 1) > 1:
@@ -911,7 +916,7 @@ def start_services(args, run_dir: Path, services: list[ServiceProcess], token_fi
     try:
         # replicas keep torch's default threads: the same thread count gives bit-identical samples,
         # so a rollout does not depend on how many replicas share it
-        generator_args = ["--model", args.policy, *common, "--trainer-address", trainer_address]
+        generator_args = ["--model", args.policy, *common, "--trainer-address", trainer_address, *files]
         for replica in range(args.generator_replicas):
             label = "generator" if replica == 0 else f"generator-{replica + 1}"
             services.append(launch_service("generator", generator_args, run_dir, label=label, token_file=token_file))

@@ -19,6 +19,7 @@ from haoping.log import get_logger, setup_logging
 from haoping.models import parse_dtype, pick_device
 from haoping.v1 import haoping_pb2 as pb
 from haoping.v1 import haoping_pb2_grpc as pb_grpc
+from haoping.weight_files import read_weight_file
 from services.common import metrics
 from services.common.batching import ContinuousBatcher, QueueFull, ShuttingDown
 from services.common.config import add_batching_flags, add_common_server_flags, add_flag
@@ -50,6 +51,8 @@ class GeneratorService(pb_grpc.GeneratorServicer):
         # header and slack; a larger announcement is refused before its buffer is allocated
         self.max_weights_bytes = 2 * 4 * sum(p.numel() for p in self.generator.model.parameters()) + (1 << 20)
         self._peer_token = read_token_file(args.auth_token_file) if args.auth_token_file else None
+        self.local_weights_dir = args.local_weights_dir
+        self._streaming_trainers: set[str] = set()  # trainers whose weight files this one could not use
         self._peer_tls = client_tls(args)
         self._trainer_channels: dict[str, grpc.Channel] = {}
         self._channels_lock = threading.Lock()
@@ -199,16 +202,20 @@ class GeneratorService(pb_grpc.GeneratorServicer):
             context.abort(grpc.StatusCode.UNAVAILABLE, "generator is draining")
         address = self._allowed_peer(request.trainer_address, context)
         started = time.perf_counter()
+        stub = pb_grpc.TrainerStub(self._trainer_channel(address))
         try:
-            stream = pb_grpc.TrainerStub(self._trainer_channel(address)).GetWeights(
-                pb.GetWeightsRequest(version=request.version), timeout=300)
-            data, version = assemble_weights(stream, context, self.max_weights_bytes)
+            fetched = self._fetch_weight_file(stub, address, request.version) if self.local_weights_dir else None
+            transport = "file" if fetched is not None else "stream"
+            data, version = fetched or assemble_weights(
+                stub.GetWeights(pb.GetWeightsRequest(version=request.version), timeout=300), context,
+                self.max_weights_bytes)
         except grpc.RpcError as err:
             code = err.code()
             if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
                 # the trainer refused this generator's token, not the caller's: say so
                 code = grpc.StatusCode.FAILED_PRECONDITION
             context.abort(code, f"fetching weights from {address}: {err.details()}")
+        fetch_seconds = time.perf_counter() - started
         try:
             self.batcher.run_when_idle(lambda: self.generator.load_weights(data, version))
         except ShuttingDown as err:
@@ -219,10 +226,36 @@ class GeneratorService(pb_grpc.GeneratorServicer):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
         seconds = time.perf_counter() - started
         metrics.WEIGHT_LOAD_DURATION.observe(seconds)
-        metrics.WEIGHT_BYTES.labels("received").inc(len(data))
+        metrics.WEIGHT_BYTES.labels("received" if transport == "stream" else "read").inc(len(data))
         metrics.POLICY_VERSION.labels("generator").set(self.generator.version)
-        log.info("loaded policy version %d (%.1f MB in %.2fs)", self.generator.version, len(data) / 1e6, seconds)
-        return pb.LoadWeightsResponse(policy_version=self.generator.version, bytes=len(data), seconds=seconds)
+        log.info("loaded policy version %d (%.1f MB by %s in %.3fs)", self.generator.version, len(data) / 1e6,
+                 transport, seconds)
+        return pb.LoadWeightsResponse(policy_version=self.generator.version, bytes=len(data), seconds=seconds,
+                                      transport=transport,
+                                      phase_seconds={"fetch": fetch_seconds, "load": seconds - fetch_seconds})
+
+    def _fetch_weight_file(self, stub, address: str, version: int) -> tuple[bytearray, int] | None:
+        """(the file, its version) read from --local-weights-dir after the trainer wrote it there;
+        None, to stream instead, when that trainer keeps no such folder or this one cannot read its
+        file (e.g. the folder is not in fact shared): logged once per trainer."""
+        try:
+            chunks = list(stub.GetWeights(pb.GetWeightsRequest(version=version, as_local_file=True), timeout=300))
+            if len(chunks) != 1 or chunks[0].data:
+                raise ValueError(f"the trainer answered as_local_file with {len(chunks)} chunks, not one without data")
+            chunk = chunks[0]
+            return read_weight_file(self.local_weights_dir, chunk.policy_version, chunk.sha256,
+                                    chunk.total_bytes, self.max_weights_bytes), chunk.policy_version
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                raise
+            problem = err.details()
+        except (OSError, ValueError) as err:
+            problem = str(err) or type(err).__name__
+        if address not in self._streaming_trainers:
+            self._streaming_trainers.add(address)
+            log.warning("weights from %s come by stream, not through --local-weights-dir %s: %s", address,
+                        self.local_weights_dir, problem)
+        return None
 
     def JoinWeightGroup(self, request, context):
         return self.weight_group.join(request, context)
@@ -270,6 +303,7 @@ class GeneratorService(pb_grpc.GeneratorServicer):
                     "max_message_bytes": self.max_message_bytes, "max_prompt_chars": self.max_prompt_chars,
                     "max_request_tokens": self.max_request_tokens, "max_queued_tokens": self.work.limit,
                     "max_weights_bytes": self.max_weights_bytes,
+                    "local_weight_files": int(bool(self.local_weights_dir)),
                     "max_broadcast_weight_bytes": self.weight_group.max_bytes})
 
 
@@ -336,6 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(parser, "--trainer-address", "",
              help="trainer host:port (a comma list for several) that LoadWeights pulls from, with this "
                   "service's own token and TLS settings; LoadWeights refuses any other address")
+    add_flag(parser, "--local-weights-dir", "",
+             help="folder shared with a co-located trainer started with the same --local-weights-dir: LoadWeights "
+                  "reads the policy file it writes there instead of streaming it (falls back to the stream)")
     add_flag(parser, "--default-max-new-tokens", 16, int, "max_new_tokens when a request leaves it unset")
     add_flag(parser, "--max-new-tokens-limit", 256, int, "largest max_new_tokens a request may ask for")
     add_flag(parser, "--max-samples-per-prompt", 64, int, "largest samples_per_prompt")

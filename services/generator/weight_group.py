@@ -119,7 +119,7 @@ class GeneratorWeightGroup:
         metrics.POLICY_VERSION.labels("generator").set(self.generator.version)
         log.info("received policy version %d by broadcast (%.1f MB in %.2fs)", version, nbytes / 1e6, seconds)
         return pb.LoadWeightsResponse(policy_version=self.generator.version, bytes=nbytes, seconds=seconds,
-                                      phase_seconds=group.last_phases)
+                                      phase_seconds=group.last_phases, transport="broadcast")
 
     def _refused(self, err: Exception) -> None:
         metrics.WEIGHT_BROADCASTS.labels("refused").inc()

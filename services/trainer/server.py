@@ -20,6 +20,7 @@ from haoping.log import get_logger, setup_logging
 from haoping.models import parse_dtype, pick_device
 from haoping.ppo_trainer import NonFiniteStep, PPOConfig, PPOTrainer, StaleRolloutsError
 from haoping.v1 import haoping_pb2 as pb
+from haoping.weight_files import publish_weight_file
 from haoping.v1 import haoping_pb2_grpc as pb_grpc
 from services.common import metrics
 from services.common.config import add_common_server_flags, add_dataclass_flags, add_flag, dataclass_flag_values
@@ -47,6 +48,8 @@ class TrainerService(pb_grpc.TrainerServicer):
         self.max_coordinator_state_bytes = args.max_coordinator_state_bytes
         self.device, self.dtype = args.device, args.dtype
         self._lock = threading.Lock()  # one update at a time; weights are read between updates
+        self.local_weights_dir = args.local_weights_dir
+        self._files_lock = threading.Lock()
         config = trainer.model.lm.config
         self.limits = StepLimits(max_rollouts=args.max_rollouts, max_step_tokens=args.max_step_tokens,
                                  max_abs_reward=args.max_abs_reward, vocab_size=config.vocab_size,
@@ -107,11 +110,23 @@ class TrainerService(pb_grpc.TrainerServicer):
         return path
 
     def GetWeights(self, request, context):
+        if request.as_local_file and not self.local_weights_dir:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          "as_local_file: the trainer was started without --local-weights-dir")
         with self._lock:
             version, data, sha = self.compute.run(self.trainer.policy_weights)
         if request.version and request.version != version:
             context.abort(grpc.StatusCode.NOT_FOUND,
                           f"policy version {request.version} is not available; the trainer holds {version}")
+        if request.as_local_file:
+            try:
+                with self._files_lock:  # one writer per version, however many generators ask at once
+                    publish_weight_file(self.local_weights_dir, version, data, sha)
+            except OSError as err:
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"cannot write the weight file: {err}")
+            metrics.WEIGHT_BYTES.labels("filed").inc(len(data))
+            yield pb.WeightsChunk(policy_version=version, total_bytes=len(data), sha256=sha)
+            return
         metrics.WEIGHT_BYTES.labels("sent").inc(len(data))
         for offset in range(0, max(1, len(data)), CHUNK_BYTES):
             yield pb.WeightsChunk(policy_version=version, offset=offset, total_bytes=len(data),
@@ -164,6 +179,7 @@ class TrainerService(pb_grpc.TrainerServicer):
                                       "max_coordinator_state_bytes": self.max_coordinator_state_bytes,
                                       "trainer_processes": t.parallel.world if t.parallel else 1,
                                       "trainer_fsdp": int(t.fsdp),
+                                      "local_weight_files": int(bool(self.local_weights_dir)),
                                       **self.weight_groups.limits})
 
 
@@ -250,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(parser, "--checkpoint-dir", "", help="the only folder SaveCheckpoint and periodic checkpoints write in")
     add_flag(parser, "--checkpoint-every", 0, int, "checkpoint every N steps (0: only on request)")
     add_flag(parser, "--keep-checkpoints", 3, int, "newest verified checkpoints kept in --checkpoint-dir")
+    add_flag(parser, "--local-weights-dir", "",
+             help="folder shared with co-located generators: GetWeights(as_local_file) writes the policy there "
+                  "once per version (the newest 2 kept) instead of streaming it (docs/weight_sync.md)")
     add_flag(parser, "--max-coordinator-state-bytes", 1 << 20, int, "largest SaveCheckpoint coordinator_state")
     add_flag(parser, "--max-rollouts", 2048, int, "most rollouts in one Step (RESOURCE_EXHAUSTED beyond)")
     add_flag(parser, "--max-step-tokens", 262144, int,
