@@ -9,9 +9,14 @@ coordinator's defaults (4 prompts x 16 samples, 16 new tokens, at least 8).
 
 Measured, against freshly started services (one generator):
   rollout_speedup     rollout samples/s in the services' cycles vs one HF generate per sample
+  rollout_speedup_bf16_generator
+                      the same rollout request to a generator serving in bfloat16 (the trainer stays
+                      float32: `haoping run --generator-dtype bfloat16`); only on a CPU with bfloat16
+                      instructions (avx512_bf16 or amx_bf16) or a GPU
   dynamic_batching    32 concurrent 1-prompt clients vs the same 32 serially, 16 new tokens each
   cycle seconds       by phase (rollout, score, update, weight sync), median of the timed cycles
-  weight_sync         trainer -> generator over gRPC (GB/s) vs a raw safetensors save + load
+  weight_sync         trainer -> generator pull (GB/s), by the shared folder as `haoping run` makes it,
+                      vs a raw safetensors save + load
   peak_rss/<service>  VmHWM of each service process, and their sum (target: within 8 GB)
   model arithmetic    share of the rollout inside model forward calls, in-process vs one by one
 At this size on a CPU the update is compute-bound on both sides, so it is timed, not compared.
@@ -38,7 +43,9 @@ from bench.serving import (WORK, Figure, cycle_summary, fmt, load_recorded, mach
 from haoping.bootstrap import ensure_starter_models
 from haoping.generation import PolicyGenerator
 from haoping.log import setup_logging
-from haoping.models import load_causal_lm, load_tokenizer
+from haoping.client import GeneratorClient
+from haoping.models import load_causal_lm, load_tokenizer, pick_device
+from services.coordinator.run import start_service, stop_services
 
 RESULTS = Path("bench/results_real_size.json")
 POLICY_DIR = WORK / "real-size-policy"
@@ -73,6 +80,35 @@ def build_real_size_policy(directory: Path | None = None, seed: int = 0) -> Path
     torch.manual_seed(seed)
     GPT2LMHeadModel(config).save_pretrained(directory)
     return directory
+
+
+def bfloat16_rollout_seconds(args: argparse.Namespace, trainer_address: str, rounds: int) -> float | None:
+    """A cycle's rollout request (the coordinator's) to a generator started with ``--dtype bfloat16``
+    beside the float32 trainer (`haoping run --generator-dtype bfloat16`), after it pulled the
+    trainer's weights: best of ``rounds`` seconds. None on a CPU without bfloat16 instructions,
+    where it would be slower than float32."""
+    flags = set(machine_info()["cpu_flags"])
+    if pick_device(args.device).type == "cpu" and not {"avx512_bf16", "amx_bf16"} & flags:
+        return None
+    run_dir = WORK / "bf16-generator"
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    service = start_service("generator", ["--model", args.policy, "--device", args.device, "--dtype", "bfloat16",
+                                          "--trainer-address", trainer_address], run_dir,
+                            token_file=WORK / "auth-token")
+    try:
+        with GeneratorClient(service.address, token_file=WORK / "auth-token", timeout=600) as generator:
+            generator.load_weights()
+            request = dict(n=args.samples_per_prompt, max_new_tokens=args.max_new_tokens, temperature=1.0, top_k=0,
+                           top_p=1.0, min_new_tokens=args.min_new_tokens)
+            generator.generate(args.prompts, seed=0, **request)  # warm-up
+            best = float("inf")
+            for index in range(rounds):
+                start = time.perf_counter()
+                generator.generate(args.prompts, seed=1 + index, **request)
+                best = min(best, time.perf_counter() - start)
+            return best
+    finally:
+        stop_services([service])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,6 +158,12 @@ def main(argv: list[str] | None = None) -> int:
         in_process.generate(rollout_specs(in_process, args, 1, args.samples_per_prompt))
         in_process_breakdown = phase_breakdown(time.perf_counter() - start, clock.read())
         del in_process, lm
+        print("bfloat16 generator rollout ...", flush=True)
+        with load_recorded(figures):
+            bf16 = bfloat16_rollout_seconds(args, stack.trainer_address, rounds=options.rounds)
+        if bf16 is not None:
+            figures["rollout_speedup_bf16_generator"] = Figure(samples / bf16, samples / reference_seconds,
+                                                               "samples/s", 15)
         print("dynamic batching, weight sync ...", flush=True)
         with load_recorded(figures):
             figures.update(measure_dynamic_batching(stack, rounds=options.rounds, with_eos=False))

@@ -14,7 +14,7 @@ import secrets
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 COMPLETE_MARKER = ".haoping-complete"  # written last into a staged directory
 
@@ -33,20 +33,18 @@ def fsync_file(path: str | Path) -> None:
         os.fsync(f.fileno())
 
 
-def atomic_write_bytes(path: str | Path, data: bytes, mode: int | None = None, durable: bool = True) -> Path:
-    """Write ``data`` to ``path`` atomically; ``mode`` (e.g. 0o600) is set before any byte lands.
-    ``durable=False`` skips the fsyncs: readers still see the old file or the new one whole, but a
-    power loss may lose it (for files that are handed over, not kept)."""
+def atomic_write_file(path: str | Path, write: Callable[[Path], None], mode: int | None = None,
+                      durable: bool = True) -> Path:
+    """Have ``write(temp_path)`` fill a new file, then rename it over ``path``; ``mode`` (e.g. 0o600)
+    is set before any byte lands. ``durable=False`` skips the fsyncs: readers still see the old file
+    or the new one whole, but a power loss may lose it (for files that are handed over, not kept)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
-    fd = os.open(tmp, flags, 0o666 if mode is None else mode)
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 if mode is None else mode))
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            if durable:
-                os.fsync(f.fileno())
+        write(tmp)
+        if durable:
+            fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -54,6 +52,11 @@ def atomic_write_bytes(path: str | Path, data: bytes, mode: int | None = None, d
     if durable:
         fsync_dir(path.parent)
     return path
+
+
+def atomic_write_bytes(path: str | Path, data: bytes, mode: int | None = None) -> Path:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_write_file`)."""
+    return atomic_write_file(path, lambda tmp: tmp.write_bytes(data), mode)
 
 
 def atomic_write_text(path: str | Path, text: str, mode: int | None = None) -> Path:

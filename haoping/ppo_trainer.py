@@ -575,6 +575,11 @@ class PPOTrainer:
             self._weights_cache = (self.version, data, hashlib.sha256(data).hexdigest())
         return self._weights_cache
 
+    def write_policy_file(self, path: str | Path) -> None:
+        """The policy as a safetensors file at ``path``: the bytes :meth:`policy_weights` holds,
+        written straight to the file (no copy in memory, no hash)."""
+        save_file(self.policy_state(), str(path), metadata={"policy_version": str(self.version)})
+
     def save_checkpoint(self, directory: str | Path, extra_files: dict[str, bytes] | None = None) -> Path:
         """Everything needed to continue as if nothing happened: policy (save_pretrained), value
         head, optimizer, KL controller, normalizer, the torch, Python and numpy RNG states and the

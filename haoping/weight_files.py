@@ -1,59 +1,69 @@
 """Weights handed over as a file in a folder the trainer and a co-located generator share.
 
-The trainer writes its serialized policy (the safetensors bytes it would stream) once per
-version into ``--local-weights-dir``; a generator started with the same folder reads it from
-there instead of receiving it over gRPC. The file's name follows from the policy version and the
-sha256 the trainer announces, so nothing a caller sends names a path: both sides compute it.
+The trainer writes its policy as a safetensors file once per version into
+``--local-weights-dir``; a generator started with the same folder reads it from there instead
+of receiving it over gRPC. The name is ``policy-v<version>-<tag>.safetensors``: the tag is 16 hex
+digits the trainer draws when it starts, so a restarted trainer never reuses an old file's name.
+The trainer announces version, tag and size; the generator checks the tag's form and builds the
+path under its own folder flag, so nothing a caller sends names a path.
 
 The file becomes visible whole (temp name, rename) and is never rewritten, so a reader sees a
 complete file or none. It is not fsynced: it is a hand-over, not state; a crash loses nothing the
-trainer cannot write again. It is not hashed on read either: it never crossed a network, and a
-file of another content would carry another name. The generator still checks every tensor (shapes,
-dtypes, finite values) before serving it.
+trainer cannot write again. It is not hashed either: it never crossed a network. The generator
+still checks every tensor (shapes, dtypes, finite values) before serving it.
 """
 from __future__ import annotations
 
 import os
 import re
+import secrets
 from pathlib import Path
+from typing import Callable
 
-from haoping.atomic import atomic_write_bytes
+from haoping.atomic import atomic_write_file
 
 NAME = re.compile(r"policy-v(\d{1,20})-([0-9a-f]{16})\.safetensors")
+TAG = re.compile(r"[0-9a-f]{16}")
 KEEP = 2  # the newest versions kept: the current one, and the one a slow reader may still open
 
 
-def weight_file_name(version: int, sha256: str) -> str:
-    """The file of policy ``version`` whose bytes hash to ``sha256`` (hex)."""
-    if version < 0 or not re.fullmatch(r"[0-9a-f]{64}", sha256):
-        raise ValueError(f"no weight file name for version {version} and sha256 {sha256[:80]!r}")
-    return f"policy-v{version}-{sha256[:16]}.safetensors"
+def new_tag() -> str:
+    """A trainer's tag for the files it writes (see the module docstring)."""
+    return secrets.token_hex(8)
 
 
-def publish_weight_file(directory: str | Path, version: int, data: bytes, sha256: str, keep: int = KEEP) -> Path:
-    """Write ``data`` (policy ``version``, hashing to ``sha256``) into ``directory`` unless that
-    file is there already; drop all but the newest ``keep`` versions' files. → its path"""
+def weight_file_name(version: int, tag: str) -> str:
+    """The file of policy ``version`` written by the trainer whose tag is ``tag``."""
+    if version < 0 or not TAG.fullmatch(tag):
+        raise ValueError(f"no weight file name for version {version} and tag {tag[:80]!r}")
+    return f"policy-v{version}-{tag}.safetensors"
+
+
+def publish_weight_file(directory: str | Path, version: int, tag: str, write: Callable[[Path], None],
+                        keep: int = KEEP) -> Path:
+    """Have ``write(path)`` write policy ``version`` into ``directory`` unless its file is there
+    already; keep this tag's newest ``keep`` versions and drop every other weight file (those of
+    trainers that ran before: one live trainer per folder). → its path"""
     directory = Path(directory)
-    path = directory / weight_file_name(version, sha256)
+    path = directory / weight_file_name(version, tag)
     if not path.exists():
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        atomic_write_bytes(path, data, mode=0o600, durable=False)
-    files = sorted(((int(m.group(1)), p) for p in directory.iterdir() if (m := NAME.fullmatch(p.name))),
-                   key=lambda item: item[0])
-    newest = {v for v, _ in files[-keep:]} | {version}
-    for file_version, old in files:
-        if file_version not in newest:
+        atomic_write_file(path, write, mode=0o600, durable=False)
+    files = [(int(m.group(1)), m.group(2), p) for p in directory.iterdir() if (m := NAME.fullmatch(p.name))]
+    newest = set(sorted(v for v, t, _ in files if t == tag)[-keep:]) | {version}
+    for file_version, file_tag, old in files:
+        if file_tag != tag or file_version not in newest:
             old.unlink(missing_ok=True)
     return path
 
 
-def read_weight_file(directory: str | Path, version: int, sha256: str, size: int, max_bytes: int) -> bytearray:
-    """The bytes of the file :func:`publish_weight_file` wrote for ``version`` and ``sha256``, which
-    must be ``size`` bytes long (at most ``max_bytes``). OSError when it is missing, unreadable, a
-    symlink or of another size."""
+def read_weight_file(directory: str | Path, version: int, tag: str, size: int, max_bytes: int) -> bytearray:
+    """The bytes of the file :func:`publish_weight_file` wrote for ``version`` and ``tag``, which
+    must be ``size`` bytes long (at most ``max_bytes``). ValueError for a malformed tag; OSError
+    when the file is missing, unreadable, a symlink or of another size."""
     if size > max_bytes:
         raise OSError(f"a weight file of {size} bytes was announced; this policy's fit in {max_bytes}")
-    path = Path(directory) / weight_file_name(version, sha256)
+    path = Path(directory) / weight_file_name(version, tag)
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     with os.fdopen(fd, "rb") as f:
         actual = os.fstat(f.fileno()).st_size

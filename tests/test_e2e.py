@@ -91,7 +91,8 @@ def test_haoping_run_writes_the_run_directory(tiny_policy, tiny_classifier, tmp_
     command = [sys.executable, "-m", "services.cli", "run", "--policy", str(tiny_policy),
                "--scorer-model", str(tiny_classifier), "--cycles", "2", "--samples-per-prompt", "2",
                "--max-new-tokens", "6", "--min-new-tokens", "2", "--eval-samples", "8", "--runs-dir", str(tmp_path), "--name", "e2e",
-               "--ppo-config", FAST_PPO, "--device", "cpu", "--generator-replicas", "2"]
+               "--ppo-config", FAST_PPO, "--device", "cpu", "--generator-replicas", "2",
+               "--generator-dtype", "bfloat16"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     run_dir = tmp_path / "latest"
@@ -107,7 +108,11 @@ def test_haoping_run_writes_the_run_directory(tiny_policy, tiny_classifier, tmp_
             assert_clean_text(row["text"])
     assert (run_dir / "reward_kl.png").stat().st_size > 1000
     assert (run_dir / "checkpoints" / "cycle-000002" / "policy" / "config.json").exists()
-    assert "Generator serving" in (run_dir / "logs" / "generator-2.log").read_text()  # the second replica
+    generator_log = (run_dir / "logs" / "generator-2.log").read_text()
+    assert "Generator serving" in generator_log  # the second replica
+    # the generators sample in bfloat16 beside the float32 trainer, and take its weights from the run's folder
+    assert "in bfloat16" in generator_log and "by file" in generator_log and "by stream" not in generator_log
+    assert list((run_dir / "weight-files").glob("policy-v2-*.safetensors"))
     assert "cycle   1" in result.stdout
     # the trainer masks EOS exactly where the generator did
     assert json.loads((run_dir / "config.json").read_text())["min_new_tokens"] == 2

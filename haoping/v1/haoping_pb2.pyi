@@ -210,18 +210,20 @@ class GetWeightsRequest(_message.Message):
     def __init__(self, version: _Optional[int] = ..., as_local_file: _Optional[bool] = ...) -> None: ...
 
 class WeightsChunk(_message.Message):
-    __slots__ = ("policy_version", "offset", "total_bytes", "data", "sha256")
+    __slots__ = ("policy_version", "offset", "total_bytes", "data", "sha256", "file_tag")
     POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
+    FILE_TAG_FIELD_NUMBER: _ClassVar[int]
     policy_version: int
     offset: int
     total_bytes: int
     data: bytes
     sha256: str
-    def __init__(self, policy_version: _Optional[int] = ..., offset: _Optional[int] = ..., total_bytes: _Optional[int] = ..., data: _Optional[bytes] = ..., sha256: _Optional[str] = ...) -> None: ...
+    file_tag: str
+    def __init__(self, policy_version: _Optional[int] = ..., offset: _Optional[int] = ..., total_bytes: _Optional[int] = ..., data: _Optional[bytes] = ..., sha256: _Optional[str] = ..., file_tag: _Optional[str] = ...) -> None: ...
 
 class SaveCheckpointRequest(_message.Message):
     __slots__ = ("directory", "label", "coordinator_state")

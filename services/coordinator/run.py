@@ -580,6 +580,9 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
              "generator processes; each rollout's samples are split across them and run concurrently")
     add_flag(parser, "--device", "auto", help="torch device for all services")
     add_flag(parser, "--dtype", "float32", help="float32, bfloat16 or float16")
+    add_flag(parser, "--generator-dtype", "", choices=("", "float32", "bfloat16", "float16"),
+             help="the generators' dtype, when it differs from --dtype: e.g. bfloat16 sampling beside a float32 "
+                  "trainer (its Step recomputes every log-probability in its own dtype); empty: --dtype")
     add_flag(parser, "--max-kl", 6.0, float, "guard: warn when KL (nats/seq) goes above")
     add_flag(parser, "--min-distinct2-ratio", 0.5, float, "guard: warn when distinct-2 falls below this x start")
     add_flag(parser, "--max-repetition-rate", 0.1, float, "guard: warn when this share of responses repeats a char 4x")
@@ -607,7 +610,7 @@ PPO_OPTION_NAMES = [f.name for f in fields(PPOConfig) if f.name not in RUN_SET_O
 
 # flags that configure the services a run starts; running services were configured by their own flags
 SERVICE_FLAGS = ("policy", "scorer_backend", "scorer_model", "scorer_normalize", "ppo_config", "resume",
-                 "generator_replicas", "device", "dtype", "local_weight_files")
+                 "generator_replicas", "device", "dtype", "generator_dtype", "local_weight_files")
 
 
 def human_in_terminal(args) -> bool:
@@ -917,6 +920,8 @@ def start_services(args, run_dir: Path, services: list[ServiceProcess], token_fi
         # replicas keep torch's default threads: the same thread count gives bit-identical samples,
         # so a rollout does not depend on how many replicas share it
         generator_args = ["--model", args.policy, *common, "--trainer-address", trainer_address, *files]
+        if getattr(args, "generator_dtype", ""):
+            generator_args += ["--dtype", args.generator_dtype]  # the later flag wins
         for replica in range(args.generator_replicas):
             label = "generator" if replica == 0 else f"generator-{replica + 1}"
             services.append(launch_service("generator", generator_args, run_dir, label=label, token_file=token_file))

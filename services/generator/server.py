@@ -243,7 +243,7 @@ class GeneratorService(pb_grpc.GeneratorServicer):
             if len(chunks) != 1 or chunks[0].data:
                 raise ValueError(f"the trainer answered as_local_file with {len(chunks)} chunks, not one without data")
             chunk = chunks[0]
-            return read_weight_file(self.local_weights_dir, chunk.policy_version, chunk.sha256,
+            return read_weight_file(self.local_weights_dir, chunk.policy_version, chunk.file_tag,
                                     chunk.total_bytes, self.max_weights_bytes), chunk.policy_version
         except grpc.RpcError as err:
             if err.code() != grpc.StatusCode.FAILED_PRECONDITION:
@@ -397,6 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_queued_tokens < args.max_request_tokens:
         parser.error("--max-queued-tokens must be at least --max-request-tokens")
     generator = PolicyGenerator(args.model, pick_device(args.device), parse_dtype(args.dtype))
+    log.info("policy %s on %s in %s", args.model, generator.device, str(generator.dtype).split(".")[-1])
     draining = Draining()
     service = GeneratorService(generator, args, draining)
 

@@ -20,7 +20,7 @@ from haoping.log import get_logger, setup_logging
 from haoping.models import parse_dtype, pick_device
 from haoping.ppo_trainer import NonFiniteStep, PPOConfig, PPOTrainer, StaleRolloutsError
 from haoping.v1 import haoping_pb2 as pb
-from haoping.weight_files import publish_weight_file
+from haoping.weight_files import new_tag, publish_weight_file
 from haoping.v1 import haoping_pb2_grpc as pb_grpc
 from services.common import metrics
 from services.common.config import add_common_server_flags, add_dataclass_flags, add_flag, dataclass_flag_values
@@ -49,7 +49,7 @@ class TrainerService(pb_grpc.TrainerServicer):
         self.device, self.dtype = args.device, args.dtype
         self._lock = threading.Lock()  # one update at a time; weights are read between updates
         self.local_weights_dir = args.local_weights_dir
-        self._files_lock = threading.Lock()
+        self.weight_file_tag = new_tag()
         config = trainer.model.lm.config
         self.limits = StepLimits(max_rollouts=args.max_rollouts, max_step_tokens=args.max_step_tokens,
                                  max_abs_reward=args.max_abs_reward, vocab_size=config.vocab_size,
@@ -110,27 +110,39 @@ class TrainerService(pb_grpc.TrainerServicer):
         return path
 
     def GetWeights(self, request, context):
-        if request.as_local_file and not self.local_weights_dir:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                          "as_local_file: the trainer was started without --local-weights-dir")
+        if request.as_local_file:
+            yield self._weight_file(request, context)
+            return
         with self._lock:
             version, data, sha = self.compute.run(self.trainer.policy_weights)
-        if request.version and request.version != version:
-            context.abort(grpc.StatusCode.NOT_FOUND,
-                          f"policy version {request.version} is not available; the trainer holds {version}")
-        if request.as_local_file:
-            try:
-                with self._files_lock:  # one writer per version, however many generators ask at once
-                    publish_weight_file(self.local_weights_dir, version, data, sha)
-            except OSError as err:
-                context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"cannot write the weight file: {err}")
-            metrics.WEIGHT_BYTES.labels("filed").inc(len(data))
-            yield pb.WeightsChunk(policy_version=version, total_bytes=len(data), sha256=sha)
-            return
+        self._check_version(request, version, context)
         metrics.WEIGHT_BYTES.labels("sent").inc(len(data))
         for offset in range(0, max(1, len(data)), CHUNK_BYTES):
             yield pb.WeightsChunk(policy_version=version, offset=offset, total_bytes=len(data),
                                   data=data[offset:offset + CHUNK_BYTES], sha256=sha)
+
+    def _weight_file(self, request, context) -> pb.WeightsChunk:
+        """The policy written into --local-weights-dir (once per version), announced by one chunk."""
+        if not self.local_weights_dir:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          "as_local_file: the trainer was started without --local-weights-dir")
+        with self._lock:  # no Step changes the weights while they are written
+            version = self.trainer.version
+            self._check_version(request, version, context)
+            try:
+                path = publish_weight_file(self.local_weights_dir, version, self.weight_file_tag,
+                                           lambda tmp: self.compute.run(self.trainer.write_policy_file, tmp))
+                size = path.stat().st_size
+            except OSError as err:
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"cannot write the weight file: {err}")
+        metrics.WEIGHT_BYTES.labels("filed").inc(size)
+        return pb.WeightsChunk(policy_version=version, total_bytes=size, file_tag=self.weight_file_tag)
+
+    @staticmethod
+    def _check_version(request, version: int, context) -> None:
+        if request.version and request.version != version:
+            context.abort(grpc.StatusCode.NOT_FOUND,
+                          f"policy version {request.version} is not available; the trainer holds {version}")
 
     def SaveCheckpoint(self, request, context):
         if request.directory:
