@@ -99,6 +99,12 @@ def test_coordinator_runs_cycles_against_the_running_services(stack):
             GeneratorClient("127.0.0.1:50051", token_file=stack.token_file) as generator:
         assert trainer.info().policy_version == version_before + 2
         assert generator.info().policy_version == version_before + 2  # the weights reached the generator
+        assert generator.info().limits["local_weight_files"] == 1
+    # the two containers share the runs volume, so the weights came as a file, never by stream
+    with urllib.request.urlopen("http://127.0.0.1:9101/metrics", timeout=10) as response:
+        metrics = response.read().decode()
+    assert 'haoping_weight_transfer_bytes_total{direction="read"}' in metrics, metrics[-2000:]
+    assert 'haoping_weight_transfer_bytes_total{direction="received"}' not in metrics
 
     def steps_scraped():
         """Prometheus has scraped the trainer's PPO steps"""
