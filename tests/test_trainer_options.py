@@ -123,3 +123,12 @@ def test_stale_rollouts_are_refused_with_failed_precondition(strict_trainer):
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "rollout 1 comes from policy version" in err.value.details()
         assert trainer.stub.GetInfo(pb.GetInfoRequest(), timeout=30).policy_version == version
+
+
+def test_a_local_weights_dir_the_trainer_cannot_write_exits_2_before_anything_loads(tmp_path, capsys):
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        trainer_server.main(["--insecure-no-auth", "--local-weights-dir", str(not_a_folder)])
+    assert exit_info.value.code == 2
+    assert f"--local-weights-dir {not_a_folder}" in capsys.readouterr().err

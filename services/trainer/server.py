@@ -322,6 +322,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     check_security_flags(parser, args)
+    if args.local_weights_dir:  # refused now, not at the first GetWeights
+        try:
+            os.makedirs(args.local_weights_dir, mode=0o700, exist_ok=True)
+            if not os.access(args.local_weights_dir, os.W_OK | os.X_OK):
+                raise PermissionError("not writable")
+        except OSError as err:
+            parser.error(f"--local-weights-dir {args.local_weights_dir}: {err}")
     configure_torch(args)
     world = launched_world_size()
     if "RANK" not in os.environ and (args.nproc > 1 or args.nnodes > 1):
