@@ -20,8 +20,8 @@ from haoping.log import get_logger, setup_logging
 from haoping.models import parse_dtype, pick_device
 from haoping.ppo_trainer import NonFiniteStep, PPOConfig, PPOTrainer, StaleRolloutsError
 from haoping.v1 import haoping_pb2 as pb
-from haoping.weight_files import new_tag, publish_weight_file
 from haoping.v1 import haoping_pb2_grpc as pb_grpc
+from haoping.weight_files import new_tag, publish_weight_file
 from services.common import metrics
 from services.common.config import add_common_server_flags, add_dataclass_flags, add_flag, dataclass_flag_values
 from services.common.security import check_security_flags
