@@ -100,13 +100,14 @@ def test_a_text_longer_than_the_scorer_context_is_reported_truncated(api):
 
 
 def test_concurrent_identical_requests_equal_one_batch(api):
-    # 40 tokens each (the limit, EOS masked): the requests stay in the batch long enough for the
-    # later ones to join even on a loaded machine (8 tokens of the tiny policy took ~3 ms)
+    # 40 tokens each (the limit, EOS masked) so the requests stay in the batch long enough to meet;
+    # all 8 are put on the wire at once from one thread (futures), not by 8 Python threads that a
+    # loaded machine may schedule one after another (8 tokens of the tiny policy take ~3 ms)
     request = dict(n=4, max_new_tokens=40, min_new_tokens=40, seed=42)
     with GeneratorClient(api.generator.address) as client:
         single = client.generate([PROMPT], **request)
-        with ThreadPoolExecutor(8) as pool:
-            replies = list(pool.map(lambda _: client.generate([PROMPT], **request), range(8)))
+        calls = [client.stub.Generate.future(client.request([PROMPT], **request), timeout=60) for _ in range(8)]
+        replies = [call.result() for call in calls]
     expected = [list(s.response_token_ids) for s in single.samples]
     for reply in replies:
         assert [list(s.response_token_ids) for s in reply.samples] == expected
