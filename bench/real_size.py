@@ -39,7 +39,7 @@ from bench.breakdown import ModelClock, phase_breakdown
 from bench.inprocess import rollout_specs
 from bench.reference import one_by_one_rollout
 from bench.serving import (WORK, Figure, cycle_summary, fmt, load_recorded, machine_info, measure_dynamic_batching,
-                           measure_weight_sync, peak_rss_mb, print_figures, run_args, started_stack)
+                           measure_weight_sync, peak_rss_mb, print_figures, run_args, started_stack, timed)
 from haoping.bootstrap import ensure_starter_models
 from haoping.generation import PolicyGenerator
 from haoping.log import setup_logging
@@ -82,13 +82,13 @@ def build_real_size_policy(directory: Path | None = None, seed: int = 0) -> Path
     return directory
 
 
-def bfloat16_rollout_seconds(args: argparse.Namespace, trainer_address: str, rounds: int) -> float | None:
+def bfloat16_rollout_seconds(args: argparse.Namespace, trainer_address: str, rounds: int,
+                             cpu_flags: list[str]) -> float | None:
     """A cycle's rollout request (the coordinator's) to a generator started with ``--dtype bfloat16``
     beside the float32 trainer (`haoping run --generator-dtype bfloat16`), after it pulled the
-    trainer's weights: best of ``rounds`` seconds. None on a CPU without bfloat16 instructions,
-    where it would be slower than float32."""
-    flags = set(machine_info()["cpu_flags"])
-    if pick_device(args.device).type == "cpu" and not {"avx512_bf16", "amx_bf16"} & flags:
+    trainer's weights: best of ``rounds`` seconds. None on a CPU without bfloat16 instructions
+    (``cpu_flags``: the machine's), where it would be slower than float32."""
+    if pick_device(args.device).type == "cpu" and not {"avx512_bf16", "amx_bf16"} & set(cpu_flags):
         return None
     run_dir = WORK / "bf16-generator"
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
@@ -101,12 +101,7 @@ def bfloat16_rollout_seconds(args: argparse.Namespace, trainer_address: str, rou
             request = dict(n=args.samples_per_prompt, max_new_tokens=args.max_new_tokens, temperature=1.0, top_k=0,
                            top_p=1.0, min_new_tokens=args.min_new_tokens)
             generator.generate(args.prompts, seed=0, **request)  # warm-up
-            best = float("inf")
-            for index in range(rounds):
-                start = time.perf_counter()
-                generator.generate(args.prompts, seed=1 + index, **request)
-                best = min(best, time.perf_counter() - start)
-            return best
+            return timed(lambda: generator.generate(args.prompts, seed=1, **request), repeat=rounds)
     finally:
         stop_services([service])
 
@@ -160,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         del in_process, lm
         print("bfloat16 generator rollout ...", flush=True)
         with load_recorded(figures):
-            bf16 = bfloat16_rollout_seconds(args, stack.trainer_address, rounds=options.rounds)
+            bf16 = bfloat16_rollout_seconds(args, stack.trainer_address, options.rounds, machine["cpu_flags"])
         if bf16 is not None:
             figures["rollout_speedup_bf16_generator"] = Figure(samples / bf16, samples / reference_seconds,
                                                                "samples/s", 15)
