@@ -23,6 +23,8 @@ from typing import Callable
 from haoping.atomic import atomic_write_file
 
 NAME = re.compile(r"policy-v(\d{1,20})-([0-9a-f]{16})\.safetensors")
+# what atomic_write_file leaves of such a file when its writer is killed mid-write
+PARTIAL = re.compile(r"\.policy-v\d{1,20}-[0-9a-f]{16}\.safetensors\.tmp-[0-9a-f]{8}")
 TAG = re.compile(r"[0-9a-f]{16}")
 KEEP = 2  # the newest versions kept: the current one, and the one a slow reader may still open
 
@@ -43,13 +45,17 @@ def publish_weight_file(directory: str | Path, version: int, tag: str, write: Ca
                         keep: int = KEEP) -> Path:
     """Have ``write(path)`` write policy ``version`` into ``directory`` unless its file is there
     already; keep this tag's newest ``keep`` versions and drop every other weight file (those of
-    trainers that ran before: one live trainer per folder). → its path"""
+    trainers that ran before: one live trainer per folder), and what a killed writer left half
+    written. → its path"""
     directory = Path(directory)
     path = directory / weight_file_name(version, tag)
     if not path.exists():
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         atomic_write_file(path, write, mode=0o600, durable=False)
-    files = [(int(m.group(1)), m.group(2), p) for p in directory.iterdir() if (m := NAME.fullmatch(p.name))]
+    entries = list(directory.iterdir())
+    for partial in (p for p in entries if PARTIAL.fullmatch(p.name)):
+        partial.unlink(missing_ok=True)  # the caller holds the folder's only writer: no write is under way
+    files = [(int(m.group(1)), m.group(2), p) for p in entries if (m := NAME.fullmatch(p.name))]
     newest = set(sorted(v for v, t, _ in files if t == tag)[-keep:]) | {version}
     for file_version, file_tag, old in files:
         if file_tag != tag or file_version not in newest:

@@ -36,6 +36,16 @@ def test_a_version_is_written_once_and_the_folder_keeps_this_trainers_newest_two
         ["notes.txt", third.name]
 
 
+def test_what_a_killed_writer_left_half_written_is_removed_and_nothing_else(tmp_path):
+    tag = new_tag()
+    partial = tmp_path / f".policy-v3-{tag}.safetensors.tmp-0a1b2c3d"  # atomic_write_file's temp name
+    partial.write_bytes(b"half")
+    lookalike = tmp_path / ".policy-v3.tmp-notes"
+    lookalike.write_text("not ours")
+    path = _publish(tmp_path, 4, b"four", tag)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, lookalike.name])
+
+
 def test_a_failed_write_leaves_no_file(tmp_path):
     def broken(path):
         path.write_bytes(b"half")
